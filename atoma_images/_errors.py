@@ -1,0 +1,310 @@
+"""Every error atoma-images raises, in one tree.
+
+```
+AtomaImagesError                      base class; catch this to catch everything below
+├── InvalidRequestError               bad input, raised before anything is sent (also a ValueError)
+├── APIConnectionError                no usable answer from the server
+│   ├── APITimeoutError               a time limit was reached
+│   │   └── AmbiguousTimeoutError     ...after the request was sent (also an AmbiguousOutcomeError)
+│   └── AmbiguousOutcomeError         sent, outcome unknown: it may have been processed and billed
+├── APIStatusError                    the server answered with an error status
+│   ├── BadRequestError               400
+│   ├── AuthenticationError           401
+│   ├── InsufficientBalanceError      402, and 400 with code FIAT_PAYMENTS_ONLY
+│   ├── PermissionDeniedError         403
+│   ├── NotFoundError                 404
+│   ├── RequestTooLargeError          413
+│   ├── UnprocessableEntityError      422
+│   ├── LockedError                   423
+│   ├── StackUnavailableError         425
+│   ├── RateLimitError                429
+│   └── ServerError                   5xx
+│       ├── InternalServerError       500
+│       ├── BadGatewayError           502
+│       ├── ServiceUnavailableError   503
+│       └── GatewayTimeoutError       504
+└── ResponseValidationError           a success status with a body that is not an images response
+```
+
+aiohttp, cattrs and tenacity exceptions never reach the caller: the original is kept as
+``__cause__``. Every error raised by a call carries ``attempts``, the number of requests sent,
+and ``may_have_been_billed``, which is true only when a request reached the server and its
+outcome is unknown or was a success the client could not read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AmbiguousOutcomeError",
+    "AmbiguousTimeoutError",
+    "AtomaImagesError",
+    "AuthenticationError",
+    "BadGatewayError",
+    "BadRequestError",
+    "GatewayTimeoutError",
+    "InsufficientBalanceError",
+    "InternalServerError",
+    "InvalidRequestError",
+    "LockedError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "RequestTooLargeError",
+    "ResponseValidationError",
+    "ServerError",
+    "ServiceUnavailableError",
+    "StackUnavailableError",
+    "UnprocessableEntityError",
+]
+
+# str(error) stays readable in a log line however long the server's message is.
+_MAX_MESSAGE = 300
+
+
+def _shorten(text: str, limit: int = _MAX_MESSAGE) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class AtomaImagesError(Exception):
+    """Base class of every error raised by atoma-images."""
+
+    #: How many HTTP requests were sent for the call that raised this error.
+    attempts: int = 0
+    #: True when a request reached the server and may have been processed (and billed).
+    may_have_been_billed: ClassVar[bool] = False
+
+
+class InvalidRequestError(AtomaImagesError, ValueError):
+    """An argument is not valid; nothing was sent.
+
+    Attributes:
+        field: the parameter that was wrong (``"prompt"``, ``"n"``, ...).
+        value: what was passed.
+        allowed: what would have been accepted.
+    """
+
+    def __init__(self, field: str, value: Any, allowed: str) -> None:
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"invalid {field}: got {_shorten(repr(value), 80)}; {allowed}")
+
+
+class APIConnectionError(AtomaImagesError):
+    """The call ended without a usable answer from the server (refused, reset, TLS, timeout).
+
+    Unless it is an `AmbiguousOutcomeError`, the request never reached the server, so it
+    cannot have been billed.
+
+    Attributes:
+        message: what went wrong.
+        url: the URL that was requested.
+        transient: whether trying again may help (False for a certificate that failed
+            verification, for example).
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, transient: bool = True) -> None:
+        self.message = message
+        self.url = url
+        self.transient = transient
+        super().__init__(message)
+
+
+class APITimeoutError(APIConnectionError):
+    """A time limit was reached (connecting, waiting for a free connection, or reading)."""
+
+
+class AmbiguousOutcomeError(APIConnectionError):
+    """The request was sent but no complete answer came back.
+
+    The server may have processed the request and billed it. It is not retried unless the
+    retry policy says ``retry_ambiguous=True``, so a user is never charged twice by accident.
+    """
+
+    may_have_been_billed: ClassVar[bool] = True
+
+
+class AmbiguousTimeoutError(AmbiguousOutcomeError, APITimeoutError):
+    """The read timed out after the request was sent: the outcome is unknown."""
+
+
+class APIStatusError(AtomaImagesError):
+    """The server answered with an error status.
+
+    A failed attempt is settled at zero by Atoma, so this error means nothing was billed.
+
+    Attributes:
+        status: the HTTP status code.
+        code: the error code from the JSON envelope (``"REQUEST_ERROR"``), or None.
+        message: the server's message, or a readable summary of a non-JSON body.
+        body: the response body as text (decoded leniently).
+        headers: the response headers.
+        request_id: the ``x-request-id`` header, when the server sent one.
+        url: the URL that was requested.
+        retry_after: seconds the server asked to wait (``Retry-After``), or None.
+    """
+
+    def __init__(
+        self,
+        *,
+        status: int,
+        code: str | None,
+        message: str,
+        body: str,
+        headers: Mapping[str, str],
+        request_id: str | None = None,
+        url: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.body = body
+        self.headers = headers
+        self.request_id = request_id
+        self.url = url
+        self.retry_after = retry_after
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        try:
+            phrase = HTTPStatus(self.status).phrase
+        except ValueError:
+            phrase = "Unknown Status"
+        text = f"{self.status} {phrase}"
+        if self.code:
+            text += f" ({_shorten(self.code, 60)})"
+        text += f": {_shorten(self.message)}"
+        if self.request_id:
+            text += f" [request id {_shorten(self.request_id, 80)}]"
+        return text
+
+
+class BadRequestError(APIStatusError):
+    """400: the server rejected the request (bad JSON, missing field, unknown model, ...)."""
+
+
+class AuthenticationError(APIStatusError):
+    """401: the API key is missing or not valid."""
+
+
+class InsufficientBalanceError(APIStatusError):
+    """402, or 400 with code ``FIAT_PAYMENTS_ONLY``: the account is out of credit."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: the key may not use this resource."""
+
+
+class NotFoundError(APIStatusError):
+    """404: the route, or the node chosen for the model, was not found."""
+
+
+class RequestTooLargeError(APIStatusError):
+    """413: the request body is too large for the server or a gateway."""
+
+
+class UnprocessableEntityError(APIStatusError):
+    """422: the request was well-formed but not acceptable."""
+
+
+class LockedError(APIStatusError):
+    """423: the stack is locked; Atoma expects clients to retry."""
+
+
+class StackUnavailableError(APIStatusError):
+    """425: no usable stack or lock; Atoma expects clients to retry."""
+
+
+class RateLimitError(APIStatusError):
+    """429: too many requests; ``retry_after`` says how long to wait when the server said."""
+
+
+class ServerError(APIStatusError):
+    """5xx: the server or a gateway failed."""
+
+
+class InternalServerError(ServerError):
+    """500: the backend failed (Atoma also answers 500 for input the backend rejected)."""
+
+
+class BadGatewayError(ServerError):
+    """502: a gateway in front of the server failed."""
+
+
+class ServiceUnavailableError(ServerError):
+    """503: no node is available right now."""
+
+
+class GatewayTimeoutError(ServerError):
+    """504: a gateway gave up waiting for the server."""
+
+
+class ResponseValidationError(AtomaImagesError):
+    """The server answered with a success status, but the body is not an images response.
+
+    The server processed the request, so it may have been billed.
+
+    Attributes:
+        message: what was wrong, with the path of the offending value (``data[0].url``).
+        status: the HTTP status code.
+        body_excerpt: the start of the body, for diagnosis.
+        headers: the response headers.
+        request_id: the ``x-request-id`` header, when the server sent one.
+    """
+
+    may_have_been_billed: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 200,
+        body_excerpt: str = "",
+        headers: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        self.message = message
+        self.status = status
+        self.body_excerpt = body_excerpt
+        self.headers: Mapping[str, str] = headers or {}
+        self.request_id = request_id
+        text = f"invalid response ({status}): {_shorten(message)}"
+        if body_excerpt:
+            text += f"; body starts {_shorten(body_excerpt, 120)!r}"
+        super().__init__(text)
+
+
+_BY_STATUS: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    402: InsufficientBalanceError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    413: RequestTooLargeError,
+    422: UnprocessableEntityError,
+    423: LockedError,
+    425: StackUnavailableError,
+    429: RateLimitError,
+    500: InternalServerError,
+    502: BadGatewayError,
+    503: ServiceUnavailableError,
+    504: GatewayTimeoutError,
+}
+
+
+def status_error_class(status: int, code: str | None) -> type[APIStatusError]:
+    """The class for an error status and the code from the body."""
+    if code == "FIAT_PAYMENTS_ONLY":
+        return InsufficientBalanceError
+    cls = _BY_STATUS.get(status)
+    if cls is not None:
+        return cls
+    return ServerError if status >= 500 else APIStatusError

@@ -1,0 +1,200 @@
+"""The request and response values (attrs), and the checks a request passes before it is sent."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._errors import InvalidRequestError, ResponseValidationError
+
+__all__ = ["DEFAULT_MODEL", "GeneratedImage", "ImageRequest", "ImagesResponse"]
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
+MAX_PROMPT_CHARS = 1000
+MAX_IMAGES = 10
+# The backend parses each side as an unsigned 32-bit integer.
+_MAX_SIDE = 2**32 - 1
+_SIZE = re.compile(r"([1-9][0-9]{0,9})x([1-9][0-9]{0,9})", re.ASCII)
+_EMPTY: Mapping[str, Any] = {}
+
+
+def _check_text(field: str, value: object, allowed: str, *, limit: int | None = None) -> None:
+    if type(value) is not str:
+        raise InvalidRequestError(field, value, f"allowed: {allowed}")
+    if not value.strip():
+        raise InvalidRequestError(field, value, f"allowed: {allowed} (this one is empty)")
+    if limit is not None and len(value) > limit:
+        raise InvalidRequestError(
+            field, value, f"allowed: {allowed} (this one has {len(value)} characters)"
+        )
+    _check_encodable(field, value)
+
+
+def _check_encodable(field: str, value: str) -> None:
+    # A lone surrogate cannot travel as UTF-8 JSON; say so here rather than fail mid-send.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            field, value, f"allowed: text that can be encoded as UTF-8 ({exc.reason})"
+        ) from None
+
+
+def _check_model(_: Any, attribute: attrs.Attribute[str], value: object) -> None:
+    _check_text(attribute.name, value, "a non-empty model name string")
+
+
+def _check_prompt(_: Any, attribute: attrs.Attribute[str], value: object) -> None:
+    _check_text(
+        attribute.name,
+        value,
+        f"a non-empty string of at most {MAX_PROMPT_CHARS} characters",
+        limit=MAX_PROMPT_CHARS,
+    )
+
+
+def _check_n(_: Any, attribute: attrs.Attribute[int], value: object) -> None:
+    # bool is an int subclass; n=True is a mistake, not a request for one image.
+    if type(value) is not int or not 1 <= value <= MAX_IMAGES:
+        raise InvalidRequestError(
+            attribute.name, value, f"allowed: an integer from 1 to {MAX_IMAGES}"
+        )
+
+
+def _check_size(_: Any, attribute: attrs.Attribute[str], value: object) -> None:
+    match = _SIZE.fullmatch(value) if type(value) is str else None
+    if match is None or max(int(match[1]), int(match[2])) > _MAX_SIDE:
+        raise InvalidRequestError(
+            attribute.name,
+            value,
+            "allowed: 'WIDTHxHEIGHT' with a lowercase x and two positive integers, "
+            "such as '1024x1024'",
+        )
+
+
+def _check_optional_text(_: Any, attribute: attrs.Attribute[str | None], value: object) -> None:
+    if value is None:
+        return
+    if type(value) is not str:
+        raise InvalidRequestError(attribute.name, value, "allowed: a string or None")
+    _check_encodable(attribute.name, value)
+
+
+@attrs.frozen(kw_only=True)
+class ImageRequest:
+    """One image generation request, checked when it is made.
+
+    Every check raises `InvalidRequestError` naming the field, the value and what is allowed.
+    ``n`` and ``size`` are always sent (the Atoma proxy requires both); optional fields are
+    left out of the body when they are None.
+    """
+
+    model: str = attrs.field(validator=_check_model)
+    prompt: str = attrs.field(validator=_check_prompt)
+    n: int = attrs.field(default=1, validator=_check_n)
+    size: str = attrs.field(default="1024x1024", validator=_check_size)
+    quality: str | None = attrs.field(default=None, validator=_check_optional_text)
+    response_format: str | None = attrs.field(default=None, validator=_check_optional_text)
+    style: str | None = attrs.field(default=None, validator=_check_optional_text)
+    user: str | None = attrs.field(default=None, validator=_check_optional_text)
+
+    @property
+    def width(self) -> int:
+        return int(self.size.partition("x")[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.size.partition("x")[2])
+
+
+def _short_base64(value: str | None) -> str:
+    if value is None or len(value) <= 32:
+        return repr(value)
+    return f"'{value[:24]}…' ({len(value)} chars)"
+
+
+@attrs.frozen(kw_only=True)
+class GeneratedImage:
+    """One image of a response: a URL, base64 data, or both.
+
+    ``b64_json`` is kept exactly as the server sent it (bare base64 or a ``data:`` URI);
+    `decode` turns it into bytes only when asked.
+    """
+
+    url: str | None = None
+    b64_json: str | None = attrs.field(default=None, repr=_short_base64)
+    revised_prompt: str | None = None
+    #: Keys the server sent that this version does not know.
+    extra: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
+
+    def decode(self) -> bytes:
+        """The image bytes, from bare base64 or a ``data:...;base64,`` URI.
+
+        Raises:
+            ResponseValidationError: the image has no base64 data (only a URL), or the data
+                is not valid base64.
+        """
+        data = self.b64_json
+        if data is None:
+            raise ResponseValidationError(
+                f"this image has no base64 data, only a URL ({self.url!r}); download it with "
+                "client.download(image), or ask for response_format='b64_json'"
+            )
+        if data.startswith("data:"):
+            header, comma, payload = data.partition(",")
+            if not comma or not header.endswith(";base64"):
+                raise ResponseValidationError(
+                    f"b64_json is a data URI without base64 content: {header[:60]!r}"
+                )
+            data = payload
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            pass
+        # Some servers wrap lines or drop the padding; accept that, but nothing else.
+        cleaned = "".join(data.split())
+        cleaned += "=" * (-len(cleaned) % 4)
+        try:
+            return base64.b64decode(cleaned, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ResponseValidationError(
+                f"b64_json is not valid base64 ({exc})", body_excerpt=data[:60]
+            ) from exc
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the decoded image to ``path`` and return it as a `Path`."""
+        target = Path(path)
+        target.write_bytes(self.decode())
+        return target
+
+
+@attrs.frozen(kw_only=True)
+class ImagesResponse:
+    """The answer to one generation call.
+
+    Attributes:
+        created: the server's Unix timestamp.
+        data: the generated images (also available as ``images``).
+        extra: top-level keys this version does not know (Atoma's ``signature`` and
+            ``response_hash``, for example).
+        request_id: the ``x-request-id`` response header, when the server sent one.
+        headers: the response headers.
+    """
+
+    created: int
+    data: tuple[GeneratedImage, ...]
+    extra: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
+    request_id: str | None = None
+    headers: Mapping[str, str] = attrs.field(default=_EMPTY, repr=False, eq=False)
+
+    @property
+    def images(self) -> tuple[GeneratedImage, ...]:
+        """The generated images (the same tuple as ``data``)."""
+        return self.data

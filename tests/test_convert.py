@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+import json
+import time
+from email.utils import formatdate
+
+import pytest
+from multidict import CIMultiDict
+
+from atoma_images import (
+    APIStatusError,
+    AuthenticationError,
+    BadGatewayError,
+    BadRequestError,
+    ImageRequest,
+    InsufficientBalanceError,
+    InternalServerError,
+    LockedError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    RequestTooLargeError,
+    ResponseValidationError,
+    ServerError,
+    ServiceUnavailableError,
+    StackUnavailableError,
+    UnprocessableEntityError,
+)
+from atoma_images._convert import (
+    encode_request,
+    error_from_response,
+    parse_response,
+    parse_retry_after,
+)
+
+NO_HEADERS: CIMultiDict[str] = CIMultiDict()
+
+
+def test_request_body_always_has_n_and_size_and_never_null() -> None:
+    body = json.loads(encode_request(ImageRequest(model="m", prompt="p")))
+    assert body == {"model": "m", "prompt": "p", "n": 1, "size": "1024x1024"}
+    full = ImageRequest(
+        model="m", prompt="p", n=3, size="8x8", quality="hd", response_format="url", style="s",
+        user="u",
+    )
+    assert json.loads(encode_request(full)) == {
+        "model": "m", "prompt": "p", "n": 3, "size": "8x8", "quality": "hd",
+        "response_format": "url", "style": "s", "user": "u",
+    }
+
+
+def test_request_body_keeps_unicode_as_utf8() -> None:
+    body = encode_request(ImageRequest(model="m", prompt="ein Fuchs 🦊 im Schnee"))
+    assert "🦊".encode() in body
+    assert json.loads(body)["prompt"] == "ein Fuchs 🦊 im Schnee"
+
+
+def test_parse_accepts_every_image_form_and_keeps_unknown_keys() -> None:
+    body = {
+        "created": 1700000000,
+        "data": [
+            {"url": "https://x/1.png", "revised_prompt": "better"},
+            {"url": None, "b64_json": "data:image/png;base64,aGk="},
+            {"b64_json": "aGk=", "seed": 42},
+            {"url": "image-generation-1.png", "b64_json": None},
+        ],
+        "signature": "sig",
+        "response_hash": "hash",
+    }
+    headers = CIMultiDict({"X-Request-Id": "req-1"})
+    response = parse_response(200, headers, json.dumps(body).encode())
+    assert response.created == 1700000000
+    assert [i.url for i in response.images] == ["https://x/1.png", None, None, "image-generation-1.png"]
+    assert response.images[0].revised_prompt == "better"
+    assert response.images[1].decode() == b"hi"
+    assert response.images[2].decode() == b"hi"
+    assert response.images[2].extra == {"seed": 42}
+    assert response.extra == {"signature": "sig", "response_hash": "hash"}
+    assert response.request_id == "req-1"
+    assert response.headers["x-request-id"] == "req-1"
+
+
+def test_large_base64_is_kept_as_the_same_string_the_parser_made() -> None:
+    payload = "A" * 2_000_000
+    response = parse_response(200, NO_HEADERS, json.dumps({"created": 1, "data": [{"b64_json": payload}]}).encode())
+    assert response.images[0].b64_json == payload
+
+
+@pytest.mark.parametrize(
+    ("body", "phrases"),
+    [
+        (b"not json", ["not JSON"]),
+        (b"<html><body>Oops</body></html>", ["not JSON", "<html>"]),
+        (b"\xff\xfe\x00", ["not JSON"]),
+        (b"[]", ["JSON object"]),
+        (b'"text"', ["JSON object"]),
+        (b"{}", ["created: required field missing", "data: required field missing"]),
+        (b'{"created": 1}', ["data: required field missing"]),
+        (b'{"created": "1", "data": []}', ["created: expected an integer, got str"]),
+        (b'{"created": 1.5, "data": []}', ["created: expected an integer, got float"]),
+        (b'{"created": true, "data": []}', ["created: expected an integer, got bool"]),
+        (b'{"created": 1, "data": {}}', ["data: expected a list, got dict"]),
+        (b'{"created": 1, "data": "x"}', ["data: expected a list, got str"]),
+        (b'{"created": 1, "data": [3]}', ["data[0]: expected an object, got int"]),
+        (b'{"created": 1, "data": [{}]}', ["data[0]: the image has neither url nor b64_json"]),
+        (b'{"created": 1, "data": [{"url": null, "b64_json": null}]}', ["data[0]: the image has neither"]),
+        (b'{"created": 1, "data": [{"url": 5}]}', ["data[0].url: expected a string, got int"]),
+        (b'{"created": 1, "data": [{"url": "u"}, {"b64_json": ["x"]}]}', ["data[1].b64_json: expected a string"]),
+        (b'{"created": 1, "data": [{"url": "u", "revised_prompt": 1}]}', ["data[0].revised_prompt"]),
+    ],
+)
+def test_malformed_success_bodies_name_the_path(body: bytes, phrases: list[str]) -> None:
+    with pytest.raises(ResponseValidationError) as info:
+        parse_response(200, CIMultiDict({"x-request-id": "r9"}), body)
+    error = info.value
+    for phrase in phrases:
+        assert phrase in str(error)
+    assert error.status == 200
+    assert error.request_id == "r9"
+    assert error.body_excerpt == body[:200].decode("utf-8", "replace")
+    assert error.may_have_been_billed
+
+
+STATUS_CASES = [
+    (400, "REQUEST_ERROR", BadRequestError),
+    (400, "FIAT_PAYMENTS_ONLY", InsufficientBalanceError),
+    (401, "AUTH_ERROR", AuthenticationError),
+    (402, "BALANCE_ERROR", InsufficientBalanceError),
+    (403, "FORBIDDEN", PermissionDeniedError),
+    (404, "NOT_FOUND", NotFoundError),
+    (413, "PAYLOAD_TOO_LARGE", RequestTooLargeError),
+    (422, "UNPROCESSABLE", UnprocessableEntityError),
+    (423, "LOCKED", LockedError),
+    (425, "UNAVAILABLE_STACK", StackUnavailableError),
+    (429, "TOO_MANY_REQUESTS", RateLimitError),
+    (500, "INTERNAL_ERROR", InternalServerError),
+    (502, "BAD_GATEWAY", BadGatewayError),
+    (503, "SERVICE_UNAVAILABLE", ServiceUnavailableError),
+    (504, "GATEWAY_TIMEOUT", ServerError),
+    (507, "X", ServerError),
+    (418, "TEAPOT", APIStatusError),
+]
+
+
+@pytest.mark.parametrize(("status", "code", "cls"), STATUS_CASES)
+def test_error_envelope_gives_class_code_and_message(
+    status: int, code: str, cls: type[APIStatusError]
+) -> None:
+    body = json.dumps({"error": {"code": code, "message": "what went wrong"}}).encode()
+    error = error_from_response(status, CIMultiDict({"x-request-id": "abc"}), body, "http://h/v1")
+    assert type(error) is cls or isinstance(error, cls)
+    assert (error.status, error.code, error.message) == (status, code, "what went wrong")
+    assert error.request_id == "abc"
+    assert error.url == "http://h/v1"
+    assert str(error).startswith(f"{status} ")
+    assert f"({code}): what went wrong" in str(error)
+    assert not error.may_have_been_billed
+
+
+def test_str_reads_like_the_issue_example() -> None:
+    body = b'{"error": {"code": "TOO_MANY_REQUESTS", "message": "Too many requests"}}'
+    error = error_from_response(429, NO_HEADERS, body)
+    assert str(error) == "429 Too Many Requests (TOO_MANY_REQUESTS): Too many requests"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "cls", "message"),
+    [
+        (502, b"", BadGatewayError, "empty body"),
+        (503, b"   \n", ServiceUnavailableError, "empty body"),
+        (415, b"Expected request with `Content-Type: application/json`", APIStatusError, "Content-Type"),
+        (
+            502,
+            b"<html><head><title>502 Bad Gateway</title></head><body><h1>nginx</h1></body></html>",
+            BadGatewayError,
+            "502 Bad Gateway",
+        ),
+        (
+            500,
+            b"<html><body><script>x()</script><p>Internal &amp; broken</p></body></html>",
+            InternalServerError,
+            "Internal & broken",
+        ),
+        (401, b'{"error": "invalid key"}', AuthenticationError, "invalid key"),
+        (422, b'{"detail": "bad size"}', UnprocessableEntityError, "bad size"),
+        (400, b'{"error": {"message": 5}}', BadRequestError, '"message": 5'),
+        (500, b"{broken json", InternalServerError, "{broken json"),
+        (413, b"\xff" * 10, RequestTooLargeError, "\ufffd"),
+    ],
+)
+def test_non_json_error_bodies_give_the_same_classes_readably(
+    status: int, body: bytes, cls: type[APIStatusError], message: str
+) -> None:
+    error = error_from_response(status, NO_HEADERS, body)
+    assert isinstance(error, cls)
+    assert error.code is None or isinstance(error.code, str)
+    assert message in error.message
+    assert "<" not in str(error).split(":", 1)[1] or status == 500
+    assert len(str(error)) < 400
+
+
+def test_huge_error_message_is_shortened_in_str_but_kept_in_body() -> None:
+    text = "x" * 10_000
+    error = error_from_response(500, NO_HEADERS, json.dumps({"error": {"message": text}}).encode())
+    assert len(str(error)) < 400
+    assert error.message == text
+    assert error.body.count("x") == 10_000
+
+
+def test_redirect_is_reported_with_its_location() -> None:
+    error = error_from_response(307, CIMultiDict({"Location": "https://elsewhere/v1"}), b"")
+    assert type(error) is APIStatusError
+    assert "https://elsewhere/v1" in str(error)
+    assert "base_url" in str(error)
+
+
+def test_retry_after_in_all_its_forms() -> None:
+    def seconds(**headers: str) -> float | None:
+        return parse_retry_after(CIMultiDict({k.replace("_", "-"): v for k, v in headers.items()}))
+
+    assert seconds(retry_after="2") == 2.0
+    assert seconds(retry_after="1.5") == 1.5
+    assert seconds(retry_after_ms="250") == 0.25
+    assert seconds(retry_after_ms="250", retry_after="9") == 0.25
+    assert seconds(retry_after_ms="nonsense", retry_after="9") == 9.0
+    assert seconds(retry_after="-1") is None
+    assert seconds(retry_after="inf") is None
+    assert seconds(retry_after="soon") is None
+    assert seconds() is None
+    in_a_minute = formatdate(time.time() + 60, usegmt=True)
+    assert 55 < (seconds(retry_after=in_a_minute) or 0) <= 60
+    assert seconds(retry_after=formatdate(time.time() - 60, usegmt=True)) == 0.0
+    error = error_from_response(429, CIMultiDict({"Retry-After": "7"}), b"")
+    assert isinstance(error, RateLimitError)
+    assert error.retry_after == 7.0

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from atoma_images import (
+    GeneratedImage,
+    ImageRequest,
+    ImagesResponse,
+    InvalidRequestError,
+    ResponseValidationError,
+)
+from atoma_images.testing import make_png
+from pngcheck import png_size
+
+VALID: dict[str, Any] = {"model": "m", "prompt": "a red fox"}
+
+# (field, bad value, a phrase the message must contain)
+INVALID = [
+    ("prompt", "", "non-empty"),
+    ("prompt", "   \n\t", "empty"),
+    ("prompt", "x" * 1001, "1001 characters"),
+    ("prompt", None, "non-empty string"),
+    ("prompt", 42, "non-empty string"),
+    ("prompt", b"bytes", "non-empty string"),
+    ("prompt", "lone \ud800 surrogate", "UTF-8"),
+    ("model", "", "model name"),
+    ("model", None, "model name"),
+    ("model", 7, "model name"),
+    ("n", 0, "from 1 to 10"),
+    ("n", 11, "from 1 to 10"),
+    ("n", -1, "from 1 to 10"),
+    ("n", True, "from 1 to 10"),
+    ("n", 1.0, "from 1 to 10"),
+    ("n", "2", "from 1 to 10"),
+    ("n", None, "from 1 to 10"),
+    ("size", "1024X1024", "lowercase x"),
+    ("size", "1024*1024", "lowercase x"),
+    ("size", "1024x", "lowercase x"),
+    ("size", "x1024", "lowercase x"),
+    ("size", "0x1024", "positive"),
+    ("size", "1024x0", "positive"),
+    ("size", "-1x5", "positive"),
+    ("size", " 1024x1024", "WIDTHxHEIGHT"),
+    ("size", "1024x1024 ", "WIDTHxHEIGHT"),
+    ("size", "1e3x1024", "WIDTHxHEIGHT"),
+    ("size", "١٠٢٤x١٠٢٤", "WIDTHxHEIGHT"),  # Arabic-Indic digits are not ASCII integers
+    ("size", "99999999999x1", "WIDTHxHEIGHT"),
+    ("size", 1024, "WIDTHxHEIGHT"),
+    ("size", None, "WIDTHxHEIGHT"),
+    ("quality", 1, "string or None"),
+    ("style", ["vivid"], "string or None"),
+    ("user", b"u", "string or None"),
+    ("response_format", 0, "string or None"),
+    ("user", "\udfff", "UTF-8"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "phrase"), INVALID)
+def test_invalid_request_names_field_value_and_what_is_allowed(
+    field: str, value: object, phrase: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        ImageRequest(**{**VALID, field: value})
+    error = info.value
+    assert isinstance(error, ValueError)
+    assert error.field == field
+    assert error.value is value
+    assert phrase in str(error)
+    assert f"invalid {field}" in str(error)
+    assert "allowed" in str(error)
+
+
+def test_valid_request_keeps_defaults_and_exposes_dimensions() -> None:
+    request = ImageRequest(**VALID, size="640x480")
+    assert (request.n, request.width, request.height) == (1, 640, 480)
+    assert ImageRequest(**VALID).size == "1024x1024"
+    assert ImageRequest(**{**VALID, "prompt": "é" * 1000, "n": 10}).n == 10
+
+
+def test_decode_bare_base64_data_uri_and_wrapped_lines() -> None:
+    png = make_png(5, 3, "x")
+    bare = base64.b64encode(png).decode()
+    assert GeneratedImage(b64_json=bare).decode() == png
+    assert GeneratedImage(b64_json="data:image/png;base64," + bare).decode() == png
+    wrapped = "\n".join(bare[i : i + 76] for i in range(0, len(bare), 76))
+    assert GeneratedImage(b64_json=wrapped).decode() == png
+    assert GeneratedImage(b64_json=bare.rstrip("=")).decode() == png
+
+
+@pytest.mark.parametrize(
+    "bad", ["not base64 at all!", "data:image/png,rawbytes", "data:image/png;base64", "a"]
+)
+def test_decode_rejects_invalid_base64_clearly(bad: str) -> None:
+    with pytest.raises(ResponseValidationError, match="base64"):
+        GeneratedImage(b64_json=bad).decode()
+
+
+def test_decode_of_a_url_only_image_points_to_download() -> None:
+    image = GeneratedImage(url="https://cdn.example/x.png")
+    with pytest.raises(ResponseValidationError, match=r"download|b64_json"):
+        image.decode()
+
+
+def test_save_writes_decoded_png(tmp_path: Path) -> None:
+    png = make_png(7, 9, "save")
+    path = GeneratedImage(b64_json=base64.b64encode(png).decode()).save(tmp_path / "a.png")
+    assert path == tmp_path / "a.png"
+    assert png_size(path) == (7, 9)
+
+
+def test_repr_shows_only_a_short_prefix_of_base64() -> None:
+    data = base64.b64encode(make_png(64, 64, "r")).decode()
+    text = repr(GeneratedImage(b64_json=data))
+    assert data[:24] in text
+    assert data not in text
+    assert len(text) < 150
+    assert f"({len(data)} chars)" in text
+
+
+def test_images_is_data() -> None:
+    images = (GeneratedImage(url="u"),)
+    response = ImagesResponse(created=1, data=images)
+    assert response.images is response.data is images
