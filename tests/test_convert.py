@@ -40,12 +40,24 @@ def test_request_body_always_has_n_and_size_and_never_null() -> None:
     body = json.loads(encode_request(ImageRequest(model="m", prompt="p")))
     assert body == {"model": "m", "prompt": "p", "n": 1, "size": "1024x1024"}
     full = ImageRequest(
-        model="m", prompt="p", n=3, size="8x8", quality="hd", response_format="url", style="s",
+        model="m",
+        prompt="p",
+        n=3,
+        size="8x8",
+        quality="hd",
+        response_format="url",
+        style="s",
         user="u",
     )
     assert json.loads(encode_request(full)) == {
-        "model": "m", "prompt": "p", "n": 3, "size": "8x8", "quality": "hd",
-        "response_format": "url", "style": "s", "user": "u",
+        "model": "m",
+        "prompt": "p",
+        "n": 3,
+        "size": "8x8",
+        "quality": "hd",
+        "response_format": "url",
+        "style": "s",
+        "user": "u",
     }
 
 
@@ -70,7 +82,12 @@ def test_parse_accepts_every_image_form_and_keeps_unknown_keys() -> None:
     headers = CIMultiDict({"X-Request-Id": "req-1"})
     response = parse_response(200, headers, json.dumps(body).encode())
     assert response.created == 1700000000
-    assert [i.url for i in response.images] == ["https://x/1.png", None, None, "image-generation-1.png"]
+    assert [i.url for i in response.images] == [
+        "https://x/1.png",
+        None,
+        None,
+        "image-generation-1.png",
+    ]
     assert response.images[0].revised_prompt == "better"
     assert response.images[1].decode() == b"hi"
     assert response.images[2].decode() == b"hi"
@@ -82,7 +99,9 @@ def test_parse_accepts_every_image_form_and_keeps_unknown_keys() -> None:
 
 def test_large_base64_is_kept_as_the_same_string_the_parser_made() -> None:
     payload = "A" * 2_000_000
-    response = parse_response(200, NO_HEADERS, json.dumps({"created": 1, "data": [{"b64_json": payload}]}).encode())
+    response = parse_response(
+        200, NO_HEADERS, json.dumps({"created": 1, "data": [{"b64_json": payload}]}).encode()
+    )
     assert response.images[0].b64_json == payload
 
 
@@ -103,10 +122,19 @@ def test_large_base64_is_kept_as_the_same_string_the_parser_made() -> None:
         (b'{"created": 1, "data": "x"}', ["data: expected a list, got str"]),
         (b'{"created": 1, "data": [3]}', ["data[0]: expected an object, got int"]),
         (b'{"created": 1, "data": [{}]}', ["data[0]: the image has neither url nor b64_json"]),
-        (b'{"created": 1, "data": [{"url": null, "b64_json": null}]}', ["data[0]: the image has neither"]),
+        (
+            b'{"created": 1, "data": [{"url": null, "b64_json": null}]}',
+            ["data[0]: the image has neither"],
+        ),
         (b'{"created": 1, "data": [{"url": 5}]}', ["data[0].url: expected a string, got int"]),
-        (b'{"created": 1, "data": [{"url": "u"}, {"b64_json": ["x"]}]}', ["data[1].b64_json: expected a string"]),
-        (b'{"created": 1, "data": [{"url": "u", "revised_prompt": 1}]}', ["data[0].revised_prompt"]),
+        (
+            b'{"created": 1, "data": [{"url": "u"}, {"b64_json": ["x"]}]}',
+            ["data[1].b64_json: expected a string"],
+        ),
+        (
+            b'{"created": 1, "data": [{"url": "u", "revised_prompt": 1}]}',
+            ["data[0].revised_prompt"],
+        ),
     ],
 )
 def test_malformed_success_bodies_name_the_path(body: bytes, phrases: list[str]) -> None:
@@ -168,7 +196,12 @@ def test_str_reads_like_the_issue_example() -> None:
     [
         (502, b"", BadGatewayError, "empty body"),
         (503, b"   \n", ServiceUnavailableError, "empty body"),
-        (415, b"Expected request with `Content-Type: application/json`", APIStatusError, "Content-Type"),
+        (
+            415,
+            b"Expected request with `Content-Type: application/json`",
+            APIStatusError,
+            "Content-Type",
+        ),
         (
             502,
             b"<html><head><title>502 Bad Gateway</title></head><body><h1>nginx</h1></body></html>",

@@ -14,8 +14,8 @@ from atoma_images import (
     InvalidRequestError,
     ResponseValidationError,
     ServerError,
+    _errors,
 )
-from atoma_images import _errors
 
 
 def test_every_public_error_is_in_the_tree_and_in_the_docstring_drawing() -> None:

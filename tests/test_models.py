@@ -14,6 +14,7 @@ from atoma_images import (
     ResponseValidationError,
 )
 from atoma_images.testing import make_png
+
 from pngcheck import png_size
 
 VALID: dict[str, Any] = {"model": "m", "prompt": "a red fox"}
@@ -47,7 +48,7 @@ INVALID = [
     ("size", " 1024x1024", "WIDTHxHEIGHT"),
     ("size", "1024x1024 ", "WIDTHxHEIGHT"),
     ("size", "1e3x1024", "WIDTHxHEIGHT"),
-    ("size", "١٠٢٤x١٠٢٤", "WIDTHxHEIGHT"),  # Arabic-Indic digits are not ASCII integers
+    ("size", "\u0661\u0660x\u0661\u0660", "WIDTHxHEIGHT"),  # Arabic-Indic digits: not ASCII
     ("size", "99999999999x1", "WIDTHxHEIGHT"),
     ("size", 1024, "WIDTHxHEIGHT"),
     ("size", None, "WIDTHxHEIGHT"),

@@ -1,0 +1,401 @@
+"""`AsyncImagesClient`: one aiohttp session, one retry policy, typed errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl as ssl_module
+import time
+import warnings
+from collections.abc import Mapping
+from types import TracebackType
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from ._convert import encode_request, parse_response
+from ._errors import (
+    AmbiguousOutcomeError,
+    AmbiguousTimeoutError,
+    APIConnectionError,
+    APITimeoutError,
+    AtomaImagesError,
+    InvalidRequestError,
+    ResponseValidationError,
+)
+from ._models import DEFAULT_MODEL, ImageRequest, ImagesResponse
+from ._retry import RetryPolicy
+from ._timeout import Timeout
+from ._version import user_agent
+
+__all__ = ["DEFAULT_BASE_URL", "AsyncImagesClient"]
+
+logger = logging.getLogger("atoma_images")
+
+DEFAULT_BASE_URL = "https://api.atoma.network/v1"
+KEY_VARIABLES = ("ATOMA_API_KEY", "ATOMASDK_BEARER_AUTH")
+DEFAULT_MAX_RESPONSE_BYTES = 128 * 2**20
+# An error body is kept for the error's message; more than this of it is not read.
+_MAX_ERROR_BODY = 2**20
+_NOT_SENT = "; the request was not sent, so nothing was billed"
+_MAYBE_BILLED = (
+    "; the request was sent, so it may have been processed and billed. It was not sent "
+    "again, to avoid paying twice (RetryPolicy(retry_ambiguous=True) would retry it)"
+)
+
+
+class AsyncImagesClient:
+    """An asyncio client for ``POST /v1/images/generations``.
+
+    Create one per application and share it: it holds one connection pool. Close it with
+    ``async with`` or `aclose`. A ``session`` passed in is used as is and never closed here.
+
+    Args:
+        api_key: the Atoma API key. Defaults to ``$ATOMA_API_KEY``, then
+            ``$ATOMASDK_BEARER_AUTH`` (the Atoma SDK's variable).
+        base_url: the API root, ending in ``/v1``. Defaults to ``$ATOMA_BASE_URL``, then
+            ``https://api.atoma.network/v1``. Any OpenAI-compatible server works.
+        model: the model used when a call names none.
+        timeout: limits for one attempt: a `Timeout`, or a number of seconds for the whole
+            attempt. Defaults to ``Timeout()``.
+        retries: the default `RetryPolicy`; ``RetryPolicy(max_retries=0)`` turns retries off.
+        max_connections: the size of the connection pool.
+        max_response_bytes: the largest response body read before giving up.
+        headers: extra headers sent with every request.
+        ssl: TLS verification: True (the default), an `ssl.SSLContext`, or False to turn
+            verification off (only for a server you trust on a network you trust).
+        session: an `aiohttp.ClientSession` to use instead of the client's own.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        model: str = DEFAULT_MODEL,
+        timeout: Timeout | float | None = None,
+        retries: RetryPolicy | None = None,
+        max_connections: int = 100,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        headers: Mapping[str, str] | None = None,
+        ssl: ssl_module.SSLContext | bool = True,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        key = _api_key(api_key)
+        self._base_url = _base_url(base_url)
+        self._url = self._base_url / "images/generations"
+        ImageRequest(model=model, prompt="-")  # checks the model name now, not on first call
+        self._model = model
+        self._timeout = Timeout() if timeout is None else Timeout.of(timeout)
+        if retries is not None and not isinstance(retries, RetryPolicy):
+            raise InvalidRequestError("retries", retries, "allowed: a RetryPolicy or None")
+        self._retries = RetryPolicy() if retries is None else retries
+        if type(max_connections) is not int or max_connections < 1:
+            raise InvalidRequestError("max_connections", max_connections, "allowed: an int >= 1")
+        self._max_connections = max_connections
+        if type(max_response_bytes) is not int or max_response_bytes < 1:
+            raise InvalidRequestError(
+                "max_response_bytes", max_response_bytes, "allowed: an int >= 1"
+            )
+        self._max_response_bytes = max_response_bytes
+        if not isinstance(ssl, (bool, ssl_module.SSLContext)):
+            raise InvalidRequestError("ssl", ssl, "allowed: True, False or an ssl.SSLContext")
+        self._ssl = ssl
+        self._headers = CIMultiDict(
+            {
+                "Authorization": f"Bearer {key}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "User-Agent": user_agent(),
+            }
+        )
+        for name, value in (headers or {}).items():
+            if name.lower() in ("authorization", "content-type"):
+                raise InvalidRequestError(
+                    "headers", name, "allowed: any header but Authorization and Content-Type"
+                )
+            self._headers[name] = value
+        # Built once: the first attempt of a call with default limits uses it as is.
+        self._first_attempt_timeout = self._timeout.for_attempt(self._retries.deadline)
+        self._session = session
+        self._owns_session = session is None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<AsyncImagesClient base_url={str(self._base_url)!r} model={self._model!r}>"
+
+    @property
+    def base_url(self) -> str:
+        return str(self._base_url)
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @property
+    def timeout(self) -> Timeout:
+        return self._timeout
+
+    @property
+    def retries(self) -> RetryPolicy:
+        return self._retries
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        n: int = 1,
+        size: str = "1024x1024",
+        quality: str | None = None,
+        response_format: str | None = None,
+        style: str | None = None,
+        user: str | None = None,
+        timeout: Timeout | float | None = None,
+        retries: RetryPolicy | None = None,
+    ) -> ImagesResponse:
+        """Generate ``n`` images for ``prompt``.
+
+        Args:
+            prompt: what to draw, 1 to 1000 characters.
+            model: the model; defaults to the client's.
+            n: how many images, 1 to 10.
+            size: ``"WIDTHxHEIGHT"``.
+            quality: passed to the server as is.
+            response_format: ``"url"`` or ``"b64_json"``; leave it out to get the server's
+                default (Atoma's backend answers with base64 data).
+            style: passed to the server as is.
+            user: an end-user id for the server's abuse tracking.
+            timeout: limits for each attempt of this call (overrides the client's).
+            retries: the retry policy of this call (overrides the client's).
+
+        Raises:
+            InvalidRequestError: an argument is not valid; nothing was sent.
+            APIStatusError: the server answered with an error status (see its subclasses).
+            APIConnectionError: no usable answer (`AmbiguousOutcomeError` when the request
+                was sent and may have been billed).
+            ResponseValidationError: a success status with a body that is not an images response.
+        """
+        request = ImageRequest(
+            model=self._model if model is None else model,
+            prompt=prompt,
+            n=n,
+            size=size,
+            quality=quality,
+            response_format=response_format,
+            style=style,
+            user=user,
+        )
+        body = encode_request(request)
+        if retries is None:
+            policy = self._retries
+        elif isinstance(retries, RetryPolicy):
+            policy = retries
+        else:
+            raise InvalidRequestError("retries", retries, "allowed: a RetryPolicy or None")
+        limits = self._timeout if timeout is None else Timeout.of(timeout)
+        session = self._session_for_running_loop()
+        started = time.monotonic()
+        if limits is self._timeout and policy.deadline == self._retries.deadline:
+            first_timeout = self._first_attempt_timeout
+        else:
+            first_timeout = limits.for_attempt(policy.deadline)
+        try:
+            return await self._attempt(session, body, first_timeout)
+        except AtomaImagesError as error:
+            error.attempts = 1
+            if not policy.worth_retrying(error):
+                raise
+            first_error = error
+
+        async def again(remaining: float) -> ImagesResponse:
+            return await self._attempt(session, body, limits.for_attempt(remaining))
+
+        return await policy.retry(again, first_error=first_error, started=started)
+
+    async def _attempt(
+        self, session: aiohttp.ClientSession, body: bytes, timeout: aiohttp.ClientTimeout
+    ) -> ImagesResponse:
+        """Send the request once; translate everything that can go wrong into our errors."""
+        url = self._url
+        try:
+            async with session.post(
+                url,
+                data=body,
+                headers=self._headers,
+                timeout=timeout,
+                ssl=self._ssl,
+                allow_redirects=False,  # a paid POST goes where it was sent, or nowhere
+            ) as response:
+                status = response.status
+                limit = self._max_response_bytes if status < 300 else _MAX_ERROR_BODY
+                payload = await _read_body(response, limit)
+                headers = response.headers
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise APIConnectionError(
+                f"the TLS certificate of {url.host} failed verification ({exc.certificate_error})"
+                f"{_NOT_SENT}. Pass ssl=<an ssl.SSLContext that trusts it> if the server is yours",
+                url=str(url),
+                transient=False,
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise APIConnectionError(
+                f"could not connect to {url.host}:{url.port} ({exc.os_error}){_NOT_SENT}",
+                url=str(url),
+            ) from exc
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise APITimeoutError(
+                f"timed out waiting for a connection to {url.host}:{url.port}{_NOT_SENT}",
+                url=str(url),
+            ) from exc
+        except asyncio.TimeoutError as exc:  # aiohttp's read and total limits
+            raise AmbiguousTimeoutError(
+                f"timed out waiting for the response from {url.host}{_MAYBE_BILLED}",
+                url=str(url),
+            ) from exc
+        except _BodyTooLarge as exc:
+            raise ResponseValidationError(
+                f"the response is larger than max_response_bytes ({exc.limit} bytes); "
+                "it was not read to the end",
+                status=exc.status,
+                headers=exc.headers,
+                request_id=exc.headers.get("x-request-id"),
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise AmbiguousOutcomeError(
+                f"the connection to {url.host} failed after the request was sent "
+                f"({type(exc).__name__}: {exc}){_MAYBE_BILLED}",
+                url=str(url),
+            ) from exc
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "atoma-images: POST %s -> %d (%d bytes, request id %s)",
+                url,
+                status,
+                len(payload),
+                headers.get("x-request-id"),
+            )
+        return parse_response(status, headers, payload, str(url))
+
+    def _session_for_running_loop(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed; create a new client")
+        loop = asyncio.get_running_loop()
+        session = self._session
+        if self._loop is not loop:
+            if self._loop is not None:
+                raise RuntimeError(
+                    f"{self!r} is bound to the event loop it was first used in; an aiohttp "
+                    "session cannot move between loops. Create one client per loop (or use "
+                    "ImagesClient from synchronous code)."
+                )
+            self._loop = loop
+        if session is None:
+            session = self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
+                timeout=self._first_attempt_timeout,
+                trust_env=True,
+            )
+        elif session.closed:
+            raise RuntimeError("the aiohttp.ClientSession given to the client is closed")
+        return session
+
+    async def aclose(self) -> None:
+        """Close the client's own session (a session passed in is left open). Safe to repeat."""
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None and self._owns_session and not session.closed:
+            await session.close()
+
+    async def __aenter__(self) -> AsyncImagesClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # Only warn: closing needs the event loop, which may be gone by now.
+        session = getattr(self, "_session", None)
+        if session is not None and self._owns_session and not session.closed:
+            warnings.warn(
+                f"unclosed {self!r}: use 'async with' or 'await client.aclose()'",
+                ResourceWarning,
+                stacklevel=1,
+                source=self,
+            )
+
+
+class _BodyTooLarge(Exception):
+    def __init__(self, limit: int, status: int, headers: Mapping[str, str]) -> None:
+        self.limit = limit
+        self.status = status
+        self.headers = headers
+
+
+async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    length = response.content_length
+    if length is not None and length > limit:
+        if response.status >= 300:  # an error body is only for the message: keep its start
+            return await response.content.read(limit)
+        raise _BodyTooLarge(limit, response.status, response.headers)
+    if length is not None and "Content-Encoding" not in response.headers:
+        return await response.read()  # exactly Content-Length bytes: the fast path
+    # No length (chunked) or compressed: count what arrives.
+    chunks = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            if response.status >= 300:
+                chunks.append(chunk[: len(chunk) - (size - limit)])
+                break
+            raise _BodyTooLarge(limit, response.status, response.headers)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _api_key(api_key: str | None) -> str:
+    if api_key is None:
+        for variable in KEY_VARIABLES:
+            api_key = os.environ.get(variable) or None
+            if api_key is not None:
+                break
+        else:
+            raise InvalidRequestError(
+                "api_key",
+                None,
+                f"pass api_key=... or set {KEY_VARIABLES[0]} (or {KEY_VARIABLES[1]}, the "
+                "Atoma SDK's variable)",
+            )
+    # The key is never echoed back, not even in this error.
+    if type(api_key) is not str:
+        raise InvalidRequestError("api_key", type(api_key).__name__, "allowed: a string")
+    if not api_key or not api_key.isascii() or not api_key.isprintable() or " " in api_key:
+        raise InvalidRequestError(
+            "api_key", "<hidden>", "allowed: a non-empty string of printable ASCII, no spaces"
+        )
+    return api_key
+
+
+def _base_url(base_url: str | None) -> URL:
+    raw = base_url or os.environ.get("ATOMA_BASE_URL") or DEFAULT_BASE_URL
+    try:
+        url = URL(raw)
+    except (TypeError, ValueError):
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise InvalidRequestError(
+            "base_url", raw, "allowed: an http:// or https:// URL such as " + DEFAULT_BASE_URL
+        )
+    if url.query_string or url.fragment:
+        raise InvalidRequestError("base_url", raw, "allowed: a URL without query or fragment")
+    # "…/v1" and "…/v1/" both mean the same root.
+    return url.with_path(url.path.rstrip("/"))

@@ -1,0 +1,82 @@
+"""Time limits for one attempt, and their translation into aiohttp's terms."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import aiohttp
+import attrs
+
+from ._errors import InvalidRequestError
+
+__all__ = ["Timeout"]
+
+
+def seconds_validator(owner: str, *, allow_zero: bool = False, allow_none: bool = False) -> Any:
+    """An attrs validator for a duration: a finite number of seconds, positive or >= 0."""
+    allowed = "a finite number of seconds " + (">= 0" if allow_zero else "> 0")
+    if allow_none:
+        allowed += ", or None"
+
+    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is None and allow_none:
+            return
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (value > 0 or (allow_zero and value == 0))
+        ):
+            return
+        raise InvalidRequestError(f"{owner}.{attribute.name}", value, f"allowed: {allowed}")
+
+    return check
+
+
+_check_limit = seconds_validator("timeout", allow_none=True)
+
+
+@attrs.frozen(kw_only=True)
+class Timeout:
+    """Time limits for one attempt; None means no limit of that kind.
+
+    Attributes:
+        connect: establishing a new connection (DNS, TCP, TLS).
+        read: the longest silence while waiting for or reading the response. Generation
+            takes 10 to 90 s before the first byte, so the default is generous.
+        pool: waiting for a free connection when ``max_connections`` are busy; a request
+            that waited this long was never sent. (aiohttp measures this wait together
+            with connecting, so the bound for both is ``pool + connect``.)
+        total: the whole attempt, from asking for a connection to the last byte.
+
+    The retry policy's ``deadline`` bounds the whole call, every attempt and wait
+    included; no attempt is allowed more time than remains of it.
+    A float where a `Timeout` is accepted means ``Timeout(total=that_float)``.
+    """
+
+    connect: float | None = attrs.field(default=10.0, validator=_check_limit)
+    read: float | None = attrs.field(default=300.0, validator=_check_limit)
+    pool: float | None = attrs.field(default=30.0, validator=_check_limit)
+    total: float | None = attrs.field(default=None, validator=_check_limit)
+
+    @classmethod
+    def of(cls, value: Timeout | float) -> Timeout:
+        """``value`` as a `Timeout`: a `Timeout` as is, a number as the whole attempt's limit."""
+        if isinstance(value, Timeout):
+            return value
+        if type(value) in (int, float):
+            return cls(total=value)
+        raise InvalidRequestError(
+            "timeout", value, "allowed: a Timeout, a positive number of seconds, or None"
+        )
+
+    def for_attempt(self, remaining: float | None) -> aiohttp.ClientTimeout:
+        """aiohttp's limits for an attempt that may take at most ``remaining`` seconds."""
+        total = self.total
+        if remaining is not None and (total is None or remaining < total):
+            total = max(remaining, 0.001)
+        connect = None if self.pool is None else self.pool + (self.connect or 0.0)
+        return aiohttp.ClientTimeout(
+            total=total, connect=connect, sock_connect=self.connect, sock_read=self.read
+        )

@@ -1,0 +1,335 @@
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+
+from atoma_images import (
+    APIStatusError,
+    AsyncImagesClient,
+    AuthenticationError,
+    BadGatewayError,
+    BadRequestError,
+    ImagesResponse,
+    InsufficientBalanceError,
+    InternalServerError,
+    InvalidRequestError,
+    LockedError,
+    NotFoundError,
+    RateLimitError,
+    ResponseValidationError,
+    RetryPolicy,
+    ServiceUnavailableError,
+    StackUnavailableError,
+)
+from atoma_images.testing import FakeAtomaServer, Reply
+
+from conftest import API_KEY
+from pngcheck import png_size
+from test_models import INVALID
+
+NO_RETRIES = RetryPolicy(max_retries=0)
+
+
+@pytest.mark.parametrize(
+    ("response_format", "has_url", "has_b64"),
+    [(None, False, True), ("b64_json", False, True), ("url", True, False)],
+)
+async def test_generate_returns_real_pngs_in_every_form(
+    client: AsyncImagesClient,
+    server: FakeAtomaServer,
+    response_format: str | None,
+    has_url: bool,
+    has_b64: bool,
+) -> None:
+    result = await client.generate("a red fox", n=2, size="48x32", response_format=response_format)
+    assert isinstance(result, ImagesResponse)
+    assert len(result.images) == 2
+    assert set(result.extra) == {"signature", "response_hash"}
+    for image in result.images:
+        assert (image.url is not None) is has_url
+        assert (image.b64_json is not None) is has_b64
+        if has_b64:
+            assert png_size(image.decode()) == (48, 32)
+    if response_format is None:  # like Atoma's backend: a data URI
+        assert result.images[0].b64_json.startswith("data:image/png;base64,")  # type: ignore[union-attr]
+    assert len(server.posts) == 1
+
+
+async def test_request_on_the_wire(client: AsyncImagesClient, server: FakeAtomaServer) -> None:
+    await client.generate(model="black-forest-labs/FLUX.1-schnell", n=1, prompt="fox", size="8x8")
+    (post,) = server.posts
+    assert post.json() == {
+        "model": "black-forest-labs/FLUX.1-schnell",
+        "prompt": "fox",
+        "n": 1,
+        "size": "8x8",
+    }
+    headers = {k.lower(): v for k, v in post.headers.items()}
+    assert headers["authorization"] == f"Bearer {API_KEY}"
+    assert headers["content-type"] == "application/json"
+    assert headers["user-agent"].startswith("atoma-images/")
+
+
+async def test_defaults_are_sent_and_none_never_is(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    await client.generate("fox", size="8x8", quality=None, style="vivid", user=None)
+    body = server.posts[0].json()
+    assert body["n"] == 1
+    assert body["size"] == "8x8"
+    assert body["style"] == "vivid"
+    assert None not in body.values()
+    assert "quality" not in body
+    assert "user" not in body
+
+
+# In generate(), model=None means "the client's model", so that one case is valid there.
+@pytest.mark.parametrize(
+    ("field", "value", "phrase"), [case for case in INVALID if case[:2] != ("model", None)]
+)
+async def test_invalid_input_sends_nothing(
+    client: AsyncImagesClient, server: FakeAtomaServer, field: str, value: Any, phrase: str
+) -> None:
+    arguments: dict[str, Any] = {"prompt": "fox", "size": "8x8", field: value}
+    prompt = arguments.pop("prompt")
+    with pytest.raises(InvalidRequestError, match=f"invalid {field}"):
+        await client.generate(prompt, **arguments)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "cls", "code"),
+    [
+        (400, None, BadRequestError, "REQUEST_ERROR"),
+        (
+            400,
+            {"error": {"code": "FIAT_PAYMENTS_ONLY", "message": "m"}},
+            InsufficientBalanceError,
+            "FIAT_PAYMENTS_ONLY",
+        ),
+        (401, None, AuthenticationError, "AUTH_ERROR"),
+        (402, None, InsufficientBalanceError, "BALANCE_ERROR"),
+        (404, None, NotFoundError, "NOT_FOUND"),
+        (423, None, LockedError, "LOCKED"),
+        (425, None, StackUnavailableError, "UNAVAILABLE_STACK"),
+        (429, None, RateLimitError, "TOO_MANY_REQUESTS"),
+        (500, None, InternalServerError, "INTERNAL_ERROR"),
+        (503, None, ServiceUnavailableError, "SERVICE_UNAVAILABLE"),
+        (502, "<html><title>502 Bad Gateway</title></html>", BadGatewayError, None),
+        (503, "", ServiceUnavailableError, None),
+        (500, "upstream exploded", InternalServerError, None),
+    ],
+)
+async def test_error_statuses_raise_their_class_over_the_wire(
+    client: AsyncImagesClient,
+    server: FakeAtomaServer,
+    status: int,
+    body: Any,
+    cls: type[APIStatusError],
+    code: str | None,
+) -> None:
+    server.enqueue(Reply(status=status, body=body, headers={"x-request-id": "rid-7"}))
+    with pytest.raises(cls) as info:
+        await client.generate("fox", size="8x8", retries=NO_RETRIES)
+    error = info.value
+    assert error.status == status
+    assert error.code == code
+    assert error.request_id == "rid-7"
+    assert error.url == f"{server.base_url}/images/generations"
+    assert error.attempts == 1
+    assert error.message
+    assert isinstance(error.__cause__, type(None))  # nothing of aiohttp's to chain here
+
+
+async def test_the_real_server_rules_reach_the_caller(server: FakeAtomaServer) -> None:
+    async with AsyncImagesClient("wrong-key", base_url=server.base_url, retries=NO_RETRIES) as bad:
+        with pytest.raises(AuthenticationError, match="AUTH_ERROR"):
+            await bad.generate("fox", size="8x8")
+        # The proxy checks the body before the key: an unknown model is a 400 even so.
+        with pytest.raises(BadRequestError, match="No node found for model nope"):
+            await bad.generate("fox", size="8x8", model="nope")
+
+
+@pytest.mark.parametrize(
+    "body", [b"{not json", b"<html>gateway says hi</html>", b'{"created": "x", "data": []}', b"{}"]
+)
+async def test_bad_success_bodies_raise_response_validation_error(
+    client: AsyncImagesClient, server: FakeAtomaServer, body: bytes
+) -> None:
+    server.enqueue(Reply(status=200, body=body))
+    with pytest.raises(ResponseValidationError) as info:
+        await client.generate("fox", size="8x8")
+    assert info.value.attempts == 1
+    assert len(server.posts) == 1  # a 200 was billed: never retried
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_response_larger_than_the_cap_is_refused(
+    server: FakeAtomaServer, chunked: bool
+) -> None:
+    server.enqueue(Reply(status=200, body=b"{" + b" " * 300_000 + b"}", chunked=chunked))
+    async with AsyncImagesClient(
+        API_KEY, base_url=server.base_url, max_response_bytes=100_000
+    ) as small:
+        with pytest.raises(ResponseValidationError, match="max_response_bytes"):
+            await small.generate("fox", size="8x8")
+        assert len(server.posts) == 1
+        # The connection was not poisoned: the next call works.
+        assert (await small.generate("fox", size="8x8")).images
+
+
+async def test_error_body_is_cut_not_refused(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    server.enqueue(Reply(status=500, body="E" * (3 * 2**20), chunked=True))
+    with pytest.raises(InternalServerError) as info:
+        await client.generate("fox", size="8x8", retries=NO_RETRIES)
+    assert len(info.value.body) == 2**20
+    assert len(str(info.value)) < 400
+
+
+async def test_redirect_is_not_followed(client: AsyncImagesClient, server: FakeAtomaServer) -> None:
+    server.enqueue(
+        Reply(status=307, headers={"Location": "http://127.0.0.1:9/v1/images/generations"})
+    )
+    with pytest.raises(APIStatusError, match="redirected") as info:
+        await client.generate("fox", size="8x8")
+    assert info.value.status == 307
+    assert len(server.posts) == 1
+
+
+async def test_key_never_shows_in_repr_errors_or_debug_logs(
+    server: FakeAtomaServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    for name in ("aiohttp", "aiohttp.client", "aiohttp.internal", "atoma_images"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    seen: list[str] = []
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url, retries=NO_RETRIES) as images:
+        seen.append(repr(images))
+        await images.generate("fox", size="8x8")
+        for status in (401, 500, 429):
+            server.enqueue(Reply(status=status))
+            with pytest.raises(APIStatusError) as info:
+                await images.generate("fox", size="8x8")
+            seen += [str(info.value), repr(info.value), repr(vars(info.value))]
+    seen += [record.getMessage() for record in caplog.records]
+    assert any("POST" in line for line in seen), "the DEBUG log line was not emitted"
+    assert all(API_KEY not in line for line in seen)
+
+
+async def test_session_passed_in_is_used_and_left_open(server: FakeAtomaServer) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with AsyncImagesClient(API_KEY, base_url=server.base_url, session=session) as images:
+            await images.generate("fox", size="8x8")
+        assert not session.closed
+        async with session.get(server.base_url.replace("/v1", "/files/none")) as response:
+            assert response.status == 404
+    assert len(server.posts) == 1
+
+
+async def test_closed_session_or_client_gives_a_clear_error(server: FakeAtomaServer) -> None:
+    session = aiohttp.ClientSession()
+    await session.close()
+    images = AsyncImagesClient(API_KEY, base_url=server.base_url, session=session)
+    with pytest.raises(RuntimeError, match="ClientSession given to the client is closed"):
+        await images.generate("fox", size="8x8")
+    own = AsyncImagesClient(API_KEY, base_url=server.base_url)
+    await own.generate("fox", size="8x8")
+    await own.aclose()
+    await own.aclose()  # twice is fine
+    with pytest.raises(RuntimeError, match="closed"):
+        await own.generate("fox", size="8x8")
+
+
+def test_client_is_bound_to_one_event_loop() -> None:
+    async def scenario() -> tuple[FakeAtomaServer, AsyncImagesClient]:
+        fake = FakeAtomaServer()
+        await fake.start()
+        images = AsyncImagesClient(API_KEY, base_url=fake.base_url)
+        await images.generate("fox", size="8x8")
+        return fake, images
+
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        fake, images = first.run_until_complete(scenario())
+        with pytest.raises(RuntimeError, match="bound to the event loop"):
+            second.run_until_complete(images.generate("fox", size="8x8"))
+        first.run_until_complete(images.aclose())
+        first.run_until_complete(fake.stop())
+    finally:
+        first.close()
+        second.close()
+
+
+async def test_unclosed_client_warns(server: FakeAtomaServer) -> None:
+    images = AsyncImagesClient(API_KEY, base_url=server.base_url)
+    await images.generate("fox", size="8x8")
+    session = images._session
+    assert session is not None
+    with pytest.warns(ResourceWarning, match="unclosed <AsyncImagesClient"):  # noqa: PT031
+        del images
+        gc.collect()
+    await session.close()
+
+
+def test_key_and_base_url_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(InvalidRequestError, match=r"ATOMA_API_KEY.*ATOMASDK_BEARER_AUTH"):
+        AsyncImagesClient()
+    monkeypatch.setenv("ATOMASDK_BEARER_AUTH", "sdk-key")
+    assert AsyncImagesClient()._headers["Authorization"] == "Bearer sdk-key"
+    monkeypatch.setenv("ATOMA_API_KEY", "atoma-key")
+    client = AsyncImagesClient()
+    assert client._headers["Authorization"] == "Bearer atoma-key"
+    assert client.base_url == "https://api.atoma.network/v1"
+    monkeypatch.setenv("ATOMA_BASE_URL", "http://localhost:8080/v1/")
+    assert AsyncImagesClient().base_url == "http://localhost:8080/v1"
+    assert AsyncImagesClient(base_url="https://other/v1").base_url == "https://other/v1"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "field"),
+    [
+        ({"api_key": ""}, "api_key"),
+        ({"api_key": "has space"}, "api_key"),
+        ({"api_key": "line\nbreak"}, "api_key"),
+        ({"base_url": "api.atoma.network/v1"}, "base_url"),
+        ({"base_url": "ftp://host/v1"}, "base_url"),
+        ({"base_url": "http:///v1"}, "base_url"),
+        ({"base_url": "https://h/v1?x=1"}, "base_url"),
+        ({"model": ""}, "model"),
+        ({"timeout": -1}, "timeout.total"),
+        ({"timeout": "10"}, "timeout"),
+        ({"retries": 3}, "retries"),
+        ({"max_connections": 0}, "max_connections"),
+        ({"max_response_bytes": 0}, "max_response_bytes"),
+        ({"headers": {"Authorization": "Bearer other"}}, "headers"),
+        ({"ssl": "yes"}, "ssl"),
+    ],
+)
+def test_constructor_checks_its_arguments(arguments: dict[str, Any], field: str) -> None:
+    arguments.setdefault("api_key", "k")
+    with pytest.raises(InvalidRequestError, match=f"invalid {field}") as info:
+        AsyncImagesClient(**arguments)
+    if field == "api_key":
+        assert arguments["api_key"] not in str(info.value) or arguments["api_key"] == ""
+
+
+async def test_extra_headers_are_sent(server: FakeAtomaServer) -> None:
+    async with AsyncImagesClient(
+        API_KEY, base_url=server.base_url, headers={"X-Trace": "t-1"}
+    ) as images:
+        await images.generate("fox", size="8x8")
+    assert server.posts[0].headers["X-Trace"] == "t-1"
+
+
+async def test_many_concurrent_calls_share_one_pool(server: FakeAtomaServer) -> None:
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url, max_connections=4) as images:
+        results = await asyncio.gather(*(images.generate(f"p{i}", size="8x8") for i in range(50)))
+    assert len(results) == 50
+    assert server.connections <= 4

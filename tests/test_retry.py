@@ -1,0 +1,376 @@
+"""Retries: every row of the README's table, counted in POSTs the server received."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from email.utils import formatdate
+from typing import Any
+
+import pytest
+
+from atoma_images import (
+    AmbiguousOutcomeError,
+    AmbiguousTimeoutError,
+    APIConnectionError,
+    APITimeoutError,
+    AsyncImagesClient,
+    BadRequestError,
+    InternalServerError,
+    InvalidRequestError,
+    RateLimitError,
+    RetryPolicy,
+    ServerError,
+    ServiceUnavailableError,
+    Timeout,
+)
+from atoma_images.testing import FakeAtomaServer, Reply
+
+from conftest import API_KEY, FakeSleep
+
+
+def policy(fake_sleep: FakeSleep, **overrides: Any) -> RetryPolicy:
+    return RetryPolicy(sleep=fake_sleep, **overrides)
+
+
+async def test_429_with_retry_after_waits_then_succeeds(
+    client: AsyncImagesClient, server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    server.enqueue(Reply(status=429, headers={"Retry-After": "2"}))
+    result = await client.generate("fox", size="8x8")
+    assert result.images
+    assert len(server.posts) == 2
+    assert len(fake_sleep.waits) == 1
+    # The server's wait, plus a jitter that only ever adds.
+    assert 2.0 <= fake_sleep.waits[0] <= 2.0 + 0.3
+
+
+async def test_retry_after_too_long_raises_at_once(
+    client: AsyncImagesClient, server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    server.enqueue(Reply(status=429, headers={"Retry-After": "3600"}))
+    with pytest.raises(RateLimitError) as info:
+        await client.generate("fox", size="8x8")
+    assert info.value.retry_after == 3600
+    assert info.value.attempts == 1
+    assert len(server.posts) == 1
+    assert fake_sleep.waits == []
+
+
+async def test_503_three_times_gives_up_after_three_posts(
+    client: AsyncImagesClient, server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    server.enqueue(Reply(status=503), times=3)
+    with pytest.raises(ServerError) as info:
+        await client.generate("fox", size="8x8")
+    assert isinstance(info.value, ServiceUnavailableError)
+    assert info.value.attempts == 3
+    assert len(server.posts) == 3
+    # Full-jitter backoff without a header: within [0, 0.5] then [0, 1.0].
+    assert len(fake_sleep.waits) == 2
+    assert 0 <= fake_sleep.waits[0] <= 0.5
+    assert 0 <= fake_sleep.waits[1] <= 1.0
+
+
+async def test_500_is_retried_only_once(client: AsyncImagesClient, server: FakeAtomaServer) -> None:
+    server.enqueue(Reply(status=500), times=5)
+    with pytest.raises(InternalServerError) as info:
+        await client.generate("fox", size="8x8")
+    assert info.value.attempts == 2
+    assert len(server.posts) == 2
+
+
+@pytest.mark.parametrize("status", [502, 504])
+async def test_gateway_errors_count_as_server_errors(
+    client: AsyncImagesClient, server: FakeAtomaServer, status: int
+) -> None:
+    server.enqueue(Reply(status=status), times=5)
+    with pytest.raises(ServerError):
+        await client.generate("fox", size="8x8")
+    assert len(server.posts) == 2
+
+
+async def test_server_error_budget_is_separate_from_the_total(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    # 503 (retry), 500 (the one server-error retry), 500 (budget spent): three POSTs.
+    server.enqueue(Reply(status=503), Reply(status=500), Reply(status=500), Reply(status=200))
+    with pytest.raises(InternalServerError) as info:
+        await client.generate("fox", size="8x8")
+    assert info.value.attempts == 3
+    assert len(server.posts) == 3
+
+
+@pytest.mark.parametrize("status", [408, 423, 425, 429, 503])
+async def test_not_now_statuses_are_retried(
+    client: AsyncImagesClient, server: FakeAtomaServer, status: int
+) -> None:
+    server.enqueue(Reply(status=status), times=2)
+    assert (await client.generate("fox", size="8x8")).images
+    assert len(server.posts) == 3
+
+
+@pytest.mark.parametrize("status", [400, 401, 402, 403, 404, 413, 422])
+async def test_other_4xx_are_never_retried(
+    client: AsyncImagesClient, server: FakeAtomaServer, status: int
+) -> None:
+    server.enqueue(Reply(status=status), times=3)
+    with pytest.raises(Exception) as info:  # noqa: PT011 - the class is checked in test_client
+        await client.generate("fox", size="8x8")
+    assert getattr(info.value, "status", None) == status
+    assert len(server.posts) == 1
+
+
+async def test_x_should_retry_header_is_obeyed(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    server.enqueue(Reply(status=503, headers={"x-should-retry": "false"}))
+    with pytest.raises(ServiceUnavailableError):
+        await client.generate("fox", size="8x8")
+    assert len(server.posts) == 1
+    server.reset()
+    server.enqueue(Reply(status=400, headers={"x-should-retry": "true"}))
+    assert (await client.generate("fox", size="8x8")).images
+    assert len(server.posts) == 2
+
+
+async def test_read_timeout_is_ambiguous_and_not_retried(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    server.enqueue(Reply(fault="stall", delay=5))
+    started = time.monotonic()
+    with pytest.raises(AmbiguousOutcomeError) as info:
+        await client.generate("fox", size="8x8", timeout=Timeout(read=0.2))
+    assert isinstance(info.value, AmbiguousTimeoutError)
+    assert isinstance(info.value, APITimeoutError)
+    assert "may have been processed and billed" in str(info.value)
+    assert info.value.may_have_been_billed
+    assert info.value.attempts == 1
+    assert len(server.posts) == 1
+    assert time.monotonic() - started < 2
+
+
+async def test_read_timeout_is_retried_when_asked(
+    server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    server.enqueue(Reply(fault="stall", delay=5))
+    async with AsyncImagesClient(
+        API_KEY,
+        base_url=server.base_url,
+        retries=policy(fake_sleep, retry_ambiguous=True),
+        timeout=Timeout(read=0.2),
+    ) as images:
+        assert (await images.generate("fox", size="8x8")).images
+    assert len(server.posts) == 2
+
+
+@pytest.mark.parametrize("fault", ["drop", "drop_mid_body"])
+async def test_dropped_connection_after_sending_is_ambiguous(
+    client: AsyncImagesClient, server: FakeAtomaServer, fault: Any
+) -> None:
+    server.enqueue(Reply(fault=fault))
+    with pytest.raises(AmbiguousOutcomeError) as info:
+        await client.generate("fox", size="8x8")
+    assert not isinstance(info.value, APITimeoutError)
+    assert len(server.posts) == 1
+    assert info.value.__cause__ is not None  # aiohttp's exception, kept for diagnosis
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_connection_refused_is_retried(fake_sleep: FakeSleep) -> None:
+    async with AsyncImagesClient(
+        API_KEY, base_url=f"http://127.0.0.1:{_closed_port()}/v1", retries=policy(fake_sleep)
+    ) as images:
+        with pytest.raises(APIConnectionError) as info:
+            await images.generate("fox", size="8x8")
+    assert not isinstance(info.value, AmbiguousOutcomeError)
+    assert "was not sent" in str(info.value)
+    assert not info.value.may_have_been_billed
+    assert info.value.attempts == 3
+    assert len(fake_sleep.waits) == 2
+
+
+async def test_refused_then_up_succeeds(fake_sleep: FakeSleep) -> None:
+    port = _closed_port()
+    fake = FakeAtomaServer(port=port)
+
+    async def start_server_during_the_wait(seconds: float) -> None:
+        fake_sleep.waits.append(seconds)
+        if fake.requests == [] and not fake._runner:
+            await fake.start()
+
+    async with AsyncImagesClient(
+        API_KEY,
+        base_url=f"http://127.0.0.1:{port}/v1",
+        retries=RetryPolicy(sleep=start_server_during_the_wait),
+    ) as images:
+        assert (await images.generate("fox", size="8x8")).images
+    await fake.stop()
+    assert len(fake.posts) == 1
+    assert len(fake_sleep.waits) == 1
+
+
+async def test_max_retries_zero_turns_retrying_off(
+    client: AsyncImagesClient, server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    server.enqueue(Reply(status=503), times=3)
+    with pytest.raises(ServiceUnavailableError) as info:
+        await client.generate("fox", size="8x8", retries=RetryPolicy(max_retries=0))
+    assert info.value.attempts == 1
+    assert len(server.posts) == 1
+    assert fake_sleep.waits == []
+
+
+async def test_policy_per_call_overrides_the_client(
+    server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    async with AsyncImagesClient(
+        API_KEY, base_url=server.base_url, retries=RetryPolicy(max_retries=0)
+    ) as images:
+        server.enqueue(Reply(status=503))
+        assert (await images.generate("fox", size="8x8", retries=policy(fake_sleep))).images
+    assert len(server.posts) == 2
+
+
+async def test_deadline_stops_before_sleeping_past_it(
+    client: AsyncImagesClient, server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    server.enqueue(Reply(status=503, headers={"Retry-After": "30"}))
+    with pytest.raises(ServiceUnavailableError) as info:
+        await client.generate("fox", size="8x8", retries=policy(fake_sleep, deadline=10))
+    assert info.value.retry_after == 30
+    assert len(server.posts) == 1
+    assert fake_sleep.waits == []
+
+
+@pytest.mark.parametrize("where", ["client", "call"])
+async def test_no_attempt_outlives_the_deadline(server: FakeAtomaServer, where: str) -> None:
+    server.latency = 3
+    short = RetryPolicy(deadline=0.3)
+    started = time.monotonic()
+    with pytest.raises(AmbiguousTimeoutError):
+        async with AsyncImagesClient(
+            API_KEY, base_url=server.base_url, retries=short if where == "client" else None
+        ) as images:
+            await images.generate("fox", size="8x8", retries=short if where == "call" else None)
+    assert time.monotonic() - started < 1.5
+    assert len(server.posts) == 1
+
+
+async def test_retry_after_variants(
+    client: AsyncImagesClient, server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    server.enqueue(
+        Reply(status=503, headers={"retry-after-ms": "1500"}),
+        Reply(status=429, headers={"Retry-After": formatdate(time.time() + 20, usegmt=True)}),
+    )
+    assert (
+        await client.generate("fox", size="8x8", retries=policy(fake_sleep, max_retries=3))
+    ).images
+    assert 1.5 <= fake_sleep.waits[0] <= 1.9
+    assert 18 <= fake_sleep.waits[1] <= 21.1
+
+
+async def test_one_info_line_per_retry_without_secrets(
+    client: AsyncImagesClient, server: FakeAtomaServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="atoma_images")
+    server.enqueue(
+        Reply(
+            status=429,
+            headers={"x-request-id": "rid-1"},
+            body={"error": {"message": "SECRET-BODY"}},
+        ),
+        Reply(status=503),
+    )
+    await client.generate("fox", size="8x8")
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(lines) == 2
+    assert "attempt 1 failed (status 429)" in lines[0]
+    assert "rid-1" in lines[0]
+    assert "attempt 2 failed (status 503)" in lines[1]
+    assert all("SECRET-BODY" not in line and API_KEY not in line for line in lines)
+
+
+async def test_cancel_during_the_wait_sends_nothing_more(server: FakeAtomaServer) -> None:
+    waiting = asyncio.Event()
+
+    async def sleep_forever(seconds: float) -> None:
+        waiting.set()
+        await asyncio.Event().wait()
+
+    server.enqueue(Reply(status=503))
+    async with AsyncImagesClient(
+        API_KEY,
+        base_url=server.base_url,
+        max_connections=1,
+        retries=RetryPolicy(sleep=sleep_forever),
+    ) as images:
+        call = asyncio.create_task(images.generate("fox", size="8x8"))
+        await asyncio.wait_for(waiting.wait(), 5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.sleep(0.05)
+        assert len(server.posts) == 1
+        # With one connection in the pool, this only works if the first was released.
+        assert (await asyncio.wait_for(images.generate("fox", size="8x8"), 5)).images
+
+
+async def test_cancel_during_the_request_sends_nothing_more(server: FakeAtomaServer) -> None:
+    server.enqueue(Reply(delay=5))
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url, max_connections=1) as images:
+        call = asyncio.create_task(images.generate("fox", size="8x8"))
+        while not server.posts:  # noqa: ASYNC110 - polling the server's record is the point
+            await asyncio.sleep(0.01)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.sleep(0.05)
+        assert len(server.posts) == 1
+        assert (await asyncio.wait_for(images.generate("fox", size="8x8"), 5)).images
+    assert len(server.posts) == 2
+
+
+async def test_invalid_response_is_not_retried(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    server.enqueue(Reply(status=200, body=b"nonsense"), times=3)
+    with pytest.raises(Exception, match="not JSON"):
+        await client.generate("fox", size="8x8")
+    assert len(server.posts) == 1
+
+
+async def test_bad_request_after_a_retry_stops_there(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    server.enqueue(Reply(status=429), Reply(status=400), Reply(status=200))
+    with pytest.raises(BadRequestError) as info:
+        await client.generate("fox", size="8x8")
+    assert info.value.attempts == 2
+    assert len(server.posts) == 2
+
+
+@pytest.mark.parametrize(
+    ("arguments", "field"),
+    [
+        ({"max_retries": -1}, "retries.max_retries"),
+        ({"max_retries": 1.5}, "retries.max_retries"),
+        ({"max_server_error_retries": True}, "retries.max_server_error_retries"),
+        ({"retry_ambiguous": 1}, "retries.retry_ambiguous"),
+        ({"deadline": -5}, "retries.deadline"),
+        ({"deadline": float("nan")}, "retries.deadline"),
+        ({"backoff_max": "8"}, "retries.backoff_max"),
+        ({"max_retry_after": float("inf")}, "retries.max_retry_after"),
+    ],
+)
+def test_policy_checks_its_fields(arguments: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidRequestError, match=f"invalid {field}"):
+        RetryPolicy(**arguments)

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import pytest
+
+from atoma_images import (
+    AmbiguousTimeoutError,
+    APITimeoutError,
+    AsyncImagesClient,
+    InvalidRequestError,
+    RetryPolicy,
+    Timeout,
+)
+from atoma_images.testing import FakeAtomaServer
+
+from conftest import API_KEY
+
+NO_RETRIES = RetryPolicy(max_retries=0)
+
+
+def test_defaults_fit_image_generation() -> None:
+    timeout = Timeout()
+    assert (timeout.connect, timeout.read, timeout.pool, timeout.total) == (10.0, 300.0, 30.0, None)
+    assert RetryPolicy().deadline == 600.0
+
+
+def test_a_number_means_the_whole_attempt() -> None:
+    assert Timeout.of(12.5) == Timeout(total=12.5)
+    assert Timeout.of(3) == Timeout(total=3)
+    custom = Timeout(read=5)
+    assert Timeout.of(custom) is custom
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), True, "5"])
+def test_limits_must_be_positive_finite_numbers(bad: object) -> None:
+    with pytest.raises(InvalidRequestError, match="timeout"):
+        Timeout(read=bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="timeout"):
+        Timeout.of(bad)  # type: ignore[arg-type]
+
+
+def test_aiohttp_limits_and_the_deadline_cap() -> None:
+    limits = Timeout(connect=2, read=7, pool=3, total=50).for_attempt(remaining=600)
+    assert (limits.total, limits.connect, limits.sock_connect, limits.sock_read) == (50, 5, 2, 7)
+    assert Timeout(total=50).for_attempt(remaining=4).total == 4
+    assert Timeout().for_attempt(remaining=4).total == 4
+    assert Timeout().for_attempt(remaining=None).total is None
+    assert Timeout().for_attempt(remaining=-1).total == 0.001
+    assert Timeout(pool=None).for_attempt(None).connect is None
+
+
+@pytest.mark.parametrize(
+    ("client_timeout", "call_timeout", "times_out"),
+    [
+        (None, None, False),  # default: minutes
+        (0.2, None, True),  # the client's limit applies
+        (0.2, 5, False),  # the call's overrides the client's
+        (None, 0.2, True),  # the call's overrides the default
+        (5, Timeout(read=0.2), True),  # a Timeout per call replaces the client's wholesale
+    ],
+)
+async def test_precedence_call_then_client_then_default(
+    server: FakeAtomaServer,
+    client_timeout: float | None,
+    call_timeout: Timeout | float | None,
+    times_out: bool,
+) -> None:
+    server.latency = 0.6
+    async with AsyncImagesClient(
+        API_KEY, base_url=server.base_url, timeout=client_timeout, retries=NO_RETRIES
+    ) as images:
+        if times_out:
+            with pytest.raises(AmbiguousTimeoutError):
+                await images.generate("fox", size="8x8", timeout=call_timeout)
+        else:
+            assert (await images.generate("fox", size="8x8", timeout=call_timeout)).images
+        assert images.timeout == (
+            Timeout() if client_timeout is None else Timeout.of(client_timeout)
+        )
+
+
+async def test_pool_wait_is_a_timeout_before_sending(server: FakeAtomaServer) -> None:
+    import asyncio
+
+    server.latency = 1.0
+    async with AsyncImagesClient(
+        API_KEY,
+        base_url=server.base_url,
+        max_connections=1,
+        timeout=Timeout(pool=0.1, connect=0.1),
+        retries=NO_RETRIES,
+    ) as images:
+        first = asyncio.create_task(images.generate("fox", size="8x8"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(APITimeoutError) as info:
+            await images.generate("fox", size="8x8")
+        assert not info.value.may_have_been_billed
+        assert "was not sent" in str(info.value)
+        assert (await first).images
+    assert len(server.posts) == 1
