@@ -45,7 +45,9 @@ async def server() -> AsyncIterator[FakeAtomaServer]:
 
 
 @pytest.fixture
-async def client(server: FakeAtomaServer, fake_sleep: FakeSleep) -> AsyncIterator[AsyncImagesClient]:
+async def client(
+    server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> AsyncIterator[AsyncImagesClient]:
     async with AsyncImagesClient(
         API_KEY, base_url=server.base_url, retries=RetryPolicy(sleep=fake_sleep)
     ) as images:

@@ -1,0 +1,87 @@
+"""atoma-images: an async-first client for Atoma's OpenAI-compatible image generation API.
+
+```python
+with ImagesClient() as client:                     # key from $ATOMA_API_KEY
+    client.generate("a lighthouse at dawn").images[0].save("lighthouse.png")
+
+async with AsyncImagesClient() as client:          # for asyncio services
+    result = await client.generate("a lighthouse at dawn")
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._client import AsyncImagesClient
+from ._errors import (
+    AmbiguousOutcomeError,
+    AmbiguousTimeoutError,
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AtomaImagesError,
+    AuthenticationError,
+    BadGatewayError,
+    BadRequestError,
+    GatewayTimeoutError,
+    InsufficientBalanceError,
+    InternalServerError,
+    InvalidRequestError,
+    LockedError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    RequestTooLargeError,
+    ResponseValidationError,
+    ServerError,
+    ServiceUnavailableError,
+    StackUnavailableError,
+    UnprocessableEntityError,
+)
+from ._models import GeneratedImage, ImageRequest, ImagesResponse
+from ._retry import RetryPolicy
+from ._sync import ImagesClient
+from ._timeout import Timeout
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AmbiguousOutcomeError",
+    "AmbiguousTimeoutError",
+    "AsyncImagesClient",
+    "AtomaImagesError",
+    "AuthenticationError",
+    "BadGatewayError",
+    "BadRequestError",
+    "GatewayTimeoutError",
+    "GeneratedImage",
+    "ImageRequest",
+    "ImagesClient",
+    "ImagesResponse",
+    "InsufficientBalanceError",
+    "InternalServerError",
+    "InvalidRequestError",
+    "LockedError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "RequestTooLargeError",
+    "ResponseValidationError",
+    "RetryPolicy",
+    "ServerError",
+    "ServiceUnavailableError",
+    "StackUnavailableError",
+    "Timeout",
+    "UnprocessableEntityError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The version comes from the installed metadata, read only when someone asks.
+    if name == "__version__":
+        from ._version import package_version  # noqa: PLC0415
+
+        return package_version()
+    raise AttributeError(f"module 'atoma_images' has no attribute {name!r}")

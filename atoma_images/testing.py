@@ -1,0 +1,433 @@
+"""A fake Atoma image server, for our tests, your tests and offline demos.
+
+```python
+async with FakeAtomaServer() as server:
+    async with AsyncImagesClient("any-key", base_url=server.base_url) as client:
+        result = await client.generate("a red fox", size="64x64")
+    assert len(server.posts) == 1
+```
+
+It behaves like the deployed service as described in CONTRACT.md: Bearer auth, a JSON
+content type, ``model``, ``n`` and ``size`` required (and checked before the key), the error
+envelope ``{"error": {"code", "message"}}``, and ``signature`` / ``response_hash`` beside the
+images. The images are real PNGs of the requested size, the same for the same prompt.
+
+Scripted answers replace the next requests' normal handling, in order::
+
+    server.enqueue(Reply(status=429, headers={"Retry-After": "2"}), Reply(status=503))
+    server.enqueue(Reply(fault="drop"))
+
+``with FakeAtomaServer() as server:`` runs it on a background thread for synchronous code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import functools
+import hashlib
+import json
+import struct
+import time
+import uuid
+import zlib
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Literal
+
+import attrs
+from aiohttp import web
+
+from ._models import DEFAULT_MODEL
+from ._portal import LoopThread
+
+__all__ = ["FakeAtomaServer", "RecordedRequest", "Reply", "make_png"]
+
+ImageFormat = Literal["data_uri", "b64_json", "url", "local_file"]
+Fault = Literal["drop", "drop_mid_body", "stall", "drip"]
+
+GENERATIONS_PATH = "/v1/images/generations"
+# The fake refuses to draw more than this many pixels per image, to keep tests' memory sane.
+MAX_PIXELS = 4096 * 4096
+_MAX_FILES = 256
+
+_ERROR_CODES = {
+    400: "REQUEST_ERROR",
+    401: "AUTH_ERROR",
+    402: "BALANCE_ERROR",
+    404: "NOT_FOUND",
+    413: "PAYLOAD_TOO_LARGE",
+    423: "LOCKED",
+    425: "UNAVAILABLE_STACK",
+    429: "TOO_MANY_REQUESTS",
+    500: "INTERNAL_ERROR",
+    503: "SERVICE_UNAVAILABLE",
+}
+
+
+@attrs.frozen(kw_only=True)
+class RecordedRequest:
+    """One request the fake server received."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: bytes
+    #: (host, port) of the client's end of the connection: one value per TCP connection.
+    peer: tuple[str, int] | None = None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@attrs.frozen(kw_only=True)
+class Reply:
+    """A scripted answer for one request.
+
+    Attributes:
+        status: the status to answer with.
+        headers: headers to add.
+        body: the body; None gives the normal images answer for 2xx and Atoma's error
+            envelope for an error status. A dict or list is sent as JSON.
+        delay: seconds to wait before answering.
+        fault: misbehave instead: ``"drop"`` closes the connection without answering,
+            ``"drop_mid_body"`` sends the headers and half the body then closes,
+            ``"stall"`` sends the headers then nothing for ``delay`` seconds,
+            ``"drip"`` sends the body one byte every ``drip_interval`` seconds.
+        drip_interval: seconds between bytes for ``"drip"``.
+        chunked: send the body with chunked transfer encoding (no ``Content-Length``).
+    """
+
+    status: int = 200
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    body: bytes | str | dict[str, Any] | list[Any] | None = None
+    delay: float = 0.0
+    fault: Fault | None = None
+    drip_interval: float = 1.0
+    chunked: bool = False
+
+
+class FakeAtomaServer:
+    """An aiohttp.web server on 127.0.0.1 that answers like Atoma's image API.
+
+    Args:
+        api_key: the only key accepted; None accepts any non-empty Bearer token.
+        models: the models it has nodes for.
+        image_format: how images come back when the request names no ``response_format``:
+            ``"data_uri"`` (like Atoma's backend), ``"b64_json"`` (bare base64), ``"url"``
+            (served by this server) or ``"local_file"`` (a node-local file name, like the
+            real backend's ``image-generation-<uuid>.png``).
+        latency: seconds every normal answer takes (a real image takes about ten).
+        host: the address to listen on.
+        port: the port; 0 picks a free one.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        models: tuple[str, ...] = (DEFAULT_MODEL,),
+        image_format: ImageFormat = "data_uri",
+        latency: float = 0.0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.api_key = api_key
+        self.models = models
+        self.image_format = image_format
+        self.latency = latency
+        self.host = host
+        self.port = port
+        #: Every request received, in order.
+        self.requests: list[RecordedRequest] = []
+        #: The most generation requests that were being answered at the same time.
+        self.peak_in_flight = 0
+        self._in_flight = 0
+        self._script: collections.deque[Reply] = collections.deque()
+        self._files: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._runner: web.AppRunner | None = None
+        self._thread: LoopThread | None = None
+
+    # -- scripting and inspection ---------------------------------------------------------
+
+    def enqueue(self, *replies: Reply, times: int = 1) -> None:
+        """Answer the next requests with ``replies``, in order (each repeated ``times``)."""
+        for reply in replies:
+            self._script.extend([reply] * times)
+
+    def reset(self) -> None:
+        """Forget recorded requests and scripted replies."""
+        self.requests.clear()
+        self._script.clear()
+        self.peak_in_flight = 0
+
+    @property
+    def posts(self) -> list[RecordedRequest]:
+        """The generation requests received (``POST /v1/images/generations``)."""
+        return [r for r in self.requests if r.method == "POST" and r.path == GENERATIONS_PATH]
+
+    @property
+    def connections(self) -> int:
+        """How many distinct TCP connections the recorded requests came over."""
+        return len({r.peer for r in self.requests})
+
+    @property
+    def base_url(self) -> str:
+        """The API root to give a client: ``http://127.0.0.1:<port>/v1``."""
+        if self._runner is None:
+            raise RuntimeError("the fake server is not running; use 'async with' or 'with'")
+        return f"http://{self.host}:{self.port}/v1"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_post(GENERATIONS_PATH, self._generations)
+        app.router.add_get("/files/{name}", self._file)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        await site.start()
+        self.port = runner.addresses[0][1]
+        self._runner = runner
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> FakeAtomaServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        await self.stop()
+
+    def __enter__(self) -> FakeAtomaServer:
+        self._thread = LoopThread("atoma-images-fake-server")
+        self._thread.run(self.start())
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.run(self.stop())
+            thread.stop()
+
+    # -- handlers ------------------------------------------------------------------------
+
+    async def _generations(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append(
+            RecordedRequest(
+                method=request.method,
+                path=request.path,
+                headers=dict(request.headers),
+                body=body,
+                peer=request.transport.get_extra_info("peername") if request.transport else None,
+            )
+        )
+        self._in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+        try:
+            if self._script:
+                return await self._scripted(request, self._script.popleft(), body)
+            if self.latency:
+                await asyncio.sleep(self.latency)
+            return self._answer(request, body)
+        finally:
+            self._in_flight -= 1
+
+    def _answer(self, request: web.Request, raw: bytes) -> web.Response:
+        # The order of checks is the proxy's: body first, key last.
+        if request.content_type != "application/json":
+            return web.Response(
+                status=415, text="Expected request with `Content-Type: application/json`"
+            )
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            return _error(400, f"Failed to parse body as JSON: {exc}")
+        if type(body) is not dict:
+            return _error(400, "Failed to parse body as JSON: expected an object")
+        model, n, size = body.get("model"), body.get("n"), body.get("size")
+        if type(model) is not str:
+            return _error(400, "Model field is required")
+        if n is None:
+            return _error(400, "N field is required")
+        if type(n) is not int or n < 0:
+            return _error(400, "Invalid n field")
+        if size is None:
+            return _error(400, "Size field is required")
+        dims = _parse_size(size)
+        if dims is None:
+            return _error(400, "Invalid size format")
+        if model not in self.models:
+            return _error(400, f"No node found for model {model}")
+        if not self._authorized(request):
+            return _error(401, "Invalid or missing api key")
+        prompt = body.get("prompt")
+        if type(prompt) is not str:
+            return _error(500, "Failed to generate image: missing prompt")
+        width, height = dims
+        if width * height > MAX_PIXELS or n > 10:
+            return _error(400, f"fake server: at most 10 images of {MAX_PIXELS} pixels each")
+        fmt = body.get("response_format") or self.image_format
+        if fmt not in ("data_uri", "b64_json", "url", "local_file"):
+            return _error(400, f"Invalid response_format {fmt!r}")
+        data = [
+            self._image(fmt, make_png(width, height, f"{prompt}#{i}"), prompt) for i in range(n)
+        ]
+        digest = hashlib.blake2b(json.dumps(data).encode(), digest_size=32).digest()
+        answer = {
+            "created": int(time.time()),
+            "data": data,
+            "signature": base64.b64encode(hashlib.sha256(digest).digest()).decode(),
+            "response_hash": base64.b64encode(digest).decode(),
+        }
+        return web.json_response(answer)
+
+    def _image(self, fmt: str, png: bytes, prompt: str) -> dict[str, Any]:
+        if fmt == "url":
+            name = f"{uuid.uuid4().hex}.png"
+            self._files[name] = png
+            while len(self._files) > _MAX_FILES:
+                self._files.popitem(last=False)
+            return {"url": f"http://{self.host}:{self.port}/files/{name}", "revised_prompt": prompt}
+        if fmt == "local_file":
+            return {"url": f"image-generation-{uuid.uuid4()}.png", "b64_json": None}
+        encoded = base64.b64encode(png).decode()
+        if fmt == "data_uri":
+            return {"url": None, "b64_json": "data:image/png;base64," + encoded}
+        return {"b64_json": encoded, "revised_prompt": prompt}
+
+    def _authorized(self, request: web.Request) -> bool:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme != "Bearer" or not token:
+            return False
+        return self.api_key is None or token == self.api_key
+
+    async def _file(self, request: web.Request) -> web.Response:
+        self.requests.append(
+            RecordedRequest(
+                method=request.method,
+                path=request.path,
+                headers=dict(request.headers),
+                body=b"",
+                peer=request.transport.get_extra_info("peername") if request.transport else None,
+            )
+        )
+        png = self._files.get(request.match_info["name"])
+        if png is None:
+            return _error(404, "no such file")
+        return web.Response(body=png, content_type="image/png")
+
+    async def _scripted(self, request: web.Request, reply: Reply, raw: bytes) -> web.StreamResponse:
+        if reply.fault != "stall" and reply.delay:
+            await asyncio.sleep(reply.delay)
+        if reply.fault == "drop":
+            _drop(request)
+            return web.Response()  # never reaches the client: the connection is gone
+        payload = self._scripted_body(request, reply, raw)
+        if reply.fault is None and not reply.chunked:
+            response = web.Response(status=reply.status, body=payload, headers=reply.headers)
+            if "Content-Type" not in reply.headers and payload[:1] in (b"{", b"["):
+                response.content_type = "application/json"
+            return response
+        stream = web.StreamResponse(status=reply.status, headers=reply.headers)
+        if reply.chunked:
+            stream.enable_chunked_encoding()
+        else:
+            stream.content_length = len(payload)
+        stream.content_type = "application/json"
+        await stream.prepare(request)
+        if reply.fault is None:  # chunked
+            for start in range(0, len(payload), 2**16):
+                await stream.write(payload[start : start + 2**16])
+            await stream.write_eof()
+        elif reply.fault == "drop_mid_body":
+            await stream.write(payload[: len(payload) // 2])
+            _drop(request)
+        elif reply.fault == "stall":
+            await asyncio.sleep(reply.delay)
+            _drop(request)
+        else:  # drip
+            for index in range(len(payload)):
+                await stream.write(payload[index : index + 1])
+                await asyncio.sleep(reply.drip_interval)
+            await stream.write_eof()
+        return stream
+
+    def _scripted_body(self, request: web.Request, reply: Reply, raw: bytes) -> bytes:
+        body = reply.body
+        if body is None:
+            if 200 <= reply.status < 300:
+                return self._answer(request, raw).body  # type: ignore[return-value]
+            code = _ERROR_CODES.get(reply.status, "ERROR")
+            return json.dumps({"error": {"code": code, "message": f"fake {code}"}}).encode()
+        if isinstance(body, (dict, list)):
+            return json.dumps(body).encode()
+        return body.encode() if isinstance(body, str) else body
+
+
+def _drop(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()
+
+
+def _error(status: int, message: str) -> web.Response:
+    code = _ERROR_CODES.get(status, "ERROR")
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _parse_size(size: object) -> tuple[int, int] | None:
+    if type(size) is not str:
+        return None
+    width, x, height = size.partition("x")
+    if not x or not width.isdigit() or not height.isdigit() or not width.isascii():
+        return None
+    if not height.isascii() or int(width) == 0 or int(height) == 0:
+        return None
+    return int(width), int(height)
+
+
+@functools.lru_cache(maxsize=64)
+def make_png(width: int, height: int, seed: str = "") -> bytes:
+    """A valid RGB PNG of ``width`` x ``height``: a gradient whose colours depend on ``seed``."""
+    tint = hashlib.sha256(seed.encode("utf-8", "surrogatepass")).digest()
+    red = bytes(_ramp(tint[0], x, width) for x in range(width))
+    row = bytearray(3 * width)
+    row[0::3] = red
+    row[2::3] = bytes([tint[2]]) * width
+    raw = bytearray()
+    for y in range(height):
+        row[1::3] = bytes([_ramp(tint[1], y, height)]) * width
+        raw += b"\x00"  # filter type: none
+        raw += row
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"".join(
+        [
+            b"\x89PNG\r\n\x1a\n",
+            _chunk(b"IHDR", header),
+            _chunk(b"IDAT", zlib.compress(bytes(raw), 6)),
+            _chunk(b"IEND", b""),
+        ]
+    )
+
+
+def _ramp(start: int, index: int, span: int) -> int:
+    # Rises from `start`, and folds back at 255 rather than wrapping (no visible seam).
+    value = start + index * 256 // span
+    return value if value < 256 else 511 - value
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

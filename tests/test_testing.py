@@ -1,0 +1,115 @@
+"""The fake server behaves like the deployed service (CONTRACT.md), not like the spec."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from atoma_images.testing import FakeAtomaServer, Reply, make_png
+
+from conftest import API_KEY
+from pngcheck import png_size
+
+
+async def post(server: FakeAtomaServer, body: Any, **headers: str) -> tuple[int, Any]:
+    sent = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **headers}
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(server.base_url + "/images/generations", data=raw, headers=sent) as response,
+    ):
+        text = await response.text()
+        try:
+            return response.status, json.loads(text)
+        except ValueError:
+            return response.status, text
+
+
+GOOD = {"model": "black-forest-labs/FLUX.1-schnell", "prompt": "fox", "n": 1, "size": "16x8"}
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "message"),
+    [
+        (GOOD, {"Content-Type": "text/plain"}, 415, "Content-Type"),
+        (b"{oops", {}, 400, "Failed to parse"),
+        ({**GOOD, "n": None}, {}, 400, "N field is required"),
+        ({k: v for k, v in GOOD.items() if k != "n"}, {}, 400, "N field is required"),
+        ({k: v for k, v in GOOD.items() if k != "size"}, {}, 400, "Size field is required"),
+        ({**GOOD, "size": "16X8"}, {}, 400, "Invalid size format"),
+        ({**GOOD, "model": "unknown/model"}, {}, 400, "No node found for model"),
+        (GOOD, {"Authorization": "Bearer wrong"}, 401, "api key"),
+        (GOOD, {"Authorization": f"bearer {API_KEY}"}, 401, "api key"),  # case-sensitive prefix
+        ({k: v for k, v in GOOD.items() if k != "prompt"}, {}, 500, "prompt"),
+        # The body is checked before the key, as the proxy does.
+        ({**GOOD, "size": "bad"}, {"Authorization": "Bearer wrong"}, 400, "Invalid size"),
+    ],
+)
+async def test_contract_rules(
+    server: FakeAtomaServer, body: Any, headers: dict[str, str], status: int, message: str
+) -> None:
+    got_status, got = await post(server, body, **headers)
+    assert got_status == status
+    text = got if isinstance(got, str) else got["error"]["message"]
+    assert message in text
+
+
+async def test_answer_has_images_signature_and_hash(server: FakeAtomaServer) -> None:
+    status, body = await post(server, {**GOOD, "n": 3, "response_format": "b64_json"})
+    assert status == 200
+    assert isinstance(body["created"], int)
+    assert {"signature", "response_hash"} <= body.keys()
+    import base64
+
+    sizes = [png_size(base64.b64decode(item["b64_json"])) for item in body["data"]]
+    assert sizes == [(16, 8)] * 3
+    assert len({item["b64_json"] for item in body["data"]}) == 3  # n different images
+
+
+async def test_url_images_are_served(server: FakeAtomaServer) -> None:
+    _, body = await post(server, {**GOOD, "response_format": "url"})
+    async with aiohttp.ClientSession() as session, session.get(body["data"][0]["url"]) as response:
+        assert response.status == 200
+        assert png_size(await response.read()) == (16, 8)
+
+
+async def test_local_file_mode_answers_like_the_real_backend() -> None:
+    async with FakeAtomaServer(image_format="local_file") as fake:
+        _, body = await post(fake, GOOD)
+    (item,) = body["data"]
+    assert item["b64_json"] is None
+    assert item["url"].startswith("image-generation-")
+
+
+async def test_scripted_replies_come_in_order_then_normal_answers(server: FakeAtomaServer) -> None:
+    server.enqueue(Reply(status=503), Reply(status=200, body={"created": 1, "data": []}))
+    assert (await post(server, GOOD))[0] == 503
+    assert (await post(server, GOOD))[1] == {"created": 1, "data": []}
+    assert (await post(server, GOOD))[0] == 200
+    assert len(server.posts) == 3
+    assert server.posts[0].json() == GOOD
+
+
+def test_png_is_deterministic_and_valid() -> None:
+    assert make_png(3, 2, "a") == make_png(3, 2, "a")
+    assert make_png(3, 2, "a") != make_png(3, 2, "b")
+    assert png_size(make_png(1, 1)) == (1, 1)
+    assert png_size(make_png(333, 17, "odd")) == (333, 17)
+
+
+def test_sync_context_manager_runs_in_a_thread() -> None:
+    import urllib.request
+
+    with FakeAtomaServer() as fake:
+        request = urllib.request.Request(
+            fake.base_url + "/images/generations",
+            data=json.dumps(GOOD).encode(),
+            headers={"Authorization": "Bearer k", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request) as response:
+            assert json.loads(response.read())["data"]
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = fake.base_url
