@@ -1,0 +1,168 @@
+"""`ImagesClient`: the synchronous face of `AsyncImagesClient`.
+
+A portal, not a copy: it owns one event loop in one daemon thread, holds an
+`AsyncImagesClient` there and hands it every call. Requests, parsing and retries exist once,
+in the async client; this module only moves calls across threads.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ssl as ssl_module
+import threading
+import warnings
+import weakref
+from collections.abc import Mapping
+from types import TracebackType
+
+import aiohttp
+
+from ._client import DEFAULT_MAX_RESPONSE_BYTES, AsyncImagesClient
+from ._errors import InvalidRequestError
+from ._models import DEFAULT_MODEL, ImagesResponse
+from ._portal import LoopThread
+from ._retry import RetryPolicy
+from ._timeout import Timeout
+
+__all__ = ["ImagesClient"]
+
+# Clients still open at interpreter exit are closed then, so a script that never calls
+# close() still exits cleanly, without "Unclosed client session" on stderr.
+_open_clients: weakref.WeakSet[ImagesClient] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_clients() -> None:
+    for client in list(_open_clients):
+        client.close()
+
+
+class ImagesClient:
+    """A synchronous client for scripts, threads and notebooks.
+
+    Takes the same arguments as `AsyncImagesClient`, returns the same values and raises the
+    same errors. It works where an event loop is already running (Jupyter) and from many
+    threads at once. Close it with ``with`` or `close`; one left open is closed at exit.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        model: str = DEFAULT_MODEL,
+        timeout: Timeout | float | None = None,
+        retries: RetryPolicy | None = None,
+        max_connections: int = 100,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        headers: Mapping[str, str] | None = None,
+        ssl: ssl_module.SSLContext | bool = True,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        if session is not None:
+            # A session is bound to the loop it was made in; this client runs its own.
+            raise InvalidRequestError(
+                "session",
+                session,
+                "allowed: None; ImagesClient runs its own event loop and session. "
+                "Pass a session to AsyncImagesClient instead",
+            )
+        self._client = AsyncImagesClient(
+            api_key,
+            base_url=base_url,
+            model=model,
+            timeout=timeout,
+            retries=retries,
+            max_connections=max_connections,
+            max_response_bytes=max_response_bytes,
+            headers=headers,
+            ssl=ssl,
+            session=session,
+        )
+        self._portal = LoopThread("atoma-images")
+        self._lock = threading.Lock()
+        self._closed = False
+        _open_clients.add(self)
+
+    def __repr__(self) -> str:
+        return f"<ImagesClient base_url={self.base_url!r} model={self.model!r}>"
+
+    @property
+    def base_url(self) -> str:
+        return self._client.base_url
+
+    @property
+    def model(self) -> str:
+        return self._client.model
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        n: int = 1,
+        size: str = "1024x1024",
+        quality: str | None = None,
+        response_format: str | None = None,
+        style: str | None = None,
+        user: str | None = None,
+        timeout: Timeout | float | None = None,
+        retries: RetryPolicy | None = None,
+    ) -> ImagesResponse:
+        """Generate ``n`` images for ``prompt``; see `AsyncImagesClient.generate`.
+
+        Ctrl-C during the call cancels the request (its connection is released) and
+        re-raises KeyboardInterrupt; the client stays usable.
+        """
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed; create a new client")
+        return self._portal.run(
+            self._client.generate(
+                prompt,
+                model=model,
+                n=n,
+                size=size,
+                quality=quality,
+                response_format=response_format,
+                style=style,
+                user=user,
+                timeout=timeout,
+                retries=retries,
+            )
+        )
+
+    def close(self) -> None:
+        """Close the session, stop the loop and join its thread. Safe to repeat."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        _open_clients.discard(self)
+        if self._portal.running:
+            self._portal.run(self._client.aclose())
+        self._portal.stop()
+
+    def __enter__(self) -> ImagesClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        warnings.warn(
+            f"unclosed {self!r}: use 'with ImagesClient(...)' or client.close()",
+            ResourceWarning,
+            stacklevel=1,
+            source=self,
+        )
+        # Never wait here (a finaliser that joins a thread can hang): the loop closes the
+        # session and stops on its own.
+        self._portal.stop_after(self._client.aclose())
