@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -52,3 +52,10 @@ async def client(
         API_KEY, base_url=server.base_url, retries=RetryPolicy(sleep=fake_sleep)
     ) as images:
         yield images
+
+
+@pytest.fixture
+def threaded_server() -> Iterator[FakeAtomaServer]:
+    """The fake server on its own loop thread, for synchronous tests and subprocesses."""
+    with FakeAtomaServer(api_key=API_KEY) as fake:
+        yield fake

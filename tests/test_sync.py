@@ -29,12 +29,6 @@ from pngcheck import png_size
 
 
 @pytest.fixture
-def threaded_server() -> Iterator[FakeAtomaServer]:
-    with FakeAtomaServer(api_key=API_KEY) as fake:
-        yield fake
-
-
-@pytest.fixture
 def sync_client(threaded_server: FakeAtomaServer) -> Iterator[ImagesClient]:
     with ImagesClient(API_KEY, base_url=threaded_server.base_url) as images:
         yield images

@@ -1,0 +1,58 @@
+"""Every command and code block in README.md runs, and CI runs the README's commands."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from atoma_images.testing import FakeAtomaServer
+
+from conftest import API_KEY
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+CI = (ROOT / ".ci" / "run").read_text()
+COMMANDS = [line for line in README.splitlines() if line.startswith("python3 -m venv .venv")]
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
+
+
+def test_readme_has_the_demo_and_the_test_command() -> None:
+    assert len(COMMANDS) == 2
+    assert COMMANDS[0].endswith("examples/quickstart.py")
+    assert COMMANDS[1].endswith("-m pytest")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_ci_runs_the_readme_commands_verbatim(command: str) -> None:
+    assert command in CI.splitlines()
+
+
+@pytest.mark.parametrize(
+    "code", PYTHON_BLOCKS, ids=[f"block{i}" for i in range(len(PYTHON_BLOCKS))]
+)
+def test_readme_python_blocks_run(
+    code: str, threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "ATOMA_API_KEY": API_KEY,
+        "ATOMA_BASE_URL": threaded_server.base_url,
+    }
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    for png in tmp_path.glob("*.png"):
+        assert png.read_bytes().startswith(b"\x89PNG")
