@@ -8,14 +8,17 @@ import os
 import ssl as ssl_module
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import aiohttp
+import attrs
 from multidict import CIMultiDict
 from yarl import URL
 
-from ._convert import encode_request, parse_response
+from ._convert import encode_request, error_from_response, parse_response
 from ._errors import (
     AmbiguousOutcomeError,
     AmbiguousTimeoutError,
@@ -25,7 +28,8 @@ from ._errors import (
     InvalidRequestError,
     ResponseValidationError,
 )
-from ._models import DEFAULT_MODEL, ImageRequest, ImagesResponse
+from ._files import write_images
+from ._models import DEFAULT_MODEL, GeneratedImage, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy
 from ._timeout import Timeout
 from ._version import user_agent
@@ -34,9 +38,12 @@ __all__ = ["DEFAULT_BASE_URL", "AsyncImagesClient"]
 
 logger = logging.getLogger("atoma_images")
 
+T = TypeVar("T")
+
 DEFAULT_BASE_URL = "https://api.atoma.network/v1"
 KEY_VARIABLES = ("ATOMA_API_KEY", "ATOMASDK_BEARER_AUTH")
 DEFAULT_MAX_RESPONSE_BYTES = 128 * 2**20
+DEFAULT_MAX_DOWNLOAD_BYTES = 64 * 2**20
 # An error body is kept for the error's message; more than this of it is not read.
 _MAX_ERROR_BODY = 2**20
 _NOT_SENT = "; the request was not sent, so nothing was billed"
@@ -86,6 +93,7 @@ class AsyncImagesClient:
         key = _api_key(api_key)
         self._base_url = _base_url(base_url)
         self._url = self._base_url / "images/generations"
+        self._url_text = str(self._url)
         ImageRequest(model=model, prompt="-")  # checks the model name now, not on first call
         self._model = model
         self._timeout = Timeout() if timeout is None else Timeout.of(timeout)
@@ -117,6 +125,9 @@ class AsyncImagesClient:
                     "headers", name, "allowed: any header but Authorization and Content-Type"
                 )
             self._headers[name] = value
+        # For downloads from other hosts: everything but the key.
+        self._anonymous = CIMultiDict(self._headers)
+        del self._anonymous["Authorization"]
         # Built once: the first attempt of a call with default limits uses it as is.
         self._first_attempt_timeout = self._timeout.for_attempt(self._retries.deadline)
         self._session = session
@@ -196,44 +207,137 @@ class AsyncImagesClient:
             policy = retries
         else:
             raise InvalidRequestError("retries", retries, "allowed: a RetryPolicy or None")
-        limits = self._timeout if timeout is None else Timeout.of(timeout)
         session = self._session_for_running_loop()
+
+        async def send(limit: aiohttp.ClientTimeout) -> ImagesResponse:
+            status, headers, payload = await self._exchange(
+                session,
+                "POST",
+                self._url,
+                body=body,
+                headers=self._headers,
+                timeout=limit,
+                max_bytes=self._max_response_bytes,
+            )
+            return parse_response(status, headers, payload, self._url_text)
+
+        return await self._call(send, timeout, policy)
+
+    async def download(
+        self,
+        image: GeneratedImage | str,
+        *,
+        max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+        timeout: Timeout | float | None = None,
+    ) -> bytes:
+        """The bytes of an image: downloaded for a URL result, decoded for a base64 one.
+
+        Only http(s) URLs are fetched, through the client's own session and with its
+        timeouts and retries (a download is safe to repeat, so a dropped one is retried).
+        The API key is sent only to the origin of ``base_url``, never to another host.
+
+        Raises:
+            InvalidRequestError: the image has no http(s) URL (Atoma's backend may answer
+                with a node-local file name: ask for ``response_format="b64_json"``).
+            ResponseValidationError: the image is larger than ``max_bytes``.
+            APIStatusError: the URL answered with an error status (404 when it expired).
+            APIConnectionError: the download failed.
+        """
+        if isinstance(image, GeneratedImage) and image.b64_json is not None:
+            return image.decode()
+        url = _download_url(image.url if isinstance(image, GeneratedImage) else image)
+        if type(max_bytes) is not int or max_bytes < 1:
+            raise InvalidRequestError("max_bytes", max_bytes, "allowed: an int >= 1")
+        headers = self._headers if url.origin() == self._base_url.origin() else self._anonymous
+        session = self._session_for_running_loop()
+
+        async def send(limit: aiohttp.ClientTimeout) -> bytes:
+            status, answer, payload = await self._exchange(
+                session,
+                "GET",
+                url,
+                body=None,
+                headers=headers,
+                timeout=limit,
+                max_bytes=max_bytes,
+                option="max_bytes",
+            )
+            if not 200 <= status < 300:
+                raise error_from_response(status, answer, payload, str(url))
+            return payload
+
+        # Fetching a URL bills nothing, so an ambiguous failure is worth another try.
+        policy = attrs.evolve(self._retries, retry_ambiguous=True)
+        return await self._call(send, timeout, policy)
+
+    async def save_all(
+        self,
+        response: ImagesResponse,
+        directory: str | os.PathLike[str],
+        stem: str = "image",
+    ) -> list[Path]:
+        """Write every image of ``response`` to ``directory``, downloading URL images.
+
+        Files are named ``stem-1.png``, ``stem-2.jpeg``, ... after their own bytes.
+        """
+        images = await asyncio.gather(*(self.download(image) for image in response.images))
+        return write_images(images, directory, stem)
+
+    async def _call(
+        self,
+        send: Callable[[aiohttp.ClientTimeout], Awaitable[T]],
+        timeout: Timeout | float | None,
+        policy: RetryPolicy,
+    ) -> T:
+        """Run ``send`` once; if it fails in a way the policy retries, hand over to the policy."""
+        limits = self._timeout if timeout is None else Timeout.of(timeout)
         started = time.monotonic()
         if limits is self._timeout and policy.deadline == self._retries.deadline:
-            first_timeout = self._first_attempt_timeout
+            first_limit = self._first_attempt_timeout
         else:
-            first_timeout = limits.for_attempt(policy.deadline)
+            first_limit = limits.for_attempt(policy.deadline)
         try:
-            return await self._attempt(session, body, first_timeout)
+            return await send(first_limit)
         except AtomaImagesError as error:
             error.attempts = 1
             if not policy.worth_retrying(error):
                 raise
             first_error = error
 
-        async def again(remaining: float) -> ImagesResponse:
-            return await self._attempt(session, body, limits.for_attempt(remaining))
+        async def again(remaining: float) -> T:
+            return await send(limits.for_attempt(remaining))
 
         return await policy.retry(again, first_error=first_error, started=started)
 
-    async def _attempt(
-        self, session: aiohttp.ClientSession, body: bytes, timeout: aiohttp.ClientTimeout
-    ) -> ImagesResponse:
-        """Send the request once; translate everything that can go wrong into our errors."""
-        url = self._url
+    async def _exchange(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: URL,
+        *,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        timeout: aiohttp.ClientTimeout,
+        max_bytes: int,
+        option: str = "max_response_bytes",
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """One HTTP exchange; everything that can go wrong comes out as our errors."""
         try:
-            async with session.post(
+            async with session.request(
+                method,
                 url,
                 data=body,
-                headers=self._headers,
+                headers=headers,
                 timeout=timeout,
                 ssl=self._ssl,
-                allow_redirects=False,  # a paid POST goes where it was sent, or nowhere
+                # A paid POST goes where it was sent, or nowhere. A GET may follow a CDN's
+                # redirect; aiohttp drops the Authorization header when the origin changes.
+                allow_redirects=method == "GET",
             ) as response:
                 status = response.status
-                limit = self._max_response_bytes if status < 300 else _MAX_ERROR_BODY
+                limit = max_bytes if status < 300 else _MAX_ERROR_BODY
                 payload = await _read_body(response, limit)
-                headers = response.headers
+                answer = response.headers
         except aiohttp.ClientConnectorCertificateError as exc:
             raise APIConnectionError(
                 f"the TLS certificate of {url.host} failed verification ({exc.certificate_error})"
@@ -258,7 +362,7 @@ class AsyncImagesClient:
             ) from exc
         except _BodyTooLarge as exc:
             raise ResponseValidationError(
-                f"the response is larger than max_response_bytes ({exc.limit} bytes); "
+                f"the response is larger than {option} ({exc.limit} bytes); "
                 "it was not read to the end",
                 status=exc.status,
                 headers=exc.headers,
@@ -272,13 +376,14 @@ class AsyncImagesClient:
             ) from exc
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
-                "atoma-images: POST %s -> %d (%d bytes, request id %s)",
+                "atoma-images: %s %s -> %d (%d bytes, request id %s)",
+                method,
                 url,
                 status,
                 len(payload),
-                headers.get("x-request-id"),
+                answer.get("x-request-id"),
             )
-        return parse_response(status, headers, payload, str(url))
+        return status, answer, payload
 
     def _session_for_running_loop(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -360,6 +465,24 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
             raise _BodyTooLarge(limit, response.status, response.headers)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _download_url(raw: str | None) -> URL:
+    url = None
+    if isinstance(raw, str):
+        try:
+            url = URL(raw)
+        except (TypeError, ValueError):
+            url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        hint = ""
+        if isinstance(raw, str) and "://" not in raw:
+            hint = (
+                " This looks like a file name on the server's node, which it cannot serve:"
+                " ask for response_format='b64_json' to get the image itself"
+            )
+        raise InvalidRequestError("image.url", raw, f"allowed: an http(s) URL.{hint}")
+    return url
 
 
 def _api_key(api_key: str | None) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 
 from ._errors import InvalidRequestError, ResponseValidationError
+from ._files import write_images
 
 __all__ = ["DEFAULT_MODEL", "GeneratedImage", "ImageRequest", "ImagesResponse"]
 
@@ -198,3 +199,17 @@ class ImagesResponse:
     def images(self) -> tuple[GeneratedImage, ...]:
         """The generated images (the same tuple as ``data``)."""
         return self.data
+
+    def save_all(self, directory: str | os.PathLike[str], stem: str = "image") -> list[Path]:
+        """Write every image to ``directory`` as ``stem-1.png``, ``stem-2.png``, ...
+
+        The extension comes from the image's own bytes (png, jpeg or webp). URL images need
+        a download first: use ``await client.save_all(response, directory)`` for those.
+        """
+        for image in self.data:
+            if image.b64_json is None:
+                raise ResponseValidationError(
+                    f"image {image.url!r} is a URL, not data; use client.save_all(response, "
+                    "directory), which downloads it"
+                )
+        return write_images([image.decode() for image in self.data], directory, stem)

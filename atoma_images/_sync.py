@@ -8,23 +8,28 @@ in the async client; this module only moves calls across threads.
 from __future__ import annotations
 
 import atexit
+import os
 import ssl as ssl_module
 import threading
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from pathlib import Path
 from types import TracebackType
+from typing import Any, TypeVar
 
 import aiohttp
 
-from ._client import DEFAULT_MAX_RESPONSE_BYTES, AsyncImagesClient
+from ._client import DEFAULT_MAX_DOWNLOAD_BYTES, DEFAULT_MAX_RESPONSE_BYTES, AsyncImagesClient
 from ._errors import InvalidRequestError
-from ._models import DEFAULT_MODEL, ImagesResponse
+from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse
 from ._portal import LoopThread
 from ._retry import RetryPolicy
 from ._timeout import Timeout
 
 __all__ = ["ImagesClient"]
+
+T = TypeVar("T")
 
 # Clients still open at interpreter exit are closed then, so a script that never calls
 # close() still exits cleanly, without "Unclosed client session" on stderr.
@@ -114,9 +119,7 @@ class ImagesClient:
         Ctrl-C during the call cancels the request (its connection is released) and
         re-raises KeyboardInterrupt; the client stays usable.
         """
-        if self._closed:
-            raise RuntimeError(f"{self!r} is closed; create a new client")
-        return self._portal.run(
+        return self._run(
             self._client.generate(
                 prompt,
                 model=model,
@@ -130,6 +133,31 @@ class ImagesClient:
                 retries=retries,
             )
         )
+
+    def download(
+        self,
+        image: GeneratedImage | str,
+        *,
+        max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+        timeout: Timeout | float | None = None,
+    ) -> bytes:
+        """The bytes of an image; see `AsyncImagesClient.download`."""
+        return self._run(self._client.download(image, max_bytes=max_bytes, timeout=timeout))
+
+    def save_all(
+        self,
+        response: ImagesResponse,
+        directory: str | os.PathLike[str],
+        stem: str = "image",
+    ) -> list[Path]:
+        """Write every image to ``directory``; see `AsyncImagesClient.save_all`."""
+        return self._run(self._client.save_all(response, directory, stem))
+
+    def _run(self, call: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            call.close()
+            raise RuntimeError(f"{self!r} is closed; create a new client")
+        return self._portal.run(call)
 
     def close(self) -> None:
         """Close the session, stop the loop and join its thread. Safe to repeat."""

@@ -1,0 +1,302 @@
+"""The command line: prompts in, image files out.
+
+    atoma-images "a lighthouse at dawn" -n 2 --size 512x512 -o out/
+    atoma-images --fake "a red fox"             # offline, against the built-in fake server
+    atoma-images --prompts-file prompts.txt --concurrency 4 --json
+
+The key comes from ATOMA_API_KEY (or ATOMASDK_BEARER_AUTH). Saved paths go to stdout, one
+per line (or one JSON object per prompt with --json); progress and errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, TextIO
+
+from ._client import AsyncImagesClient
+from ._errors import (
+    APIConnectionError,
+    APIStatusError,
+    AtomaImagesError,
+    AuthenticationError,
+    InsufficientBalanceError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResponseValidationError,
+)
+from ._models import DEFAULT_MODEL, ImagesResponse
+from ._retry import RetryPolicy
+from ._version import package_version
+from .testing import FakeAtomaServer
+
+__all__ = ["EXIT_CODES", "main"]
+
+#: Exit codes, by what went wrong (documented in README.md).
+EXIT_CODES = {
+    "ok": 0,
+    "unexpected": 1,
+    "invalid input": 2,
+    "authentication": 3,
+    "balance": 4,
+    "rate limit": 5,
+    "server": 6,
+    "connection": 7,
+    "invalid response": 8,
+    "interrupted": 130,
+}
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit code for an error: the first matching kind in EXIT_CODES."""
+    if isinstance(error, InvalidRequestError) and error.field != "api_key":
+        kind = "invalid input"
+    elif isinstance(error, (InvalidRequestError, AuthenticationError, PermissionDeniedError)):
+        kind = "authentication"  # a missing key is an authentication problem too
+    elif isinstance(error, InsufficientBalanceError):
+        kind = "balance"
+    elif isinstance(error, RateLimitError):
+        kind = "rate limit"
+    elif isinstance(error, APIStatusError):
+        kind = "server"
+    elif isinstance(error, APIConnectionError):
+        kind = "connection"
+    elif isinstance(error, ResponseValidationError):
+        kind = "invalid response"
+    else:
+        kind = "unexpected"
+    return EXIT_CODES[kind]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atoma-images",
+        description="Generate images with the Atoma network and save them as files.",
+        epilog="Exit codes: "
+        + ", ".join(f"{code} {kind}" for kind, code in EXIT_CODES.items())
+        + ". The API key comes from ATOMA_API_KEY or ATOMASDK_BEARER_AUTH.",
+    )
+    parser.add_argument("prompt", nargs="?", help="what to draw (or use --prompts-file)")
+    parser.add_argument("-n", type=int, default=1, help="images per prompt, 1 to 10 (default 1)")
+    parser.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT (default 1024x1024)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
+    parser.add_argument("-o", "--output-dir", default=".", help="where to save (default: here)")
+    parser.add_argument(
+        "--format",
+        choices=["url", "b64_json"],
+        help="ask the server for URLs or base64 (default: the server's own choice)",
+    )
+    parser.add_argument(
+        "--base-url", help="API root ending in /v1 (default: ATOMA_BASE_URL or Atoma's)"
+    )
+    parser.add_argument("--timeout", type=float, help="seconds for each attempt")
+    parser.add_argument(
+        "--max-retries", type=int, help="retries after a failed attempt (default 2)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    parser.add_argument(
+        "--fake", action="store_true", help="use the built-in fake server (offline)"
+    )
+    parser.add_argument("--prompts-file", type=Path, help="one prompt per line ('#' for comments)")
+    parser.add_argument("--concurrency", type=int, default=4, help="prompts in flight (default 4)")
+    parser.add_argument("--debug", action="store_true", help="tracebacks and debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    return parser
+
+
+def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    if (args.prompt is None) == (args.prompts_file is None):
+        parser.error("give either a prompt or --prompts-file")
+    if args.prompts_file is None:
+        return [args.prompt]
+    try:
+        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        parser.error(f"cannot read --prompts-file: {exc.strerror}: {exc.filename}")
+    prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not prompts:
+        parser.error(f"{args.prompts_file} has no prompts")
+    return prompts
+
+
+class Progress:
+    """Elapsed time (and done/total for a batch) on stderr, redrawn in place on a terminal."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, stream: TextIO, total: int) -> None:
+        self.stream = stream
+        self.total = total
+        self.done = 0
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+
+    def line(self, frame: int = 0) -> str:
+        elapsed = time.monotonic() - self.started
+        count = f" {self.done}/{self.total} done," if self.total > 1 else ""
+        return f"{self.FRAMES[frame % len(self.FRAMES)]} generating…{count} {elapsed:.1f}s"
+
+    async def spin(self) -> None:
+        if not self.tty:
+            return
+        frame = 0
+        while True:
+            self.stream.write("\r\033[K" + self.line(frame))
+            self.stream.flush()
+            frame += 1
+            await asyncio.sleep(0.1)
+
+    def clear(self) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.total > 1 and not self.tty:  # a log-friendly line per finished prompt
+            print(f"{self.done}/{self.total} done", file=self.stream, flush=True)
+
+
+def stem_for(prompt: str, index: int | None, directory: Path) -> str:
+    """A file stem from the prompt that no earlier run has used in ``directory``.
+
+    Images are saved as ``<stem>-<n>.<ext>``; a rerun of the same prompt gets ``<slug>_2``
+    (the slug itself never contains ``_``), so nothing is overwritten.
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].strip("-") or "image"
+    base = slug if index is None else f"{index + 1:03d}-{slug}"
+    taken = {m[1] for p in _listing(directory) if (m := _SAVED.fullmatch(p))}
+    stem, number = base, 1
+    while stem in taken:
+        number += 1
+        stem = f"{base}_{number}"
+    return stem
+
+
+_SAVED = re.compile(r"(.+)-[0-9]+\.[a-z]+")
+
+
+def _listing(directory: Path) -> list[str]:
+    try:
+        return [entry.name for entry in directory.iterdir()]
+    except OSError:  # not made yet
+        return []
+
+
+async def generate_all(
+    args: argparse.Namespace, prompts: list[str], out: TextIO, err: TextIO
+) -> int:
+    directory = Path(args.output_dir)
+    progress = Progress(err, len(prompts))
+    codes: list[int] = []
+    async with contextlib.AsyncExitStack() as stack:
+        api_key, base_url = None, args.base_url
+        if args.fake:
+            server = await stack.enter_async_context(FakeAtomaServer())
+            api_key, base_url = "fake-key", server.base_url
+            print(f"Using the built-in fake server at {base_url}", file=err)
+        retries = None if args.max_retries is None else RetryPolicy(max_retries=args.max_retries)
+        client = await stack.enter_async_context(
+            AsyncImagesClient(
+                api_key, base_url=base_url, model=args.model, timeout=args.timeout, retries=retries
+            )
+        )
+        slots = asyncio.Semaphore(max(1, args.concurrency))
+        batch = len(prompts) > 1
+
+        async def one(index: int, prompt: str) -> None:
+            async with slots:
+                try:
+                    result = await client.generate(
+                        prompt, n=args.n, size=args.size, response_format=args.format
+                    )
+                    stem = stem_for(prompt, index if batch else None, directory)
+                    paths = await client.save_all(result, directory, stem)
+                except AtomaImagesError as error:
+                    codes.append(exit_code(error))
+                    progress.clear()
+                    report_error(error, prompt, args, out, err)
+                else:
+                    progress.clear()
+                    report_result(result, paths, prompt, args, out)
+                finally:
+                    progress.advance()
+
+        spinner = asyncio.create_task(progress.spin())
+        try:
+            await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        finally:
+            spinner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await spinner
+            progress.clear()
+    return codes[0] if codes else EXIT_CODES["ok"]
+
+
+def report_result(
+    result: ImagesResponse, paths: list[Path], prompt: str, args: argparse.Namespace, out: TextIO
+) -> None:
+    if args.json:
+        record: dict[str, Any] = {
+            "prompt": prompt,
+            "created": result.created,
+            "request_id": result.request_id,
+            "files": [str(path) for path in paths],
+            "urls": [image.url for image in result.images if image.url],
+        }
+        print(json.dumps(record), file=out, flush=True)
+    else:
+        for path in paths:
+            print(path, file=out, flush=True)
+
+
+def report_error(
+    error: BaseException, prompt: str | None, args: argparse.Namespace, out: TextIO, err: TextIO
+) -> None:
+    message = str(error)
+    if isinstance(error, InvalidRequestError) and error.field == "api_key":
+        message += ", or use --fake to try it offline"
+    where = f" ({prompt[:40]!r})" if prompt is not None and args.prompts_file else ""
+    print(f"atoma-images: error{where}: {message}", file=err, flush=True)
+    if args.debug:
+        traceback.print_exception(error, file=err)
+    if args.json and prompt is not None:
+        record = {
+            "prompt": prompt,
+            "error": {
+                "type": type(error).__name__,
+                "message": str(error),
+                "status": getattr(error, "status", None),
+                "exit_code": exit_code(error),
+            },
+        }
+        print(json.dumps(record), file=out, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prompts = read_prompts(args, parser)
+    if args.debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+    try:
+        return asyncio.run(generate_all(args, prompts, sys.stdout, sys.stderr))
+    except KeyboardInterrupt:
+        print("atoma-images: interrupted", file=sys.stderr)
+        return EXIT_CODES["interrupted"]
+    except AtomaImagesError as error:  # raised before any prompt ran: bad key, base URL, ...
+        report_error(error, None, args, sys.stdout, sys.stderr)
+        return exit_code(error)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The command line, run as a user runs it: a subprocess with a real server behind it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from atoma_images.__main__ import EXIT_CODES
+from atoma_images.testing import FakeAtomaServer, Reply
+
+from conftest import API_KEY
+from pngcheck import png_size
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def cli(
+    *arguments: str, cwd: Path, key: str | None = API_KEY, stderr: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATOMA", "ATOMASDK"))}
+    if key is not None:
+        env["ATOMA_API_KEY"] = key
+    return subprocess.run(
+        [sys.executable, "-X", "dev", "-m", "atoma_images", *arguments],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE if stderr is None else stderr,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_fake_saves_pngs_and_prints_their_paths(tmp_path: Path) -> None:
+    done = cli(
+        "--fake", "a red fox", "-n", "2", "--size", "64x48", "-o", "out", cwd=tmp_path, key=None
+    )
+    assert done.returncode == 0, done.stderr
+    paths = done.stdout.split()
+    assert paths == ["out/a-red-fox-1.png", "out/a-red-fox-2.png"]
+    assert [png_size(tmp_path / p) for p in paths] == [(64, 48), (64, 48)]
+    assert "fake server" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_second_run_does_not_overwrite(tmp_path: Path) -> None:
+    first = cli("--fake", "fox", "--size", "8x8", cwd=tmp_path, key=None)
+    second = cli("--fake", "fox", "--size", "8x8", cwd=tmp_path, key=None)
+    assert (first.stdout.strip(), second.stdout.strip()) == ("fox-1.png", "fox_2-1.png")
+
+
+def test_json_output_and_url_format(tmp_path: Path) -> None:
+    done = cli(
+        "--fake", "an owl", "--format", "url", "--json", "--size", "16x16", cwd=tmp_path, key=None
+    )
+    assert done.returncode == 0, done.stderr
+    (record,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert record["prompt"] == "an owl"
+    assert record["urls"][0].startswith("http://127.0.0.1:")
+    assert png_size(tmp_path / record["files"][0]) == (16, 16)
+
+
+def test_prompts_file_reports_each_failure_and_goes_on(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n# a comment\n\nan owl\n" + "x" * 1001 + "\na boat\n")
+    done = cli(
+        "--fake",
+        "--prompts-file",
+        str(prompts),
+        "--concurrency",
+        "2",
+        "--size",
+        "8x8",
+        "--json",
+        "-o",
+        "out",
+        cwd=tmp_path,
+        key=None,
+    )
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(records) == 4
+    failed = [r for r in records if "error" in r]
+    assert len(failed) == 1
+    assert failed[0]["error"]["type"] == "InvalidRequestError"
+    assert done.returncode == EXIT_CODES["invalid input"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "001-a-fox-1.png",
+        "002-an-owl-1.png",
+        "004-a-boat-1.png",
+    ]
+    assert "4/4 done" in done.stderr
+    assert sum("atoma-images: error" in line for line in done.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind"),
+    [
+        (Reply(status=401), "authentication"),
+        (Reply(status=402), "balance"),
+        (
+            Reply(status=400, body={"error": {"code": "FIAT_PAYMENTS_ONLY", "message": "m"}}),
+            "balance",
+        ),
+        (Reply(status=429, headers={"Retry-After": "3600"}), "rate limit"),
+        (Reply(status=500), "server"),
+        (Reply(status=200, body="<html>not json</html>"), "invalid response"),
+        (Reply(fault="drop"), "connection"),
+    ],
+)
+def test_exit_codes_for_server_answers(
+    threaded_server: FakeAtomaServer, tmp_path: Path, reply: Reply, kind: str
+) -> None:
+    threaded_server.enqueue(reply, times=3)
+    done = cli(
+        "fox",
+        "--base-url",
+        threaded_server.base_url,
+        "--max-retries",
+        "0",
+        "--size",
+        "8x8",
+        cwd=tmp_path,
+    )
+    assert done.returncode == EXIT_CODES[kind], done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("atoma-images: error: ")
+    assert done.stdout == ""
+
+
+def test_exit_codes_for_bad_input_no_key_and_no_server(tmp_path: Path) -> None:
+    bad = cli("--fake", "fox", "--size", "8X8", cwd=tmp_path, key=None)
+    assert bad.returncode == EXIT_CODES["invalid input"]
+    assert "lowercase x" in bad.stderr
+    no_key = cli("fox", cwd=tmp_path, key=None)
+    assert no_key.returncode == EXIT_CODES["authentication"]
+    assert "ATOMA_API_KEY" in no_key.stderr
+    assert "--fake" in no_key.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    refused = cli(
+        "fox", "--base-url", f"http://127.0.0.1:{port}/v1", "--max-retries", "0", cwd=tmp_path
+    )
+    assert refused.returncode == EXIT_CODES["connection"]
+    usage = cli(cwd=tmp_path)
+    assert usage.returncode == 2
+    assert "give either a prompt or --prompts-file" in usage.stderr
+
+
+def test_debug_shows_the_traceback(threaded_server: FakeAtomaServer, tmp_path: Path) -> None:
+    threaded_server.enqueue(Reply(status=401))
+    done = cli("fox", "--base-url", threaded_server.base_url, "--debug", cwd=tmp_path)
+    assert done.returncode == EXIT_CODES["authentication"]
+    assert "Traceback" in done.stderr
+
+
+def test_spinner_only_on_a_terminal(threaded_server: FakeAtomaServer, tmp_path: Path) -> None:
+    threaded_server.latency = 0.5
+    arguments = ("fox", "--base-url", threaded_server.base_url, "--size", "8x8")
+    piped = cli(*arguments, cwd=tmp_path)
+    assert piped.returncode == 0
+    assert "generating" not in piped.stderr
+    leader, follower = pty.openpty()
+    try:
+        on_tty = cli(*arguments, cwd=tmp_path, stderr=follower)
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                data = os.read(leader, 4096)
+            except OSError:  # the terminal closed
+                break
+            if not data:
+                break
+            shown += data
+    finally:
+        os.close(leader)
+    assert on_tty.returncode == 0
+    assert re.search(r"generating… \d+\.\ds", shown.decode())
+
+
+def test_readme_documents_every_exit_code() -> None:
+    for kind, code in EXIT_CODES.items():
+        assert re.search(rf"\| {code} \| {kind}", README), f"{code} {kind} missing from README"

@@ -1,0 +1,248 @@
+from __future__ import annotations
+
+import asyncio
+import base64
+import tracemalloc
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from atoma_images import (
+    AsyncImagesClient,
+    GeneratedImage,
+    ImagesClient,
+    ImagesResponse,
+    InvalidRequestError,
+    NotFoundError,
+    ResponseValidationError,
+)
+from atoma_images._files import image_extension
+from atoma_images.testing import FakeAtomaServer, make_png
+
+from conftest import API_KEY
+from pngcheck import png_size
+
+JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 20
+WEBP = b"RIFF\x10\x00\x00\x00WEBPVP8 " + b"\x00" * 8
+
+
+def test_extension_from_magic_bytes() -> None:
+    assert image_extension(make_png(1, 1)) == "png"
+    assert image_extension(JPEG) == "jpeg"
+    assert image_extension(WEBP) == "webp"
+    assert image_extension(b"GIF89a") == "bin"
+    assert image_extension(b"") == "bin"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_save_all_names_files_after_their_bytes(tmp_path: Path) -> None:
+    response = ImagesResponse(
+        created=1,
+        data=(
+            GeneratedImage(b64_json=b64(make_png(4, 3))),
+            GeneratedImage(b64_json="data:image/jpeg;base64," + b64(JPEG)),
+            GeneratedImage(b64_json=b64(WEBP)),
+        ),
+    )
+    paths = response.save_all(tmp_path / "new" / "dir", stem="fox")
+    assert [p.name for p in paths] == ["fox-1.png", "fox-2.jpeg", "fox-3.webp"]
+    assert png_size(paths[0]) == (4, 3)
+    assert paths[1].read_bytes() == JPEG
+
+
+def test_save_all_refuses_url_images_with_a_pointer(tmp_path: Path) -> None:
+    response = ImagesResponse(created=1, data=(GeneratedImage(url="https://x/y.png"),))
+    with pytest.raises(ResponseValidationError, match=r"client\.save_all"):
+        response.save_all(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stem", ["", "a/b", "../up"])
+def test_save_all_stem_must_be_a_plain_name(tmp_path: Path, stem: str) -> None:
+    response = ImagesResponse(created=1, data=(GeneratedImage(b64_json=b64(JPEG)),))
+    with pytest.raises(ValueError, match="stem"):
+        response.save_all(tmp_path, stem=stem)
+
+
+async def test_download_url_images_with_the_key_on_the_same_origin(
+    client: AsyncImagesClient, server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    result = await client.generate("fox", n=2, size="20x10", response_format="url")
+    data = await client.download(result.images[0])
+    assert png_size(data) == (20, 10)
+    (get,) = [r for r in server.requests if r.method == "GET"]
+    assert get.headers["Authorization"] == f"Bearer {API_KEY}"
+    paths = await client.save_all(result, tmp_path, stem="fox")
+    assert [png_size(p) for p in paths] == [(20, 10), (20, 10)]
+
+
+async def test_download_of_base64_images_needs_no_request(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    result = await client.generate("fox", size="8x8")
+    assert png_size(await client.download(result.images[0])) == (8, 8)
+    assert [r.method for r in server.requests] == ["POST"]
+
+
+async def test_key_is_never_sent_to_another_origin(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    async with FakeAtomaServer(image_format="url") as elsewhere:
+        async with AsyncImagesClient("elsewhere-key", base_url=elsewhere.base_url) as other:
+            foreign = (await other.generate("owl", size="6x6")).images[0]
+        elsewhere.reset()
+        assert png_size(await client.download(foreign)) == (6, 6)
+        (get,) = elsewhere.requests
+        assert "Authorization" not in get.headers
+        assert API_KEY not in str(get.headers)
+
+
+@pytest.fixture
+async def redirecting(server: FakeAtomaServer) -> AsyncIterator[str]:
+    """A server whose /files/hop redirects to an image on the fake server (another origin)."""
+
+    async def hop(request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.query["to"])
+
+    app = web.Application()
+    app.router.add_get("/files/hop", hop)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+async def test_redirect_to_another_origin_drops_the_key(
+    server: FakeAtomaServer, redirecting: str
+) -> None:
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url) as maker:
+        target = (await maker.generate("fox", size="5x5", response_format="url")).images[0].url
+    server.reset()
+    # The redirecting host is the client's own origin, so the key goes there, not further.
+    async with AsyncImagesClient(API_KEY, base_url=f"{redirecting}/v1") as images:
+        data = await images.download(f"{redirecting}/files/hop?to={target}")
+    assert png_size(data) == (5, 5)
+    (get,) = server.requests
+    assert "Authorization" not in get.headers
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["image-generation-0b7e.png", "file:///etc/passwd", "ftp://host/x.png", "", "http://"],
+)
+async def test_only_http_urls_are_fetched(
+    client: AsyncImagesClient, server: FakeAtomaServer, url: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=r"http\(s\) URL") as info:
+        await client.download(GeneratedImage(url=url))
+    if url.startswith("image-generation"):
+        assert "response_format='b64_json'" in str(info.value)
+    assert server.requests == []
+
+
+async def test_node_local_file_names_from_the_real_backend(tmp_path: Path) -> None:
+    async with (
+        FakeAtomaServer(image_format="local_file") as node,
+        AsyncImagesClient("k", base_url=node.base_url) as images,
+    ):
+        result = await images.generate("fox", size="8x8")
+        with pytest.raises(InvalidRequestError, match="b64_json"):
+            await images.save_all(result, tmp_path)
+
+
+async def test_expired_url_is_a_not_found_error(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    with pytest.raises(NotFoundError):
+        await client.download(server.base_url.replace("/v1", "/files/gone.png"))
+
+
+@pytest.fixture
+async def firehose() -> AsyncIterator[str]:
+    """Streams 64 MiB without Content-Length at /big, and 64 MiB with it at /sized."""
+    chunk = b"\0" * 2**16
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        # Written chunk by chunk, so the server side never holds 64 MiB itself.
+        response = web.StreamResponse()
+        if request.path == "/sized":
+            response.content_length = len(chunk) * 1024
+        else:
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            for _ in range(1024):
+                await response.write(chunk)
+        except ConnectionError:  # the client hung up, as it should
+            pass
+        return response
+
+    app = web.Application()
+    app.router.add_get("/big", stream)
+    app.router.add_get("/sized", stream)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("path", ["/big", "/sized"])
+async def test_download_size_cap_holds_with_bounded_memory(firehose: str, path: str) -> None:
+    async with AsyncImagesClient("k", base_url=f"{firehose}/v1") as images:
+        tracemalloc.start()
+        try:
+            with pytest.raises(ResponseValidationError, match="max_bytes"):
+                await images.download(firehose + path, max_bytes=2**20)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 8 * 2**20
+
+
+async def test_dropped_download_is_retried(server: FakeAtomaServer) -> None:
+    attempts = 0
+
+    async def flaky(request: web.Request) -> web.Response:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1 and request.transport is not None:
+            request.transport.close()  # a GET bills nothing: safe to try again
+        return web.Response(body=make_png(3, 3), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/img", flaky)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        async with AsyncImagesClient("k", base_url=server.base_url) as images:
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}/img"
+            assert png_size(await asyncio.wait_for(images.download(url), 30)) == (3, 3)
+    finally:
+        await runner.cleanup()
+    assert attempts == 2
+
+
+def test_sync_client_has_the_same_helpers(threaded_server: FakeAtomaServer, tmp_path: Path) -> None:
+    import inspect
+
+    for name in ("download", "save_all"):
+        assert inspect.signature(getattr(ImagesClient, name)) == inspect.signature(
+            getattr(AsyncImagesClient, name)
+        )
+    with ImagesClient(API_KEY, base_url=threaded_server.base_url) as images:
+        result = images.generate("fox", size="9x7", response_format="url")
+        assert png_size(images.download(result.images[0])) == (9, 7)
+        (path,) = images.save_all(result, tmp_path, stem="sync")
+    assert path.name == "sync-1.png"
+    assert png_size(path) == (9, 7)
