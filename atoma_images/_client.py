@@ -8,7 +8,7 @@ import os
 import ssl as ssl_module
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -39,6 +39,9 @@ __all__ = ["DEFAULT_BASE_URL", "AsyncImagesClient"]
 logger = logging.getLogger("atoma_images")
 
 T = TypeVar("T")
+#: Turns (status, headers, body, url) into the call's result, or raises the error it means.
+Parse = Callable[[int, Mapping[str, str], bytes, URL], T]
+
 
 DEFAULT_BASE_URL = "https://api.atoma.network/v1"
 KEY_VARIABLES = ("ATOMA_API_KEY", "ATOMASDK_BEARER_AUTH")
@@ -93,7 +96,6 @@ class AsyncImagesClient:
         key = _api_key(api_key)
         self._base_url = _base_url(base_url)
         self._url = self._base_url / "images/generations"
-        self._url_text = str(self._url)
         ImageRequest(model=model, prompt="-")  # checks the model name now, not on first call
         self._model = model
         self._timeout = Timeout() if timeout is None else Timeout.of(timeout)
@@ -132,6 +134,9 @@ class AsyncImagesClient:
         self._first_attempt_timeout = self._timeout.for_attempt(self._retries.deadline)
         self._session = session
         self._owns_session = session is None
+        # Only for our own session; a session passed in keeps its own proxy settings.
+        self._proxies: dict[URL, tuple[URL | None, aiohttp.BasicAuth | None]] = {}
+        self._url_proxy = self._proxy(self._url)  # looked up once: every call goes there
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -207,21 +212,16 @@ class AsyncImagesClient:
             policy = retries
         else:
             raise InvalidRequestError("retries", retries, "allowed: a RetryPolicy or None")
-        session = self._session_for_running_loop()
-
-        async def send(limit: aiohttp.ClientTimeout) -> ImagesResponse:
-            status, headers, payload = await self._exchange(
-                session,
-                "POST",
-                self._url,
-                body=body,
-                headers=self._headers,
-                timeout=limit,
-                max_bytes=self._max_response_bytes,
-            )
-            return parse_response(status, headers, payload, self._url_text)
-
-        return await self._call(send, timeout, policy)
+        return await self._call(
+            "POST",
+            self._url,
+            body=body,
+            headers=self._headers,
+            max_bytes=self._max_response_bytes,
+            parse=parse_response,
+            timeout=timeout,
+            policy=policy,
+        )
 
     async def download(
         self,
@@ -249,26 +249,19 @@ class AsyncImagesClient:
         if type(max_bytes) is not int or max_bytes < 1:
             raise InvalidRequestError("max_bytes", max_bytes, "allowed: an int >= 1")
         headers = self._headers if url.origin() == self._base_url.origin() else self._anonymous
-        session = self._session_for_running_loop()
-
-        async def send(limit: aiohttp.ClientTimeout) -> bytes:
-            status, answer, payload = await self._exchange(
-                session,
-                "GET",
-                url,
-                body=None,
-                headers=headers,
-                timeout=limit,
-                max_bytes=max_bytes,
-                option="max_bytes",
-            )
-            if not 200 <= status < 300:
-                raise error_from_response(status, answer, payload, str(url))
-            return payload
-
         # Fetching a URL bills nothing, so an ambiguous failure is worth another try.
         policy = attrs.evolve(self._retries, retry_ambiguous=True)
-        return await self._call(send, timeout, policy)
+        return await self._call(
+            "GET",
+            url,
+            body=None,
+            headers=headers,
+            max_bytes=max_bytes,
+            option="max_bytes",
+            parse=_downloaded,
+            timeout=timeout,
+            policy=policy,
+        )
 
     async def save_all(
         self,
@@ -285,19 +278,30 @@ class AsyncImagesClient:
 
     async def _call(
         self,
-        send: Callable[[aiohttp.ClientTimeout], Awaitable[T]],
+        method: str,
+        url: URL,
+        *,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        max_bytes: int,
+        option: str = "max_response_bytes",
+        parse: Parse[T],
         timeout: Timeout | float | None,
         policy: RetryPolicy,
     ) -> T:
-        """Run ``send`` once; if it fails in a way the policy retries, hand over to the policy."""
+        """One exchange; if it fails in a way the policy retries, hand over to the policy."""
+        session = self._session_for_running_loop()
         limits = self._timeout if timeout is None else Timeout.of(timeout)
         started = time.monotonic()
         if limits is self._timeout and policy.deadline == self._retries.deadline:
             first_limit = self._first_attempt_timeout
         else:
             first_limit = limits.for_attempt(policy.deadline)
+        exchange = self._exchange
         try:
-            return await send(first_limit)
+            return await exchange(
+                session, method, url, body, headers, first_limit, max_bytes, option, parse
+            )
         except AtomaImagesError as error:
             error.attempts = 1
             if not policy.worth_retrying(error):
@@ -305,23 +309,27 @@ class AsyncImagesClient:
             first_error = error
 
         async def again(remaining: float) -> T:
-            return await send(limits.for_attempt(remaining))
+            limit = limits.for_attempt(remaining)
+            return await exchange(
+                session, method, url, body, headers, limit, max_bytes, option, parse
+            )
 
         return await policy.retry(again, first_error=first_error, started=started)
 
-    async def _exchange(
+    async def _exchange(  # noqa: PLR0917 - positional on purpose: this runs for every call
         self,
         session: aiohttp.ClientSession,
         method: str,
         url: URL,
-        *,
         body: bytes | None,
         headers: Mapping[str, str],
         timeout: aiohttp.ClientTimeout,
         max_bytes: int,
-        option: str = "max_response_bytes",
-    ) -> tuple[int, Mapping[str, str], bytes]:
-        """One HTTP exchange; everything that can go wrong comes out as our errors."""
+        option: str,
+        parse: Parse[T],
+    ) -> T:
+        """One HTTP exchange, its answer parsed; our error for whatever went wrong."""
+        proxy, proxy_auth = self._url_proxy if url is self._url else self._proxy(url)
         try:
             async with session.request(
                 method,
@@ -330,14 +338,26 @@ class AsyncImagesClient:
                 headers=headers,
                 timeout=timeout,
                 ssl=self._ssl,
+                proxy=proxy,
+                proxy_auth=proxy_auth,
                 # A paid POST goes where it was sent, or nowhere. A GET may follow a CDN's
                 # redirect; aiohttp drops the Authorization header when the origin changes.
                 allow_redirects=method == "GET",
             ) as response:
                 status = response.status
-                limit = max_bytes if status < 300 else _MAX_ERROR_BODY
-                payload = await _read_body(response, limit)
                 answer = response.headers
+                length = response.content_length
+                if (
+                    status < 300
+                    and length is not None
+                    and length <= max_bytes
+                    and "Content-Encoding" not in answer
+                ):
+                    payload = await response.read()  # exactly Content-Length bytes: the usual case
+                else:
+                    payload = await _read_body(
+                        response, max_bytes if status < 300 else _MAX_ERROR_BODY
+                    )
         except aiohttp.ClientConnectorCertificateError as exc:
             raise APIConnectionError(
                 f"the TLS certificate of {url.host} failed verification ({exc.certificate_error})"
@@ -383,7 +403,16 @@ class AsyncImagesClient:
                 len(payload),
                 answer.get("x-request-id"),
             )
-        return status, answer, payload
+        return parse(status, answer, payload, url)
+
+    def _proxy(self, url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+        if not self._owns_session:
+            return None, None
+        origin = url.origin()
+        found = self._proxies.get(origin)
+        if found is None:
+            found = self._proxies[origin] = _environment_proxy(url)
+        return found
 
     def _session_for_running_loop(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -402,9 +431,13 @@ class AsyncImagesClient:
             session = self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
                 timeout=self._first_attempt_timeout,
-                trust_env=True,
+                # Not trust_env=True: aiohttp would then read ~/.netrc and the proxy variables
+                # in a worker thread on every request (half our CPU per call), and a .netrc
+                # entry for the API host would clash with our Authorization header. The
+                # proxy variables are honoured all the same, read once per origin (_proxy).
+                trust_env=False,
             )
-        elif session.closed:
+        elif not self._owns_session and session.closed:
             raise RuntimeError("the aiohttp.ClientSession given to the client is closed")
         return session
 
@@ -451,9 +484,7 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
         if response.status >= 300:  # an error body is only for the message: keep its start
             return await response.content.read(limit)
         raise _BodyTooLarge(limit, response.status, response.headers)
-    if length is not None and "Content-Encoding" not in response.headers:
-        return await response.read()  # exactly Content-Length bytes: the fast path
-    # No length (chunked) or compressed: count what arrives.
+    # No length (chunked), compressed, or too long: count what arrives.
     chunks = []
     size = 0
     async for chunk in response.content.iter_any():
@@ -465,6 +496,28 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
             raise _BodyTooLarge(limit, response.status, response.headers)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _environment_proxy(url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """The proxy that HTTP_PROXY / HTTPS_PROXY / NO_PROXY name for ``url``, if any."""
+    import urllib.request  # noqa: PLC0415 - only when a client first talks to an origin
+
+    proxies = urllib.request.getproxies_environment()
+    address = proxies.get(url.scheme)
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if not address or (url.host and bypass(url.host, proxies)):
+        return None, None
+    proxy = URL(address)
+    if proxy.user is None:
+        return proxy, None
+    auth = aiohttp.BasicAuth(proxy.user, proxy.password or "")
+    return proxy.with_user(None), auth
+
+
+def _downloaded(status: int, headers: Mapping[str, str], body: bytes, url: URL) -> bytes:
+    if status >= 300:
+        raise error_from_response(status, headers, body, str(url))
+    return body
 
 
 def _download_url(raw: str | None) -> URL:

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import html
 import json
 import math
 import re
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from json.encoder import encode_basestring as _quote  # C: a str as a JSON string literal
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import cattrs
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
-from cattrs.v import format_exception
 
 from ._errors import APIStatusError, ResponseValidationError, status_error_class
-from ._models import GeneratedImage, ImageRequest, ImagesResponse
+from ._models import OPTIONAL_FIELDS, GeneratedImage, ImageRequest, ImagesResponse
+
+if TYPE_CHECKING:
+    import cattrs
 
 __all__ = ["converter", "encode_request", "error_from_response", "parse_response"]
 
@@ -50,6 +52,12 @@ def _structure_float(value: Any, _: Any) -> float:
     raise _Mismatch(f"expected a number, got {type(value).__name__} {_short(value)}")
 
 
+def _structure_optional_str(value: Any, _: Any) -> str | None:
+    if value is None or type(value) is str:
+        return value
+    raise _Mismatch(f"expected a string or null, got {type(value).__name__} {_short(value)}")
+
+
 def _passthrough(value: Any, _: Any) -> Any:
     return value
 
@@ -59,71 +67,132 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:39] + "…"
 
 
-def _make_converter() -> cattrs.Converter:
+@functools.cache
+def converter() -> cattrs.Converter:
+    """The one converter of the package, built on first use (cattrs costs import time)."""
+    import cattrs  # noqa: PLC0415
+    from cattrs.errors import IterableValidationError, IterableValidationNote  # noqa: PLC0415
+    from cattrs.gen import make_dict_structure_fn, override  # noqa: PLC0415
+
     conv = cattrs.Converter()
     conv.register_structure_hook(str, _strict(str, "a string"))
     conv.register_structure_hook(int, _strict(int, "an integer"))
     conv.register_structure_hook(bool, _strict(bool, "a boolean"))
     conv.register_structure_hook(float, _structure_float)
+    # One call for an optional string instead of cattrs' Optional wrapper plus the str hook.
+    conv.register_structure_hook_func(lambda t: t == (str | None), _structure_optional_str)
 
-    unstructure_request = make_dict_unstructure_fn(ImageRequest, conv)
-
-    def unstructure(request: ImageRequest) -> dict[str, Any]:
-        # Never send null: the proxy treats a null n or size as missing. n and size are
-        # never None (ImageRequest checks them), so they are always sent.
-        return {k: v for k, v in unstructure_request(request).items() if v is not None}
-
-    conv.register_unstructure_hook(ImageRequest, unstructure)
+    # The dict form of a request is exactly what goes on the wire.
+    conv.register_unstructure_hook(
+        ImageRequest, lambda request: json.loads(encode_request(request))
+    )
 
     image_fields = frozenset(f.name for f in attrs.fields(GeneratedImage)) - {"extra"}
     structure_image = make_dict_structure_fn(
         GeneratedImage, conv, extra=override(struct_hook=_passthrough)
     )
 
+    # The two hooks below build the objects directly when every value has the right type
+    # (the usual case, on every call) and otherwise hand over to the functions cattrs
+    # generated, which find and name every problem (data[0].url: expected a string ...).
+    # The checks are the same strict ones: type() is, so True is not an int.
+
     def structure_item(obj: Any, _: Any) -> GeneratedImage:
         if type(obj) is not dict:
             raise _Mismatch(f"expected an object, got {type(obj).__name__} {_short(obj)}")
-        if obj.get("url") is None and obj.get("b64_json") is None:
+        url, data, revised = obj.get("url"), obj.get("b64_json"), obj.get("revised_prompt")
+        if url is None and data is None:
             raise _Mismatch("the image has neither url nor b64_json")
-        if obj.keys() <= image_fields:
-            return structure_image(obj, GeneratedImage)
         known = {k: v for k, v in obj.items() if k in image_fields}
-        known["extra"] = {k: v for k, v in obj.items() if k not in image_fields}
+        extra = {k: v for k, v in obj.items() if k not in image_fields}
+        if (
+            (url is None or type(url) is str)
+            and (data is None or type(data) is str)
+            and (revised is None or type(revised) is str)
+        ):
+            return GeneratedImage(url=url, b64_json=data, revised_prompt=revised, extra=extra)
+        known["extra"] = extra
         return structure_image(known, GeneratedImage)
 
     def structure_images(obj: Any, _: Any) -> tuple[GeneratedImage, ...]:
         if type(obj) is not list:
             raise _Mismatch(f"expected a list, got {type(obj).__name__} {_short(obj)}")
-        return conv.structure(obj, tuple[GeneratedImage, ...])
+        # What cattrs does for tuple[X, ...], minus its per-call dispatch (this is the hot
+        # path): every item is tried, and each failure is noted with its index so that
+        # transform_error can name it as data[i].
+        images, errors = [], []
+        for index, item in enumerate(obj):
+            try:
+                images.append(structure_item(item, GeneratedImage))
+            except Exception as exc:
+                note = IterableValidationNote(f"data @ index {index}", index, GeneratedImage)
+                exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+                errors.append(exc)
+        if errors:
+            raise IterableValidationError("While structuring data", errors, tuple)
+        return tuple(images)
+
+    structure_fields = make_dict_structure_fn(
+        ImagesResponse,
+        conv,
+        data=override(struct_hook=structure_images),
+        extra=override(struct_hook=_passthrough),
+        headers=override(struct_hook=_passthrough),
+    )
+
+    def structure_response(obj: dict[str, Any], _: Any) -> ImagesResponse:
+        # obj is built by parse_response: extra, headers and request_id are ours already.
+        created, data = obj.get("created"), obj.get("data")
+        if type(created) is int and type(data) is list:
+            try:
+                images = structure_images(data, None)
+            except Exception:  # reported by the detailed path below
+                pass
+            else:
+                return ImagesResponse(
+                    created=created,
+                    data=images,
+                    extra=obj["extra"],
+                    request_id=obj["request_id"],
+                    headers=obj["headers"],
+                )
+        return structure_fields(obj, ImagesResponse)
 
     conv.register_structure_hook(GeneratedImage, structure_item)
-    conv.register_structure_hook(
-        ImagesResponse,
-        make_dict_structure_fn(
-            ImagesResponse,
-            conv,
-            data=override(struct_hook=structure_images),
-            extra=override(struct_hook=_passthrough),
-            headers=override(struct_hook=_passthrough),
-        ),
-    )
+    conv.register_structure_hook(ImagesResponse, structure_response)
     return conv
 
 
-#: The one converter of the package.
-converter = _make_converter()
+@functools.cache
+def _structure_response() -> Callable[[Any, Any], ImagesResponse]:
+    # Resolved once: the hot path calls it without the converter's per-call dispatch.
+    return converter().get_structure_hook(ImagesResponse)
+
 
 _RESPONSE_KEYS = frozenset({"created", "data"})
 
 
 def encode_request(request: ImageRequest) -> bytes:
-    """The JSON body for ``request``: optional fields only when set, ``n`` and ``size`` always."""
-    body = converter.unstructure(request)
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    """The JSON body for ``request``.
+
+    ``model``, ``prompt``, ``n`` and ``size`` are always sent (the proxy requires n and size);
+    the optional fields only when set, never as null (the proxy reads null as missing).
+    Written directly rather than by json.dumps of a dict, several times cheaper on a path
+    that runs for every call; ImageRequest has already checked every value's type.
+    """
+    text = (
+        f'{{"model":{_quote(request.model)},"prompt":{_quote(request.prompt)},'
+        f'"n":{request.n},"size":{_quote(request.size)}'
+    )
+    for name in OPTIONAL_FIELDS:
+        value = getattr(request, name)
+        if value is not None:
+            text += f',"{name}":{_quote(value)}'
+    return (text + "}").encode()
 
 
 def parse_response(
-    status: int, headers: Mapping[str, str], body: bytes, url: str | None = None
+    status: int, headers: Mapping[str, str], body: bytes, url: object = None
 ) -> ImagesResponse:
     """Turn an HTTP answer into an `ImagesResponse`, or raise the error it stands for.
 
@@ -132,7 +201,7 @@ def parse_response(
         ResponseValidationError: a 2xx whose body is not an images response.
     """
     if not 200 <= status < 300:
-        raise error_from_response(status, headers, body, url)
+        raise error_from_response(status, headers, body, None if url is None else str(url))
     request_id = headers.get("x-request-id")
     try:
         obj = json.loads(body)
@@ -152,14 +221,19 @@ def parse_response(
             headers=headers,
             request_id=request_id,
         )
-    fields = {k: v for k, v in obj.items() if k in _RESPONSE_KEYS}
-    fields["extra"] = {k: v for k, v in obj.items() if k not in _RESPONSE_KEYS}
-    fields["headers"] = headers
-    fields["request_id"] = request_id
+    extra: dict[str, Any] = {}
+    fields = {"extra": extra, "headers": headers, "request_id": request_id}
+    for key, value in obj.items():
+        if key in _RESPONSE_KEYS:
+            fields[key] = value
+        else:
+            extra[key] = value
     try:
-        return converter.structure(fields, ImagesResponse)
+        return _structure_response()(fields, ImagesResponse)
     except Exception as exc:  # cattrs reports every problem found, grouped
-        problems = cattrs.transform_error(exc, path="response", format_exception=_describe)
+        from cattrs import transform_error  # noqa: PLC0415 - imported by converter() already
+
+        problems = transform_error(exc, path="response", format_exception=_describe)
         raise ResponseValidationError(
             "; ".join(_path_first(p) for p in problems),
             status=status,
@@ -180,6 +254,8 @@ def _describe(exc: BaseException, type_: Any) -> str:
         return str(exc)
     if isinstance(exc, KeyError):
         return "required field missing"
+    from cattrs.v import format_exception  # noqa: PLC0415
+
     return format_exception(exc, type_)
 
 

@@ -26,66 +26,60 @@ _SIZE = re.compile(r"([1-9][0-9]{0,9})x([1-9][0-9]{0,9})", re.ASCII)
 _EMPTY: Mapping[str, Any] = {}
 
 
-def _check_text(field: str, value: object, allowed: str, *, limit: int | None = None) -> None:
+# The checks run on every call: the valid path is one short chain of cheap tests, and
+# the reason for a rejection is worked out only when there is one.
+#: The request fields that are sent only when set.
+OPTIONAL_FIELDS = ("quality", "response_format", "style", "user")
+_MODEL_ALLOWED = "a non-empty model name string"
+_PROMPT_ALLOWED = f"a non-empty string of at most {MAX_PROMPT_CHARS} characters"
+_SIZE_ALLOWED = "'WIDTHxHEIGHT' with a lowercase x and two positive integers, such as '1024x1024'"
+
+
+def _encodable(value: str) -> bool:
+    # A lone surrogate cannot travel as UTF-8 JSON; ASCII (the usual case) always can.
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _reject_text(field: str, value: object, allowed: str, limit: int | None = None) -> None:
     if type(value) is not str:
         raise InvalidRequestError(field, value, f"allowed: {allowed}")
-    if not value.strip():
+    if not value or value.isspace():
         raise InvalidRequestError(field, value, f"allowed: {allowed} (this one is empty)")
     if limit is not None and len(value) > limit:
         raise InvalidRequestError(
             field, value, f"allowed: {allowed} (this one has {len(value)} characters)"
         )
-    _check_encodable(field, value)
-
-
-def _check_encodable(field: str, value: str) -> None:
-    # A lone surrogate cannot travel as UTF-8 JSON; say so here rather than fail mid-send.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
+    if not _encodable(value):
         raise InvalidRequestError(
-            field, value, f"allowed: text that can be encoded as UTF-8 ({exc.reason})"
-        ) from None
-
-
-def _check_model(_: Any, attribute: attrs.Attribute[str], value: object) -> None:
-    _check_text(attribute.name, value, "a non-empty model name string")
-
-
-def _check_prompt(_: Any, attribute: attrs.Attribute[str], value: object) -> None:
-    _check_text(
-        attribute.name,
-        value,
-        f"a non-empty string of at most {MAX_PROMPT_CHARS} characters",
-        limit=MAX_PROMPT_CHARS,
-    )
-
-
-def _check_n(_: Any, attribute: attrs.Attribute[int], value: object) -> None:
-    # bool is an int subclass; n=True is a mistake, not a request for one image.
-    if type(value) is not int or not 1 <= value <= MAX_IMAGES:
-        raise InvalidRequestError(
-            attribute.name, value, f"allowed: an integer from 1 to {MAX_IMAGES}"
+            field, value, "allowed: text that can be encoded as UTF-8 (no lone surrogates)"
         )
 
 
-def _check_size(_: Any, attribute: attrs.Attribute[str], value: object) -> None:
+# Sizes that passed the check: a service asks for the same few sizes over and over.
+_CHECKED_SIZES: set[str] = set()
+
+
+def _check_size(value: object) -> None:
     match = _SIZE.fullmatch(value) if type(value) is str else None
     if match is None or max(int(match[1]), int(match[2])) > _MAX_SIDE:
-        raise InvalidRequestError(
-            attribute.name,
-            value,
-            "allowed: 'WIDTHxHEIGHT' with a lowercase x and two positive integers, "
-            "such as '1024x1024'",
-        )
+        raise InvalidRequestError("size", value, f"allowed: {_SIZE_ALLOWED}")
+    if len(_CHECKED_SIZES) < 256:
+        _CHECKED_SIZES.add(match[0])
 
 
-def _check_optional_text(_: Any, attribute: attrs.Attribute[str | None], value: object) -> None:
-    if value is None:
-        return
+def _check_optional_text(field: str, value: object) -> None:
     if type(value) is not str:
-        raise InvalidRequestError(attribute.name, value, "allowed: a string or None")
-    _check_encodable(attribute.name, value)
+        raise InvalidRequestError(field, value, "allowed: a string or None")
+    if not _encodable(value):
+        raise InvalidRequestError(
+            field, value, "allowed: text that can be encoded as UTF-8 (no lone surrogates)"
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -97,14 +91,45 @@ class ImageRequest:
     left out of the body when they are None.
     """
 
-    model: str = attrs.field(validator=_check_model)
-    prompt: str = attrs.field(validator=_check_prompt)
-    n: int = attrs.field(default=1, validator=_check_n)
-    size: str = attrs.field(default="1024x1024", validator=_check_size)
-    quality: str | None = attrs.field(default=None, validator=_check_optional_text)
-    response_format: str | None = attrs.field(default=None, validator=_check_optional_text)
-    style: str | None = attrs.field(default=None, validator=_check_optional_text)
-    user: str | None = attrs.field(default=None, validator=_check_optional_text)
+    model: str
+    prompt: str
+    n: int = 1
+    size: str = "1024x1024"
+    quality: str | None = None
+    response_format: str | None = None
+    style: str | None = None
+    user: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        # One pass over every field, in order (one call rather than a validator per field:
+        # this runs on every generate()).
+        model, prompt, n = self.model, self.prompt, self.n
+        if type(model) is not str or not model or model.isspace() or not _encodable(model):
+            _reject_text("model", model, _MODEL_ALLOWED)
+        if (
+            type(prompt) is not str
+            or not prompt
+            or len(prompt) > MAX_PROMPT_CHARS
+            or prompt.isspace()
+            or not (prompt.isascii() or _encodable(prompt))
+        ):
+            _reject_text("prompt", prompt, _PROMPT_ALLOWED, MAX_PROMPT_CHARS)
+        # bool is an int subclass; n=True is a mistake, not a request for one image.
+        if type(n) is not int or not 1 <= n <= MAX_IMAGES:
+            raise InvalidRequestError("n", n, f"allowed: an integer from 1 to {MAX_IMAGES}")
+        size = self.size
+        if type(size) is not str or size not in _CHECKED_SIZES:
+            _check_size(size)
+        if not (
+            self.quality is None
+            and self.response_format is None
+            and self.style is None
+            and self.user is None
+        ):
+            for field in OPTIONAL_FIELDS:
+                value = getattr(self, field)
+                if value is not None:
+                    _check_optional_text(field, value)
 
     @property
     def width(self) -> int:

@@ -18,11 +18,9 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
-from tenacity.wait import wait_random_exponential
 
 from ._errors import (
     AmbiguousOutcomeError,
@@ -32,6 +30,9 @@ from ._errors import (
     InvalidRequestError,
 )
 from ._timeout import seconds_validator
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 __all__ = ["RetryPolicy"]
 
@@ -121,6 +122,9 @@ class RetryPolicy:
         seconds. ``started`` is the ``time.monotonic()`` at which the call began. The
         error that ends the call carries ``attempts``.
         """
+        # Imported here: a call that never fails never needs tenacity, nor its import time.
+        from tenacity import AsyncRetrying, retry_if_exception  # noqa: PLC0415
+
         budget = _Budget(self)
         pending: AtomaImagesError | None = first_error
 
@@ -160,6 +164,8 @@ class RetryPolicy:
         if retry_after is not None:
             # The server named a wait; add a little so a crowd of clients does not return at once.
             return float(retry_after) + random.uniform(0, min(1.0, 0.1 + retry_after / 10))
+        from tenacity.wait import wait_random_exponential  # noqa: PLC0415
+
         backoff = wait_random_exponential(multiplier=self.backoff_base, max=self.backoff_max)
         return float(backoff(state))
 

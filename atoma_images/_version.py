@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import functools
-import platform
-from importlib.metadata import PackageNotFoundError, version
+import sys
 
 import aiohttp
 
@@ -13,6 +12,9 @@ __all__ = ["package_version", "user_agent"]
 
 @functools.cache
 def package_version() -> str:
+    # importlib.metadata costs ~10 ms to import: pay it when a client is made, not on import.
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
     try:
         return version("atoma-images")
     except PackageNotFoundError:  # running from a source tree that was never installed
@@ -21,7 +23,8 @@ def package_version() -> str:
 
 @functools.cache
 def user_agent() -> str:
+    python = ".".join(map(str, sys.version_info[:3]))
     return (
         f"atoma-images/{package_version()} aiohttp/{aiohttp.__version__} "
-        f"{platform.python_implementation()}/{platform.python_version()}"
+        f"{sys.implementation.name}/{python}"
     )
