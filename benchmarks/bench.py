@@ -1,19 +1,23 @@
 """atoma-images against raw aiohttp, side by side, on loopback.
 
-    python benchmarks/bench.py              # the full run (about 2-3 minutes)
-    python benchmarks/bench.py --quick      # a smoke run with tiny counts
+    python benchmarks/bench.py                  # the full run (about 4 minutes)
+    python benchmarks/bench.py --instructions   # also count instructions (valgrind, +2 min)
+    python benchmarks/bench.py --quick          # a smoke run with tiny counts
 
 The server is a minimal asyncio HTTP/1.1 server (keep-alive, canned answers) in its own
 process, pinned to the last core; every client trial runs in a fresh process pinned to the
-first core, so peak RSS and CPU time belong to that trial alone. Trials are interleaved
-(raw, ours, raw, ours, ...) and repeated; the table shows medians.
+first core, so peak RSS and CPU time belong to that trial alone. Each round runs raw aiohttp
+and atoma-images back to back (in alternating order); a case's ratio is the median of its
+rounds' ratios, which cancels the drift of a shared or virtual machine.
 
 Cases:
   small   a ~300-byte url answer, at 1, 16 and 128 requests in flight
   large   one 1024x1024 PNG as ~1.4 MB of base64, at 1 and 16 in flight
   sync    ImagesClient called in a loop vs raw aiohttp at 1 in flight
   retry   the default RetryPolicy vs RetryPolicy(max_retries=0), small, 1 in flight
-  import  `import atoma_images` vs `import aiohttp` in a fresh interpreter (median of 7)
+  import  `import atoma_images` vs `import aiohttp`, fresh interpreters, interleaved
+With --instructions, callgrind also counts the instructions one request costs each client:
+a deterministic measure, unaffected by the machine's noise.
 """
 
 from __future__ import annotations
@@ -126,7 +130,8 @@ def serve(port_file: Path) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(lambda: Answer(table), "127.0.0.1", 0, backlog=1024)
-        port_file.write_text(str(server.sockets[0].getsockname()[1]))
+        port = server.sockets[0].getsockname()[1]
+        port_file.write_text(str(port))  # noqa: ASYNC240 - once, before serving
         await asyncio.Event().wait()
 
     asyncio.run(main())
@@ -134,8 +139,10 @@ def serve(port_file: Path) -> None:
 
 # -- one trial, in its own process ---------------------------------------------------------
 
+Timing = tuple[float, float]  # (requests per second, CPU seconds per request)
 
-async def raw_aiohttp(url: str, total: int, concurrency: int) -> Timing:
+
+async def raw_aiohttp(url: str, total: int, concurrency: int, warmup: int) -> Timing:
     import aiohttp
 
     body = {
@@ -151,10 +158,10 @@ async def raw_aiohttp(url: str, total: int, concurrency: int) -> Timing:
             async with session.post(url, json=body, headers=headers) as response:
                 await response.json()
 
-        return await drive(one, total, concurrency)
+        return await drive(one, total, concurrency, warmup)
 
 
-async def ours(base_url: str, total: int, concurrency: int, retries: bool = True) -> Timing:
+async def ours(base_url: str, total: int, concurrency: int, warmup: int, retries: bool) -> Timing:
     from atoma_images import AsyncImagesClient, RetryPolicy
 
     policy = None if retries else RetryPolicy(max_retries=0)
@@ -163,14 +170,11 @@ async def ours(base_url: str, total: int, concurrency: int, retries: bool = True
         async def one() -> None:
             await client.generate(PROMPT)
 
-        return await drive(one, total, concurrency)
+        return await drive(one, total, concurrency, warmup)
 
 
-Timing = tuple[float, float]  # (requests per second, CPU seconds per request)
-
-
-async def drive(one: Any, total: int, concurrency: int) -> Timing:
-    for _ in range(min(50, total)):  # warm up: connections, caches
+async def drive(one: Any, total: int, concurrency: int, warmup: int) -> Timing:
+    for _ in range(warmup):  # connections, caches
         await one()
     per_worker = max(1, total // concurrency)
 
@@ -184,11 +188,11 @@ async def drive(one: Any, total: int, concurrency: int) -> Timing:
     return done / (time.perf_counter() - started), (time.process_time() - cpu) / done
 
 
-def sync_ours(base_url: str, total: int) -> Timing:
+def sync_ours(base_url: str, total: int, warmup: int) -> Timing:
     from atoma_images import ImagesClient
 
     with ImagesClient(KEY, base_url=base_url) as client:
-        for _ in range(min(50, total)):
+        for _ in range(warmup):
             client.generate(PROMPT)
         cpu, started = time.process_time(), time.perf_counter()  # both threads' CPU
         for _ in range(total):
@@ -196,30 +200,22 @@ def sync_ours(base_url: str, total: int) -> Timing:
         return total / (time.perf_counter() - started), (time.process_time() - cpu) / total
 
 
-def trial(impl: str, size: str, concurrency: int, total: int, port: int) -> None:
+def trial(impl: str, size: str, concurrency: int, total: int, port: int, warmup: int) -> None:
     os.sched_setaffinity(0, {CLIENT_CORE})
     base_url = f"http://127.0.0.1:{port}/{size}/v1"
     if impl == "raw":
-        rate, cpu = asyncio.run(raw_aiohttp(base_url + "/images/generations", total, concurrency))
-    elif impl == "ours":
-        rate, cpu = asyncio.run(ours(base_url, total, concurrency))
-    elif impl == "ours-no-retry":
-        rate, cpu = asyncio.run(ours(base_url, total, concurrency, retries=False))
+        run = raw_aiohttp(base_url + "/images/generations", total, concurrency, warmup)
+        rate, cpu = asyncio.run(run)
+    elif impl in ("ours", "ours-no-retry"):
+        run = ours(base_url, total, concurrency, warmup, retries=impl == "ours")
+        rate, cpu = asyncio.run(run)
     else:
-        rate, cpu = sync_ours(base_url, total)
-    print(
-        json.dumps(
-            {
-                "rps": rate,
-                "cpu_ms": cpu * 1000,
-                "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            }
-        )
-    )
+        rate, cpu = sync_ours(base_url, total, warmup)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rps": rate, "cpu_ms": cpu * 1000, "rss_mb": rss}))
 
 
 # -- the run --------------------------------------------------------------------------------
-
 
 CASES = [
     # (label, size, concurrency, contender, baseline, requests in the full run)
@@ -231,51 +227,88 @@ CASES = [
     ("sync sequential", "small", 1, "sync", "raw", 2000),
     ("retry policy on vs off", "small", 1, "ours", "ours-no-retry", 2000),
 ]
+WARMUP = 50
+
+
+def trial_command(
+    impl: str, size: str, concurrency: int, total: int, port: int, warmup: int
+) -> list[str]:
+    arguments = [impl, size, str(concurrency), str(total), str(port), str(warmup)]
+    return [sys.executable, str(HERE), "--trial", *arguments]
 
 
 def run_trial(impl: str, size: str, concurrency: int, total: int, port: int) -> dict[str, float]:
-    done = subprocess.run(
-        [sys.executable, str(HERE), "--trial", impl, size, str(concurrency), str(total), str(port)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
+    command = trial_command(impl, size, concurrency, total, port, min(WARMUP, total))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def import_time(module: str, repeat: int) -> float:
-    """Median milliseconds to import ``module`` in a fresh interpreter, with bytecode caches.
+def import_times(repeat: int) -> dict[str, float]:
+    """Median ms to import aiohttp and atoma_images in fresh interpreters, interleaved.
 
     An installed package has its .pyc files; PYTHONDONTWRITEBYTECODE (set on some CI
     machines) would make every import compile from source, which measures the compiler.
     """
-    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    code = "import time; t = time.perf_counter(); import {}; print(time.perf_counter() - t)"
 
-    def once() -> float:
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
-        )
-        return float(done.stdout)
+    def once(module: str) -> float:
+        command = [sys.executable, "-c", code.format(module)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+        return float(done.stdout) * 1000
 
-    once()  # writes the caches
-    return statistics.median(once() for _ in range(repeat)) * 1000
+    modules = ("aiohttp", "atoma_images")
+    for module in modules:
+        once(module)  # writes the caches
+    samples: dict[str, list[float]] = {module: [] for module in modules}
+    for _ in range(repeat):
+        for module in modules:
+            samples[module].append(once(module))
+    paired = zip(samples["aiohttp"], samples["atoma_images"], strict=True)
+    medians = {module: statistics.median(values) for module, values in samples.items()}
+    return {**medians, "extra": statistics.median(ours - theirs for theirs, ours in paired)}
+
+
+INSTRUCTION_CASES = [("small", (100, 200)), ("large", (20, 40))]
+
+
+def instructions_per_request(impl: str, size: str, counts: tuple[int, int], port: int) -> float:
+    """Instructions one request costs the client, counted by callgrind.
+
+    Two runs of different lengths without warm-up; their difference cancels start-up.
+    """
+    collected = []
+    for total in counts:
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            *trial_command(impl, size, 1, total, port, 0),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=True)
+        collected.append(int(done.stderr.split("Collected :")[1].split()[0]))
+    return (collected[1] - collected[0]) / (counts[1] - counts[0])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="atoma-images vs raw aiohttp on loopback")
     parser.add_argument("--quick", action="store_true", help="tiny counts, one round (smoke test)")
-    parser.add_argument("--repeat", type=int, default=9, help="rounds of interleaved trials")
+    parser.add_argument("--repeat", type=int, default=9, help="rounds of paired trials")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count instructions per request with valgrind (deterministic; ~2 minutes)",
+    )
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--trial", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--trial", nargs=6, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.serve:
         serve(options.serve)
         return 0
     if options.trial:
-        impl, size, concurrency, total, port = options.trial
-        trial(impl, size, int(concurrency), int(total), int(port))
+        impl, size, *numbers = options.trial
+        concurrency, total, port, warmup = map(int, numbers)
+        trial(impl, size, concurrency, total, port, warmup)
         return 0
 
     repeat = 1 if options.quick else options.repeat
@@ -300,20 +333,24 @@ def main() -> int:
                     results.setdefault((label, impl), []).append(
                         run_trial(impl, size, concurrency, count, port)
                     )
-        imports = {
-            m: import_time(m, 3 if options.quick else 11) for m in ("aiohttp", "atoma_images")
-        }
+        imports = import_times(3 if options.quick else 11)
+        instructions = {}
+        if options.instructions:
+            for size, counts in INSTRUCTION_CASES:
+                for impl in ("raw", "ours"):
+                    instructions[(size, impl)] = instructions_per_request(impl, size, counts, port)
     finally:
         server.terminate()
         server.wait()
         port_file.unlink(missing_ok=True)
-    report(results, imports, quick=options.quick, repeat=repeat)
+    report(results, imports, instructions, quick=options.quick, repeat=repeat)
     return 0
 
 
 def report(
     results: dict[tuple[str, str], list[dict[str, float]]],
     imports: dict[str, float],
+    instructions: dict[tuple[str, str], float],
     *,
     quick: bool,
     repeat: int,
@@ -329,7 +366,8 @@ def report(
         f"{' (QUICK: counts too small to mean much)' if quick else ''}\n"
     )
     print(
-        "| case | baseline | req/s | CPU ms/req | peak RSS MB | atoma-images req/s | CPU ms/req | peak RSS MB | ratio |"
+        "| case | baseline | req/s | CPU ms/req | peak RSS MB "
+        "| atoma-images req/s | CPU ms/req | peak RSS MB | ratio |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, _, _, contender, baseline, _ in CASES:
@@ -340,17 +378,21 @@ def report(
                 f"{median(label, impl, 'cpu_ms'):.3f}",
                 f"{median(label, impl, 'rss_mb'):.1f}",
             ]
-        # The median of each round's ratio: pairs ran back to back, so this cancels drift.
-        ratio = statistics.median(
-            ours["rps"] / theirs["rps"]
-            for ours, theirs in zip(results[(label, contender)], results[(label, baseline)])
-        )
+        pairs = zip(results[(label, contender)], results[(label, baseline)], strict=True)
+        ratio = statistics.median(ours["rps"] / theirs["rps"] for ours, theirs in pairs)
         print("| " + " | ".join([*row, f"{ratio:.2f}x"]) + " |")
-    extra = imports["atoma_images"] - imports["aiohttp"]
     print(
-        f"\nimport aiohttp: {imports['aiohttp']:.0f} ms; import atoma_images: "
-        f"{imports['atoma_images']:.0f} ms (+{extra:.0f} ms)"
+        f"\nimport aiohttp: {imports['aiohttp']:.0f} ms; import atoma_images (aiohttp "
+        f"included): {imports['atoma_images']:.0f} ms; paired difference {imports['extra']:+.0f} ms"
     )
+    if instructions:
+        print(
+            "\n| instructions per request, C=1 (callgrind) | raw aiohttp | atoma-images | ratio |"
+        )
+        print("|---|---:|---:|---:|")
+        for size, _ in INSTRUCTION_CASES:
+            raw, ours = instructions[(size, "raw")], instructions[(size, "ours")]
+            print(f"| {size} | {raw:,.0f} | {ours:,.0f} | {raw / ours:.2f}x |")
 
 
 if __name__ == "__main__":

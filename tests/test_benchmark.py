@@ -1,0 +1,23 @@
+"""The benchmark script runs (tiny counts); its numbers are never asserted here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+
+
+def test_benchmark_smoke_run_prints_its_table() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for label in ("async small C=1", "async large C=16", "sync sequential", "retry policy"):
+        assert f"| {label}" in done.stdout
+    assert "import aiohttp:" in done.stdout
