@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from aiohttp import web
 
 from atoma_images import AsyncImagesClient, RetryPolicy
 from atoma_images.testing import FakeAtomaServer
@@ -59,3 +61,15 @@ def threaded_server() -> Iterator[FakeAtomaServer]:
     """The fake server on its own loop thread, for synchronous tests and subprocesses."""
     with FakeAtomaServer(api_key=API_KEY) as fake:
         yield fake
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """Run a small aiohttp.web app made in a test on 127.0.0.1; yields its root URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

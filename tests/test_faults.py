@@ -34,7 +34,7 @@ from atoma_images import (
 )
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY, FakeSleep
+from conftest import API_KEY, FakeSleep, serving
 
 HTML_502 = (
     "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway"
@@ -196,12 +196,8 @@ async def endless() -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post("/v1/images/generations", answer)
     app.router.add_post("/sized/v1/images/generations", answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with serving(app) as root:
+        yield root
 
 
 @pytest.mark.parametrize("sized", [False, True])

@@ -21,7 +21,7 @@ from atoma_images import (
 from atoma_images._files import image_extension
 from atoma_images.testing import FakeAtomaServer, make_png
 
-from conftest import API_KEY
+from conftest import API_KEY, serving
 from pngcheck import png_size
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 20
@@ -111,12 +111,8 @@ async def redirecting(server: FakeAtomaServer) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/files/hop", hop)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with serving(app) as root:
+        yield root
 
 
 async def test_redirect_to_another_origin_drops_the_key(
@@ -187,12 +183,8 @@ async def firehose() -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_get("/big", stream)
     app.router.add_get("/sized", stream)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with serving(app) as root:
+        yield root
 
 
 @pytest.mark.parametrize("path", ["/big", "/sized"])
@@ -220,16 +212,8 @@ async def test_dropped_download_is_retried(server: FakeAtomaServer) -> None:
 
     app = web.Application()
     app.router.add_get("/img", flaky)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        async with AsyncImagesClient("k", base_url=server.base_url) as images:
-            url = f"http://127.0.0.1:{runner.addresses[0][1]}/img"
-            assert png_size(await asyncio.wait_for(images.download(url), 30)) == (3, 3)
-    finally:
-        await runner.cleanup()
+    async with serving(app) as root, AsyncImagesClient("k", base_url=server.base_url) as images:
+        assert png_size(await asyncio.wait_for(images.download(f"{root}/img"), 30)) == (3, 3)
     assert attempts == 2
 
 
