@@ -51,9 +51,14 @@ DEFAULT_MAX_DOWNLOAD_BYTES = 64 * 2**20
 _MAX_ERROR_BODY = 2**20
 _NOT_SENT = "; the request was not sent, so nothing was billed"
 _MAYBE_BILLED = (
-    "; the request was sent, so it may have been processed and billed. It was not sent "
-    "again, to avoid paying twice (RetryPolicy(retry_ambiguous=True) would retry it)"
+    "; the request was sent, so it may have been processed and billed. By default such a "
+    "request is not sent again, to avoid paying twice (RetryPolicy(retry_ambiguous=True))"
 )
+_DOWNLOAD_ONLY = "; fetching an image bills nothing"
+
+
+def _consequence(method: str) -> str:
+    return _MAYBE_BILLED if method == "POST" else _DOWNLOAD_ONLY
 
 
 class AsyncImagesClient:
@@ -377,7 +382,7 @@ class AsyncImagesClient:
             ) from exc
         except asyncio.TimeoutError as exc:  # aiohttp's read and total limits
             raise AmbiguousTimeoutError(
-                f"timed out waiting for the response from {url.host}{_MAYBE_BILLED}",
+                f"timed out waiting for the response from {url.host}{_consequence(method)}",
                 url=str(url),
             ) from exc
         except _BodyTooLarge as exc:
@@ -391,7 +396,7 @@ class AsyncImagesClient:
         except (aiohttp.ClientError, OSError) as exc:
             raise AmbiguousOutcomeError(
                 f"the connection to {url.host} failed after the request was sent "
-                f"({type(exc).__name__}: {exc}){_MAYBE_BILLED}",
+                f"({type(exc).__name__}: {exc}){_consequence(method)}",
                 url=str(url),
             ) from exc
         if logger.isEnabledFor(logging.DEBUG):
