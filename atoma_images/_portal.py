@@ -92,6 +92,8 @@ class LoopThread:
             loop.call_soon_threadsafe(tasks[0].cancel)
             done.wait(_UNWIND_SECONDS)
             raise
+        if tasks[0].cancelled():  # the loop was stopped (the client closed) mid-call
+            raise RuntimeError("the call was cancelled: the client was closed while it ran")
         return tasks[0].result()
 
     def stop(self) -> None:

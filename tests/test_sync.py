@@ -190,3 +190,29 @@ def test_script_that_never_closes_exits_promptly_and_quietly() -> None:
     assert done.stdout.strip() == "1"
     assert done.stderr == ""
     assert time.monotonic() - started < 15
+
+
+def test_closing_during_a_retry_wait_gives_a_clear_error(
+    threaded_server: FakeAtomaServer,
+) -> None:
+    threaded_server.enqueue(Reply(status=503, headers={"Retry-After": "30"}))
+    outcome: list[BaseException] = []
+    images = ImagesClient(API_KEY, base_url=threaded_server.base_url)
+
+    def call() -> None:
+        try:
+            images.generate("waits 30 s before its retry", size="8x8")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    while not threaded_server.posts:
+        time.sleep(0.01)
+    time.sleep(0.1)  # now in the retry wait
+    images.close()
+    worker.join(10)
+    assert not worker.is_alive()
+    (error,) = outcome
+    assert isinstance(error, RuntimeError)
+    assert "client was closed" in str(error)
