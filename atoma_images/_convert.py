@@ -38,18 +38,12 @@ class _Mismatch(TypeError):
 
 def _strict(expected: type, noun: str) -> Any:
     def structure(value: Any, _: Any) -> Any:
-        # type() rather than isinstance(): True is not an int, and 3 is not a float here.
+        # type() rather than isinstance(): True is not an int here.
         if type(value) is not expected:
             raise _Mismatch(f"expected {noun}, got {type(value).__name__} {_short(value)}")
         return value
 
     return structure
-
-
-def _structure_float(value: Any, _: Any) -> float:
-    if type(value) is float or type(value) is int:
-        return float(value)
-    raise _Mismatch(f"expected a number, got {type(value).__name__} {_short(value)}")
 
 
 def _structure_optional_str(value: Any, _: Any) -> str | None:
@@ -77,8 +71,6 @@ def converter() -> cattrs.Converter:
     conv = cattrs.Converter()
     conv.register_structure_hook(str, _strict(str, "a string"))
     conv.register_structure_hook(int, _strict(int, "an integer"))
-    conv.register_structure_hook(bool, _strict(bool, "a boolean"))
-    conv.register_structure_hook(float, _structure_float)
     # One call for an optional string instead of cattrs' Optional wrapper plus the str hook.
     conv.register_structure_hook_func(lambda t: t == (str | None), _structure_optional_str)
 
@@ -103,7 +95,6 @@ def converter() -> cattrs.Converter:
         url, data, revised = obj.get("url"), obj.get("b64_json"), obj.get("revised_prompt")
         if url is None and data is None:
             raise _Mismatch("the image has neither url nor b64_json")
-        known = {k: v for k, v in obj.items() if k in image_fields}
         extra = {k: v for k, v in obj.items() if k not in image_fields}
         if (
             (url is None or type(url) is str)
@@ -111,8 +102,8 @@ def converter() -> cattrs.Converter:
             and (revised is None or type(revised) is str)
         ):
             return GeneratedImage(url=url, b64_json=data, revised_prompt=revised, extra=extra)
-        known["extra"] = extra
-        return structure_image(known, GeneratedImage)
+        known = {k: v for k, v in obj.items() if k in image_fields}
+        return structure_image({**known, "extra": extra}, GeneratedImage)
 
     def structure_images(obj: Any, _: Any) -> tuple[GeneratedImage, ...]:
         if type(obj) is not list:
