@@ -104,9 +104,7 @@ class AsyncImagesClient:
         ImageRequest(model=model, prompt="-")  # checks the model name now, not on first call
         self._model = model
         self._timeout = Timeout() if timeout is None else Timeout.of(timeout)
-        if retries is not None and not isinstance(retries, RetryPolicy):
-            raise InvalidRequestError("retries", retries, "allowed: a RetryPolicy or None")
-        self._retries = RetryPolicy() if retries is None else retries
+        self._retries = _policy(retries, RetryPolicy())
         if type(max_connections) is not int or max_connections < 1:
             raise InvalidRequestError("max_connections", max_connections, "allowed: an int >= 1")
         self._max_connections = max_connections
@@ -211,12 +209,7 @@ class AsyncImagesClient:
             user=user,
         )
         body = encode_request(request)
-        if retries is None:
-            policy = self._retries
-        elif isinstance(retries, RetryPolicy):
-            policy = retries
-        else:
-            raise InvalidRequestError("retries", retries, "allowed: a RetryPolicy or None")
+        policy = _policy(retries, self._retries)
         return await self._call(
             "POST",
             self._url,
@@ -517,6 +510,14 @@ def _environment_proxy(url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
         return proxy, None
     auth = aiohttp.BasicAuth(proxy.user, proxy.password or "")
     return proxy.with_user(None), auth
+
+
+def _policy(retries: RetryPolicy | None, default: RetryPolicy) -> RetryPolicy:
+    if retries is None:
+        return default
+    if not isinstance(retries, RetryPolicy):
+        raise InvalidRequestError("retries", retries, "allowed: a RetryPolicy or None")
+    return retries
 
 
 def _downloaded(status: int, headers: Mapping[str, str], body: bytes, url: URL) -> bytes:

@@ -26,10 +26,11 @@ _SIZE = re.compile(r"([1-9][0-9]{0,9})x([1-9][0-9]{0,9})", re.ASCII)
 _EMPTY: Mapping[str, Any] = {}
 
 
-# The checks run on every call: the valid path is one short chain of cheap tests, and
-# the reason for a rejection is worked out only when there is one.
 #: The request fields that are sent only when set.
 OPTIONAL_FIELDS = ("quality", "response_format", "style", "user")
+
+# The checks run on every call: the valid path is one short chain of cheap tests, and
+# the reason for a rejection is worked out only when there is one.
 _MODEL_ALLOWED = "a non-empty model name string"
 _PROMPT_ALLOWED = f"a non-empty string of at most {MAX_PROMPT_CHARS} characters"
 _SIZE_ALLOWED = "'WIDTHxHEIGHT' with a lowercase x and two positive integers, such as '1024x1024'"

@@ -226,15 +226,7 @@ class FakeAtomaServer:
 
     async def _generations(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.requests.append(
-            RecordedRequest(
-                method=request.method,
-                path=request.path,
-                headers=dict(request.headers),
-                body=body,
-                peer=request.transport.get_extra_info("peername") if request.transport else None,
-            )
-        )
+        self._record(request, body)
         self._in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
         try:
@@ -245,6 +237,18 @@ class FakeAtomaServer:
             return self._answer(request, body)
         finally:
             self._in_flight -= 1
+
+    def _record(self, request: web.Request, body: bytes) -> None:
+        transport = request.transport
+        self.requests.append(
+            RecordedRequest(
+                method=request.method,
+                path=request.path,
+                headers=dict(request.headers),
+                body=body,
+                peer=transport.get_extra_info("peername") if transport else None,
+            )
+        )
 
     def _answer(self, request: web.Request, raw: bytes) -> web.Response:
         # The order of checks is the proxy's: body first, key last.
@@ -316,15 +320,7 @@ class FakeAtomaServer:
         return self.api_key is None or token == self.api_key
 
     async def _file(self, request: web.Request) -> web.Response:
-        self.requests.append(
-            RecordedRequest(
-                method=request.method,
-                path=request.path,
-                headers=dict(request.headers),
-                body=b"",
-                peer=request.transport.get_extra_info("peername") if request.transport else None,
-            )
-        )
+        self._record(request, b"")
         png = self._files.get(request.match_info["name"])
         if png is None:
             return _error(404, "no such file")
