@@ -104,4 +104,4 @@ async def test_sustained_load_without_errors_or_leaks(server: FakeAtomaServer) -
     assert errors == []
     assert len(server.posts) == calls
     assert during - before <= 2 * 100  # the pool (100) on both ends of loopback
-    assert after - before <= 0 + 2  # closed: back to where it started
+    assert after - before <= 2  # closed: back where it started (give or take a lingering pair)

@@ -15,12 +15,14 @@ from atoma_images import (
     AmbiguousOutcomeError,
     AmbiguousTimeoutError,
     APIConnectionError,
+    APIStatusError,
     APITimeoutError,
     AsyncImagesClient,
     BadRequestError,
     InternalServerError,
     InvalidRequestError,
     RateLimitError,
+    ResponseValidationError,
     RetryPolicy,
     ServerError,
     ServiceUnavailableError,
@@ -117,9 +119,10 @@ async def test_other_4xx_are_never_retried(
     client: AsyncImagesClient, server: FakeAtomaServer, status: int
 ) -> None:
     server.enqueue(Reply(status=status), times=3)
-    with pytest.raises(Exception) as info:  # noqa: PT011 - the class is checked in test_client
+    with pytest.raises(APIStatusError) as info:
         await client.generate("fox", size="8x8")
-    assert getattr(info.value, "status", None) == status
+    assert info.value.status == status
+    assert info.value.attempts == 1
     assert len(server.posts) == 1
 
 
@@ -343,7 +346,7 @@ async def test_invalid_response_is_not_retried(
     client: AsyncImagesClient, server: FakeAtomaServer
 ) -> None:
     server.enqueue(Reply(status=200, body=b"nonsense"), times=3)
-    with pytest.raises(Exception, match="not JSON"):
+    with pytest.raises(ResponseValidationError, match="not JSON"):
         await client.generate("fox", size="8x8")
     assert len(server.posts) == 1
 

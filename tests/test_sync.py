@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -39,10 +40,8 @@ def test_same_signatures_as_the_async_client() -> None:
     assert inspect.signature(ImagesClient.generate) == inspect.signature(AsyncImagesClient.generate)
 
 
-def test_one_line_to_a_png(sync_client: ImagesClient, tmp_path: object) -> None:
-    from pathlib import Path
-
-    path = sync_client.generate("a fox", size="40x30").images[0].save(Path(str(tmp_path)) / "f.png")
+def test_one_line_to_a_png(sync_client: ImagesClient, tmp_path: Path) -> None:
+    path = sync_client.generate("a fox", size="40x30").images[0].save(tmp_path / "f.png")
     assert png_size(path) == (40, 30)
 
 
