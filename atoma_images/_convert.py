@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from json.encoder import encode_basestring as _quote  # C: a str as a JSON string literal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
@@ -27,7 +27,15 @@ from ._models import OPTIONAL_FIELDS, GeneratedImage, ImageRequest, ImagesRespon
 if TYPE_CHECKING:
     import cattrs
 
-__all__ = ["converter", "encode_request", "error_from_response", "parse_response"]
+__all__ = [
+    "converter",
+    "encode_request",
+    "error_from_response",
+    "parse_object",
+    "parse_response",
+]
+
+T = TypeVar("T")
 
 _EXCERPT = 200
 
@@ -193,27 +201,9 @@ def parse_response(
     """
     if not 200 <= status < 300:
         raise error_from_response(status, headers, body, None if url is None else str(url))
-    request_id = headers.get("x-request-id")
-    try:
-        obj = json.loads(body)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
-        raise ResponseValidationError(
-            f"the body is not JSON ({exc})",
-            status=status,
-            body_excerpt=_excerpt(body),
-            headers=headers,
-            request_id=request_id,
-        ) from exc
-    if type(obj) is not dict:
-        raise ResponseValidationError(
-            f"expected a JSON object, got {type(obj).__name__}",
-            status=status,
-            body_excerpt=_excerpt(body),
-            headers=headers,
-            request_id=request_id,
-        )
+    obj = _load_object(status, headers, body)
     extra: dict[str, Any] = {}
-    fields = {"extra": extra, "headers": headers, "request_id": request_id}
+    fields = {"extra": extra, "headers": headers, "request_id": headers.get("x-request-id")}
     for key, value in obj.items():
         if key in _RESPONSE_KEYS:
             fields[key] = value
@@ -222,16 +212,51 @@ def parse_response(
     try:
         return _structure_response()(fields, ImagesResponse)
     except Exception as exc:  # cattrs reports every problem found, grouped
-        from cattrs import transform_error  # noqa: PLC0415 - imported by converter() already
+        raise _invalid_fields(exc, status, headers, body) from exc
 
-        problems = transform_error(exc, path="response", format_exception=_describe)
-        raise ResponseValidationError(
-            "; ".join(_path_first(p) for p in problems),
-            status=status,
-            body_excerpt=_excerpt(body),
-            headers=headers,
-            request_id=request_id,
-        ) from exc
+
+def parse_object(
+    status: int, headers: Mapping[str, str], body: bytes, url: object, cls: type[T]
+) -> T:
+    """Turn a JSON answer into a ``cls`` (unknown keys ignored), or raise the typed error."""
+    if not 200 <= status < 300:
+        raise error_from_response(status, headers, body, None if url is None else str(url))
+    obj = _load_object(status, headers, body)
+    try:
+        return converter().structure(obj, cls)
+    except Exception as exc:
+        raise _invalid_fields(exc, status, headers, body) from exc
+
+
+def _load_object(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(body)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+        raise _invalid(f"the body is not JSON ({exc})", status, headers, body) from exc
+    if type(obj) is not dict:
+        raise _invalid(f"expected a JSON object, got {type(obj).__name__}", status, headers, body)
+    return obj
+
+
+def _invalid_fields(
+    exc: Exception, status: int, headers: Mapping[str, str], body: bytes
+) -> ResponseValidationError:
+    from cattrs import transform_error  # noqa: PLC0415 - imported by converter() already
+
+    problems = transform_error(exc, path="response", format_exception=_describe)
+    return _invalid("; ".join(_path_first(p) for p in problems), status, headers, body)
+
+
+def _invalid(
+    message: str, status: int, headers: Mapping[str, str], body: bytes
+) -> ResponseValidationError:
+    return ResponseValidationError(
+        message,
+        status=status,
+        body_excerpt=_excerpt(body),
+        headers=headers,
+        request_id=headers.get("x-request-id"),
+    )
 
 
 def _path_first(problem: str) -> str:

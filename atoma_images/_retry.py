@@ -116,12 +116,15 @@ class RetryPolicy:
         first_error: AtomaImagesError,
         started: float,
     ) -> T:
-        """Go on after a first attempt that failed with ``first_error``.
+        """Go on after a first attempt that failed with ``first_error``, or re-raise it.
 
-        ``attempt(remaining)`` sends one more request and may take at most ``remaining``
+        ``attempt(remaining)`` makes one more attempt and may take at most ``remaining``
         seconds. ``started`` is the ``time.monotonic()`` at which the call began. The
         error that ends the call carries ``attempts``.
         """
+        first_error.attempts = 1
+        if not self.worth_retrying(first_error):
+            raise first_error
         # Imported here: a call that never fails never needs tenacity, nor its import time.
         from tenacity import AsyncRetrying, retry_if_exception  # noqa: PLC0415
 
