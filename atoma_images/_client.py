@@ -18,6 +18,7 @@ import attrs
 from multidict import CIMultiDict
 from yarl import URL
 
+from . import _confidential
 from ._convert import encode_request, error_from_response, parse_response
 from ._errors import (
     AmbiguousOutcomeError,
@@ -101,6 +102,8 @@ class AsyncImagesClient:
         key = _api_key(api_key)
         self._base_url = _base_url(base_url)
         self._url = self._base_url / "images/generations"
+        self._lock_url = self._base_url / _confidential.LOCK_PATH
+        self._confidential_url = self._base_url / _confidential.PATH
         ImageRequest(model=model, prompt="-")  # checks the model name now, not on first call
         self._model = model
         self._timeout = Timeout() if timeout is None else Timeout.of(timeout)
@@ -175,6 +178,7 @@ class AsyncImagesClient:
         user: str | None = None,
         timeout: Timeout | float | None = None,
         retries: RetryPolicy | None = None,
+        confidential: bool = False,
     ) -> ImagesResponse:
         """Generate ``n`` images for ``prompt``.
 
@@ -190,13 +194,18 @@ class AsyncImagesClient:
             user: an end-user id for the server's abuse tracking.
             timeout: limits for each attempt of this call (overrides the client's).
             retries: the retry policy of this call (overrides the client's).
+            confidential: encrypt the request for a node running in a TEE, and decrypt and
+                check its answer (needs ``pip install 'atoma-images[confidential]'``). Each
+                attempt locks a node first, for ``n * W * H`` compute units.
 
         Raises:
             InvalidRequestError: an argument is not valid; nothing was sent.
+            ExtraNotInstalledError: ``confidential=True`` without the extra; nothing was sent.
             APIStatusError: the server answered with an error status (see its subclasses).
             APIConnectionError: no usable answer (`AmbiguousOutcomeError` when the request
                 was sent and may have been billed).
             ResponseValidationError: a success status with a body that is not an images response.
+            ResponseIntegrityError: a confidential answer failed decryption or its hash check.
         """
         request = ImageRequest(
             model=self._model if model is None else model,
@@ -210,6 +219,10 @@ class AsyncImagesClient:
         )
         body = encode_request(request)
         policy = _policy(retries, self._retries)
+        if confidential is not False:
+            if confidential is not True:
+                raise InvalidRequestError("confidential", confidential, "allowed: True or False")
+            return await self._generate_confidential(request, body, timeout, policy)
         return await self._call(
             "POST",
             self._url,
@@ -220,6 +233,60 @@ class AsyncImagesClient:
             timeout=timeout,
             policy=policy,
         )
+
+    async def _generate_confidential(
+        self,
+        request: ImageRequest,
+        plaintext: bytes,
+        timeout: Timeout | float | None,
+        policy: RetryPolicy,
+    ) -> ImagesResponse:
+        """Each attempt locks a node, seals the request for it and opens its answer.
+
+        A fresh lock every attempt: a 425 (the lock was not usable) is retried with a new one.
+        """
+        _confidential.require()
+        session = self._session_for_running_loop()
+        limits = self._timeout if timeout is None else Timeout.of(timeout)
+        lock_body = _confidential.lock_body(request)
+        started = time.monotonic()
+
+        async def attempt(remaining: float) -> ImagesResponse:
+            began = time.monotonic()
+            lock = await self._exchange(
+                session,
+                "POST",
+                self._lock_url,
+                lock_body,
+                self._headers,
+                limits.for_attempt(remaining),
+                _MAX_ERROR_BODY,
+                "the lock answer's limit",
+                _confidential.parse_lock,
+            )
+            sealed = _confidential.seal(plaintext, request, lock)
+            # Both requests share the attempt's time: what the lock took is gone.
+            spent = time.monotonic() - began
+            left = remaining - spent
+            if limits.total is not None:
+                left = min(left, limits.total - spent)
+            return await self._exchange(
+                session,
+                "POST",
+                self._confidential_url,
+                sealed.body,
+                self._headers,
+                limits.for_attempt(left),
+                self._max_response_bytes,
+                "max_response_bytes",
+                sealed.open,
+            )
+
+        try:
+            return await attempt(policy.deadline)
+        except AtomaImagesError as error:
+            first_error = error
+        return await policy.retry(attempt, first_error=first_error, started=started)
 
     async def download(
         self,
@@ -301,9 +368,6 @@ class AsyncImagesClient:
                 session, method, url, body, headers, first_limit, max_bytes, option, parse
             )
         except AtomaImagesError as error:
-            error.attempts = 1
-            if not policy.worth_retrying(error):
-                raise
             first_error = error
 
         async def again(remaining: float) -> T:

@@ -3,6 +3,7 @@
 ```
 AtomaImagesError                      base class; catch this to catch everything below
 ├── InvalidRequestError               bad input, raised before anything is sent (also a ValueError)
+├── ExtraNotInstalledError            a feature needs an optional extra (also an ImportError)
 ├── APIConnectionError                no usable answer from the server
 │   ├── APITimeoutError               a time limit was reached
 │   │   └── AmbiguousTimeoutError     ...after the request was sent (also an AmbiguousOutcomeError)
@@ -23,12 +24,14 @@ AtomaImagesError                      base class; catch this to catch everything
 │       ├── BadGatewayError           502
 │       ├── ServiceUnavailableError   503
 │       └── GatewayTimeoutError       504
-└── ResponseValidationError           a success status with a body that is not an images response
+├── ResponseValidationError           a success status with a body that is not an images response
+└── ResponseIntegrityError            a confidential answer failed decryption or its hash check
 ```
 
 aiohttp, cattrs and tenacity exceptions never reach the caller: the original is kept as
-``__cause__``. Every error raised by a call carries ``attempts``, the number of requests sent,
-and ``may_have_been_billed``, which is true only when a request reached the server and its
+``__cause__``. Every error raised by a call carries ``attempts``, the number of attempts made
+(one generation request each; a confidential attempt locks a node first), and
+``may_have_been_billed``, which is true only when a request reached the server and its
 outcome is unknown or was a success the client could not read.
 """
 
@@ -48,6 +51,7 @@ __all__ = [
     "AuthenticationError",
     "BadGatewayError",
     "BadRequestError",
+    "ExtraNotInstalledError",
     "GatewayTimeoutError",
     "InsufficientBalanceError",
     "InternalServerError",
@@ -57,6 +61,7 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "RequestTooLargeError",
+    "ResponseIntegrityError",
     "ResponseValidationError",
     "ServerError",
     "ServiceUnavailableError",
@@ -75,7 +80,8 @@ def _shorten(text: str, limit: int = _MAX_MESSAGE) -> str:
 class AtomaImagesError(Exception):
     """Base class of every error raised by atoma-images."""
 
-    #: How many HTTP requests were sent for the call that raised this error.
+    #: How many attempts the call made (one generation request each; a confidential
+    #: attempt sends a node lock request first).
     attempts: int = 0
     #: True when a request reached the server and may have been processed (and billed).
     may_have_been_billed: ClassVar[bool] = False
@@ -95,6 +101,22 @@ class InvalidRequestError(AtomaImagesError, ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"invalid {field}: got {_shorten(repr(value), 80)}; {allowed}")
+
+
+class ExtraNotInstalledError(AtomaImagesError, ImportError):
+    """A feature needs an optional extra that is not installed; nothing was sent.
+
+    Attributes:
+        extra: the extra to install (``pip install 'atoma-images[<extra>]'``).
+    """
+
+    def __init__(self, feature: str, extra: str, missing: str) -> None:
+        self.extra = extra
+        super().__init__(
+            f"{feature} needs the optional package {missing!r}, which is not installed: "
+            f"pip install 'atoma-images[{extra}]'",
+            name=missing,
+        )
 
 
 class APIConnectionError(AtomaImagesError):
@@ -280,6 +302,37 @@ class ResponseValidationError(AtomaImagesError):
         if body_excerpt:
             text += f"; body starts {_shorten(body_excerpt, 120)!r}"
         super().__init__(text)
+
+
+class ResponseIntegrityError(AtomaImagesError):
+    """A confidential answer could not be decrypted, or its content does not match its hash.
+
+    The answer may have been altered on its way, or come from another node than the one the
+    request was encrypted for. It is never returned as a success, and not retried: the node
+    may have processed (and billed) the request.
+
+    Attributes:
+        message: which check failed.
+        status: the HTTP status code.
+        headers: the response headers.
+        request_id: the ``x-request-id`` header, when the server sent one.
+    """
+
+    may_have_been_billed: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 200,
+        headers: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        self.message = message
+        self.status = status
+        self.headers: Mapping[str, str] = headers or {}
+        self.request_id = request_id
+        super().__init__(f"confidential response rejected ({status}): {message}")
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {

@@ -113,6 +113,7 @@ class ImagesClient:
         user: str | None = None,
         timeout: Timeout | float | None = None,
         retries: RetryPolicy | None = None,
+        confidential: bool = False,
     ) -> ImagesResponse:
         """Generate ``n`` images for ``prompt``; see `AsyncImagesClient.generate`.
 
@@ -131,6 +132,7 @@ class ImagesClient:
                 user=user,
                 timeout=timeout,
                 retries=retries,
+                confidential=confidential,
             )
         )
 

@@ -18,6 +18,11 @@ Scripted answers replace the next requests' normal handling, in order::
     server.enqueue(Reply(fault="drop"))
 
 ``with FakeAtomaServer() as server:`` runs it on a background thread for synchronous code.
+
+``FakeAtomaServer(confidential=True)`` also plays the node side of confidential generation
+(needs the ``confidential`` extra): ``POST /v1/nodes/lock`` answers with a real X25519 key,
+and ``POST /v1/confidential/images/generations`` decrypts the request, checks its hash and
+its lock, and answers encrypted. ``Reply(tamper=...)`` alters such an answer on its way.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import collections
 import functools
 import hashlib
 import json
+import os
 import struct
 import time
 import uuid
@@ -39,6 +45,7 @@ from typing import Any, Literal
 import attrs
 from aiohttp import web
 
+from . import _confidential
 from ._models import DEFAULT_MODEL
 from ._portal import LoopThread
 
@@ -46,8 +53,12 @@ __all__ = ["FakeAtomaServer", "RecordedRequest", "Reply", "make_png"]
 
 ImageFormat = Literal["data_uri", "b64_json", "url", "local_file"]
 Fault = Literal["drop", "drop_mid_body", "stall", "drip"]
+Tamper = Literal["ciphertext", "response_hash"]
 
 GENERATIONS_PATH = "/v1/images/generations"
+CONFIDENTIAL_PATH = "/v1/" + _confidential.PATH
+LOCK_PATH = "/v1/" + _confidential.LOCK_PATH
+_NODE_SMALL_ID = 7
 # The fake refuses to draw more than this many pixels per image, to keep tests' memory sane.
 MAX_PIXELS = 4096 * 4096
 _MAX_FILES = 256
@@ -97,6 +108,8 @@ class Reply:
             ``"drip"`` sends the body one byte every ``drip_interval`` seconds.
         drip_interval: seconds between bytes for ``"drip"``.
         chunked: send the body with chunked transfer encoding (no ``Content-Length``).
+        tamper: for a confidential answer: ``"ciphertext"`` flips one bit of the encrypted
+            body, ``"response_hash"`` sends the hash of another body.
     """
 
     status: int = 200
@@ -106,6 +119,7 @@ class Reply:
     fault: Fault | None = None
     drip_interval: float = 1.0
     chunked: bool = False
+    tamper: Tamper | None = None
 
 
 class FakeAtomaServer:
@@ -121,6 +135,9 @@ class FakeAtomaServer:
         latency: seconds every normal answer takes (a real image takes about ten).
         host: the address to listen on.
         port: the port; 0 picks a free one.
+        confidential: also serve the confidential routes (needs the ``confidential`` extra).
+        lock_ttl: seconds a node lock stays usable; a request on an expired (or already
+            used) lock gets 425 ``UNAVAILABLE_STACK``, like Atoma's.
     """
 
     def __init__(
@@ -132,7 +149,17 @@ class FakeAtomaServer:
         latency: float = 0.0,
         host: str = "127.0.0.1",
         port: int = 0,
+        confidential: bool = False,
+        lock_ttl: float = 60.0,
     ) -> None:
+        if confidential:
+            _confidential.require("FakeAtomaServer(confidential=True)")
+        self.confidential = confidential
+        self.lock_ttl = lock_ttl
+        # stack_small_id -> (compute units locked, expiry on the monotonic clock)
+        self._locks: dict[int, tuple[int, float]] = {}
+        self._stacks = 0
+        self._node_key = _confidential.new_private_key() if confidential else None
         self.api_key = api_key
         self.models = models
         self.image_format = image_format
@@ -164,8 +191,24 @@ class FakeAtomaServer:
 
     @property
     def posts(self) -> list[RecordedRequest]:
-        """The generation requests received (``POST /v1/images/generations``)."""
-        return [r for r in self.requests if r.method == "POST" and r.path == GENERATIONS_PATH]
+        """The generation requests received, confidential ones included."""
+        return [
+            r
+            for r in self.requests
+            if r.method == "POST" and r.path in (GENERATIONS_PATH, CONFIDENTIAL_PATH)
+        ]
+
+    @property
+    def locks(self) -> list[RecordedRequest]:
+        """The node lock requests received (``POST /v1/nodes/lock``)."""
+        return [r for r in self.requests if r.path == LOCK_PATH]
+
+    @property
+    def node_public_key(self) -> bytes:
+        """The node's raw X25519 public key (``confidential=True`` only)."""
+        if self._node_key is None:
+            raise RuntimeError("FakeAtomaServer(confidential=True) has a node key; this one not")
+        return _confidential.public_key_bytes(self._node_key)
 
     @property
     def connections(self) -> int:
@@ -185,6 +228,9 @@ class FakeAtomaServer:
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_post(GENERATIONS_PATH, self._generations)
         app.router.add_get("/files/{name}", self._file)
+        if self.confidential:
+            app.router.add_post(LOCK_PATH, self._lock)
+            app.router.add_post(CONFIDENTIAL_PATH, self._generations)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
@@ -234,6 +280,8 @@ class FakeAtomaServer:
                 return await self._scripted(request, self._script.popleft(), body)
             if self.latency:
                 await asyncio.sleep(self.latency)
+            if request.path == CONFIDENTIAL_PATH:
+                return self._confidential_answer(request, body)
             return self._answer(request, body)
         finally:
             self._in_flight -= 1
@@ -298,6 +346,97 @@ class FakeAtomaServer:
             "response_hash": base64.b64encode(digest).decode(),
         }
         return web.json_response(answer)
+
+    # -- the node side of confidential generation ------------------------------------------
+
+    async def _lock(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        self._record(request, raw)
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            return _error(400, f"Failed to parse body as JSON: {exc}")
+        model = body.get("model") if type(body) is dict else None
+        units = body.get("max_num_tokens") if type(body) is dict else None
+        if type(model) is not str:
+            return _error(400, "Model field is required")
+        if units is not None and (type(units) is not int or units < 0):
+            return _error(400, "Invalid max_num_tokens field")
+        if not self._authorized(request):
+            return _error(401, "Invalid or missing api key")
+        if model not in self.models:
+            return _error(503, f"No node found for model {model} with confidential compute")
+        self._stacks += 1
+        self._locks[self._stacks] = (units or 0, time.monotonic() + self.lock_ttl)
+        return web.json_response(
+            {
+                "public_key": base64.b64encode(self.node_public_key).decode(),
+                "node_small_id": _NODE_SMALL_ID,
+                "stack_small_id": self._stacks,
+                "stack_entry_digest": None,
+            }
+        )
+
+    def _confidential_answer(self, request: web.Request, raw: bytes) -> web.Response:
+        if request.content_type != "application/json":
+            return web.Response(
+                status=415, text="Expected request with `Content-Type: application/json`"
+            )
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            return _error(400, f"Failed to parse body as JSON: {exc}")
+        if type(body) is not dict:
+            return _error(400, "Failed to parse body as JSON: expected an object")
+        for name in _SEALED_FIELDS:
+            if type(body.get(name)) is not str:
+                return _error(400, f"{name} field is required (a base64 string)")
+        stack, units = body.get("stack_small_id"), body.get("num_compute_units")
+        if type(stack) is not int or type(units) is not int:
+            return _error(400, "stack_small_id and num_compute_units must be integers")
+        if not self._authorized(request):
+            return _error(401, "Invalid or missing api key")
+        locked, expires = self._locks.pop(stack, (None, 0.0))  # a lock serves one request
+        if locked is None or time.monotonic() >= expires:
+            return _error(425, f"No usable lock for stack {stack} (unknown, used or expired)")
+        if units > locked:
+            return _error(425, f"The lock covers {locked} compute units; {units} requested")
+        decoded: dict[str, bytes] = {}
+        for name in _SEALED_FIELDS:
+            value = _b64decode(body[name])
+            if value is None:
+                return _error(400, f"{name} is not valid base64")
+            decoded[name] = value
+        if decoded["node_dh_public_key"] != self.node_public_key:
+            return _error(400, "node_dh_public_key is not this node's key")
+        node_key = self._node_key
+        if node_key is None:  # not reached: the route exists only when confidential
+            return _error(404, "this fake server is not confidential")
+        try:
+            secret = _confidential.shared_secret(node_key, decoded["client_dh_public_key"])
+            key = _confidential.derive_key(secret, decoded["salt"])
+            plaintext = _confidential.decrypt(key, decoded["nonce"], decoded["ciphertext"])
+        except Exception:  # a bad key, nonce or tag: the node cannot read it
+            return _error(400, "Failed to decrypt the request")
+        if _confidential.body_hash(plaintext) != body["plaintext_body_hash"]:
+            return _error(400, "plaintext_body_hash does not match the decrypted body")
+        pixels = _pixels(plaintext)
+        if pixels is not None and units != pixels:
+            return _error(400, f"num_compute_units must be n*W*H = {pixels}, got {units}")
+        answer = self._answer(request, plaintext)
+        if answer.status != 200:
+            return answer
+        inner: bytes = answer.body  # type: ignore[assignment]
+        nonce = os.urandom(_confidential.NONCE_BYTES)
+        digest = _confidential.body_hash(inner)
+        return web.json_response(
+            {
+                "ciphertext": base64.b64encode(_confidential.encrypt(key, nonce, inner)).decode(),
+                "nonce": base64.b64encode(nonce).decode(),
+                "signature": base64.b64encode(hashlib.sha256(digest.encode()).digest()).decode(),
+                "response_hash": digest,
+            }
+        )
 
     def _image(self, fmt: str, png: bytes, prompt: str) -> dict[str, Any]:
         if fmt == "url":
@@ -366,12 +505,55 @@ class FakeAtomaServer:
         body = reply.body
         if body is None:
             if 200 <= reply.status < 300:
-                return self._answer(request, raw).body  # type: ignore[return-value]
+                if request.path != CONFIDENTIAL_PATH:
+                    return self._answer(request, raw).body  # type: ignore[return-value]
+                answer: bytes = self._confidential_answer(request, raw).body  # type: ignore[assignment]
+                return _tampered(answer, reply.tamper) if reply.tamper else answer
             code = _ERROR_CODES.get(reply.status, "ERROR")
             return json.dumps({"error": {"code": code, "message": f"fake {code}"}}).encode()
         if isinstance(body, (dict, list)):
             return json.dumps(body).encode()
         return body.encode() if isinstance(body, str) else body
+
+
+_SEALED_FIELDS = (
+    "ciphertext",
+    "nonce",
+    "salt",
+    "client_dh_public_key",
+    "node_dh_public_key",
+    "plaintext_body_hash",
+)
+
+
+def _b64decode(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error is a ValueError
+        return None
+
+
+def _pixels(plaintext: bytes) -> int | None:
+    """n*W*H of a request body, or None if it is not a valid request (the normal checks say why)."""
+    try:
+        body = json.loads(plaintext)
+    except ValueError:
+        return None
+    if type(body) is not dict or type(body.get("n")) is not int:
+        return None
+    dims = _parse_size(body.get("size"))
+    return None if dims is None else int(body["n"]) * dims[0] * dims[1]
+
+
+def _tampered(answer: bytes, tamper: Tamper) -> bytes:
+    sealed = json.loads(answer)
+    if tamper == "ciphertext":
+        data = bytearray(base64.b64decode(sealed["ciphertext"]))
+        data[len(data) // 2] ^= 0x01
+        sealed["ciphertext"] = base64.b64encode(bytes(data)).decode()
+    else:
+        sealed["response_hash"] = _confidential.body_hash(b"some other response")
+    return json.dumps(sealed).encode()
 
 
 def _drop(request: web.Request) -> None:
