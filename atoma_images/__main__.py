@@ -28,10 +28,12 @@ from ._errors import (
     APIStatusError,
     AtomaImagesError,
     AuthenticationError,
+    ExtraNotInstalledError,
     InsufficientBalanceError,
     InvalidRequestError,
     PermissionDeniedError,
     RateLimitError,
+    ResponseIntegrityError,
     ResponseValidationError,
 )
 from ._models import DEFAULT_MODEL, ImagesResponse
@@ -58,7 +60,9 @@ EXIT_CODES = {
 
 def exit_code(error: BaseException) -> int:
     """The exit code for an error: the first matching kind in EXIT_CODES."""
-    if isinstance(error, InvalidRequestError) and error.field != "api_key":
+    if isinstance(error, ExtraNotInstalledError) or (
+        isinstance(error, InvalidRequestError) and error.field != "api_key"
+    ):
         kind = "invalid input"
     elif isinstance(error, (InvalidRequestError, AuthenticationError, PermissionDeniedError)):
         kind = "authentication"  # a missing key is an authentication problem too
@@ -70,7 +74,7 @@ def exit_code(error: BaseException) -> int:
         kind = "server"
     elif isinstance(error, APIConnectionError):
         kind = "connection"
-    elif isinstance(error, ResponseValidationError):
+    elif isinstance(error, (ResponseValidationError, ResponseIntegrityError)):
         kind = "invalid response"
     else:
         kind = "unexpected"
@@ -101,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, help="seconds for each attempt")
     parser.add_argument(
         "--max-retries", type=int, help="retries after a failed attempt (default 2)"
+    )
+    parser.add_argument(
+        "--confidential",
+        action="store_true",
+        help="encrypt the request for a TEE node (needs atoma-images[confidential])",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     parser.add_argument(
@@ -201,7 +210,9 @@ async def generate_all(
     async with contextlib.AsyncExitStack() as stack:
         api_key, base_url = None, args.base_url
         if args.fake:
-            server = await stack.enter_async_context(FakeAtomaServer())
+            server = await stack.enter_async_context(
+                FakeAtomaServer(confidential=args.confidential)
+            )
             api_key, base_url = "fake-key", server.base_url
             print(f"Using the built-in fake server at {base_url}", file=err)
         retries = None if args.max_retries is None else RetryPolicy(max_retries=args.max_retries)
@@ -217,7 +228,11 @@ async def generate_all(
             async with slots:
                 try:
                     result = await client.generate(
-                        prompt, n=args.n, size=args.size, response_format=args.format
+                        prompt,
+                        n=args.n,
+                        size=args.size,
+                        response_format=args.format,
+                        confidential=args.confidential,
                     )
                     stem = stem_for(prompt, index if batch else None, directory)
                     paths = await client.save_all(result, directory, stem)

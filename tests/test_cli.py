@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pty
@@ -50,6 +51,18 @@ def test_fake_saves_pngs_and_prints_their_paths(tmp_path: Path) -> None:
     assert [png_size(tmp_path / p) for p in paths] == [(64, 48), (64, 48)]
     assert "fake server" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("cryptography") is None,
+    reason="needs the confidential extra: pip install 'atoma-images[confidential]'",
+)
+def test_fake_confidential_saves_pngs(tmp_path: Path) -> None:
+    done = cli("--fake", "--confidential", "a red fox", "--size", "40x24", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["files"] == ["a-red-fox-1.png"]
+    assert png_size(tmp_path / "a-red-fox-1.png") == (40, 24)
 
 
 def test_a_second_run_does_not_overwrite(tmp_path: Path) -> None:
