@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import importlib.util
 import json
@@ -16,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from atoma_images import (
+    AmbiguousTimeoutError,
     AsyncImagesClient,
     AuthenticationError,
     ImageRequest,
@@ -408,3 +410,26 @@ def test_without_the_extra_a_clear_error_names_it_and_nothing_is_sent() -> None:
     assert lines[2] == "1"  # only the plain call reached the server
     assert lines[3].startswith("FakeAtomaServer(confidential=True) needs the optional package")
     assert done.stderr == ""
+
+
+@needs_cryptography
+async def test_the_lock_and_the_request_share_one_attempt_time_limit() -> None:
+    # Each leg takes 0.5 s; the attempt may take 0.8 s. Were the limit per request, both
+    # would fit; shared, the generation request has 0.3 s left and times out.
+    async def answer_lock(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.5)
+        return web.json_response({**LOCK_OK, "stack_small_id": 7})
+
+    async def answer_sealed(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.5)
+        return web.json_response({"ciphertext": "AAAA", "nonce": "AAAAAAAAAAAAAAAA"})
+
+    app = web.Application()
+    app.router.add_post("/v1/nodes/lock", answer_lock)
+    app.router.add_post("/v1/confidential/images/generations", answer_sealed)
+    async with (
+        serving(app) as root,
+        AsyncImagesClient(API_KEY, base_url=root + "/v1", timeout=0.8) as client,
+    ):
+        with pytest.raises(AmbiguousTimeoutError, match="may have been processed and billed"):
+            await client.generate("a red fox", size="32x32", confidential=True)
