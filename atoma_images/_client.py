@@ -18,7 +18,7 @@ import attrs
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import _confidential
+from . import _confidential, _read_timer
 from ._convert import encode_request, error_from_response, parse_response
 from ._errors import (
     AmbiguousOutcomeError,
@@ -490,8 +490,10 @@ class AsyncImagesClient:
                 )
             self._loop = loop
         if session is None:
+            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
+            _read_timer.install(connector)  # the same read timeout, fewer timers
             session = self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
+                connector=connector,
                 timeout=self._first_attempt_timeout,
                 # Not trust_env=True: aiohttp would then read ~/.netrc and the proxy variables
                 # in a worker thread on every request (half our CPU per call), and a .netrc

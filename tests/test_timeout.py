@@ -97,3 +97,76 @@ async def test_pool_wait_is_a_timeout_before_sending(server: FakeAtomaServer) ->
         assert "was not sent" in str(info.value)
         assert (await first).images
     assert len(server.posts) == 1
+
+
+# -- the read timer of the client's own connections (_read_timer.py) -------------------------
+
+
+async def test_the_lazy_read_timer_is_in_place_on_our_own_session_only(
+    server: FakeAtomaServer,
+) -> None:
+    import aiohttp
+
+    from atoma_images._read_timer import LazyReadTimeoutHandler
+
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url) as images:
+        await images.generate("fox", size="8x8")
+        connector = images._session_for_running_loop().connector
+        # If aiohttp's internals changed, this fails: the client still works, only slower.
+        assert connector._factory.func is LazyReadTimeoutHandler  # type: ignore[union-attr]
+    async with aiohttp.ClientSession() as session:
+        async with AsyncImagesClient(API_KEY, base_url=server.base_url, session=session) as c:
+            await c.generate("fox", size="8x8")
+        assert session.connector._factory.func is not LazyReadTimeoutHandler  # type: ignore[union-attr]
+
+
+async def test_the_read_limit_counts_from_the_last_byte() -> None:
+    import asyncio
+    import time
+
+    from aiohttp import web
+
+    from conftest import serving
+
+    async def headers_a_byte_then_silence(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = 100
+        await response.prepare(request)
+        await asyncio.sleep(0.4)
+        await response.write(b"{")
+        await asyncio.sleep(5)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", headers_a_byte_then_silence)
+    async with (
+        serving(app) as root,
+        AsyncImagesClient(API_KEY, base_url=root + "/v1", retries=NO_RETRIES) as images,
+    ):
+        started = time.monotonic()
+        with pytest.raises(AmbiguousTimeoutError):
+            await images.generate("fox", size="8x8", timeout=Timeout(read=0.6))
+        elapsed = time.monotonic() - started
+    # 0.4 s to the byte, then 0.6 s of silence: about 1.0 s. A timer that ignored the
+    # byte would have fired at 0.6 s.
+    assert 0.95 <= elapsed < 2.5
+
+
+async def test_a_shorter_read_limit_on_a_reused_connection_applies(
+    server: FakeAtomaServer,
+) -> None:
+    import time
+
+    from atoma_images.testing import Reply
+
+    async with AsyncImagesClient(
+        API_KEY, base_url=server.base_url, max_connections=1, retries=NO_RETRIES
+    ) as images:
+        await images.generate("fox", size="8x8", timeout=Timeout(read=300))
+        server.enqueue(Reply(fault="stall", delay=5))
+        started = time.monotonic()
+        with pytest.raises(AmbiguousTimeoutError):
+            await images.generate("fox", size="8x8", timeout=Timeout(read=0.3))
+        assert time.monotonic() - started < 2.0
+    assert server.connections == 1
