@@ -15,7 +15,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from json.encoder import encode_basestring as _quote  # C: a str as a JSON string literal
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -92,32 +92,22 @@ def converter() -> cattrs.Converter:
         GeneratedImage, conv, extra=override(struct_hook=_passthrough)
     )
 
-    # The two hooks below build the objects directly when every value has the right type
-    # (the usual case, on every call) and otherwise hand over to the functions cattrs
-    # generated, which find and name every problem (data[0].url: expected a string ...).
-    # The checks are the same strict ones: type() is, so True is not an int.
+    # A well-formed answer never gets here: parse_response builds it directly. These hooks
+    # are for the rest, and name every problem (data[0].url: expected a string ...).
 
     def structure_item(obj: Any, _: Any) -> GeneratedImage:
         if type(obj) is not dict:
             raise _Mismatch(f"expected an object, got {type(obj).__name__} {_short(obj)}")
-        url, data, revised = obj.get("url"), obj.get("b64_json"), obj.get("revised_prompt")
-        if url is None and data is None:
+        if obj.get("url") is None and obj.get("b64_json") is None:
             raise _Mismatch("the image has neither url nor b64_json")
-        extra = {k: v for k, v in obj.items() if k not in image_fields}
-        if (
-            (url is None or type(url) is str)
-            and (data is None or type(data) is str)
-            and (revised is None or type(revised) is str)
-        ):
-            return GeneratedImage(url=url, b64_json=data, revised_prompt=revised, extra=extra)
         known = {k: v for k, v in obj.items() if k in image_fields}
+        extra = {k: v for k, v in obj.items() if k not in image_fields}
         return structure_image({**known, "extra": extra}, GeneratedImage)
 
     def structure_images(obj: Any, _: Any) -> tuple[GeneratedImage, ...]:
-        if type(obj) is not list:
+        if type(obj) is not list:  # cattrs would take a string as a tuple of characters
             raise _Mismatch(f"expected a list, got {type(obj).__name__} {_short(obj)}")
-        # What cattrs does for tuple[X, ...], minus its per-call dispatch (this is the hot
-        # path): every item is tried, and each failure is noted with its index so that
+        # Every item is tried, and each failure is noted with its index so that
         # transform_error can name it as data[i].
         images, errors = [], []
         for index, item in enumerate(obj):
@@ -139,36 +129,13 @@ def converter() -> cattrs.Converter:
         headers=override(struct_hook=_passthrough),
     )
 
-    def structure_response(obj: dict[str, Any], _: Any) -> ImagesResponse:
-        # obj is built by parse_response: extra, headers and request_id are ours already.
-        created, data = obj.get("created"), obj.get("data")
-        if type(created) is int and type(data) is list:
-            try:
-                images = structure_images(data, None)
-            except Exception:  # reported by the detailed path below
-                pass
-            else:
-                return ImagesResponse(
-                    created=created,
-                    data=images,
-                    extra=obj["extra"],
-                    request_id=obj["request_id"],
-                    headers=obj["headers"],
-                )
-        return structure_fields(obj, ImagesResponse)
-
     conv.register_structure_hook(GeneratedImage, structure_item)
-    conv.register_structure_hook(ImagesResponse, structure_response)
+    conv.register_structure_hook(ImagesResponse, structure_fields)
     return conv
 
 
-@functools.cache
-def _structure_response() -> Callable[[Any, Any], ImagesResponse]:
-    # Resolved once: the hot path calls it without the converter's per-call dispatch.
-    return converter().get_structure_hook(ImagesResponse)
-
-
 _RESPONSE_KEYS = frozenset({"created", "data"})
+_IMAGE_KEYS = frozenset({"url", "b64_json", "revised_prompt"})
 
 
 def encode_request(request: ImageRequest) -> bytes:
@@ -202,17 +169,45 @@ def parse_response(
     if not 200 <= status < 300:
         raise error_from_response(status, headers, body, None if url is None else str(url))
     obj = _load_object(status, headers, body)
-    extra: dict[str, Any] = {}
-    fields = {"extra": extra, "headers": headers, "request_id": headers.get("x-request-id")}
-    for key, value in obj.items():
-        if key in _RESPONSE_KEYS:
-            fields[key] = value
-        else:
-            extra[key] = value
+    extra = {key: value for key, value in obj.items() if key not in _RESPONSE_KEYS}
+    request_id = headers.get("x-request-id")
+    created, data = obj.get("created"), obj.get("data")
+    # Every call comes this way: a well-formed answer is built directly, with the same
+    # strict checks as the converter's (type() is: True is not an int).
+    if type(created) is int and type(data) is list:
+        images = _well_formed_images(data)
+        if images is not None:
+            return ImagesResponse(
+                created=created, data=images, extra=extra, request_id=request_id, headers=headers
+            )
+    # Anything else goes through the converter, which finds and names every problem.
+    fields = {key: obj[key] for key in _RESPONSE_KEYS if key in obj}
     try:
-        return _structure_response()(fields, ImagesResponse)
+        return converter().structure(
+            {**fields, "extra": extra, "request_id": request_id, "headers": headers},
+            ImagesResponse,
+        )
     except Exception as exc:  # cattrs reports every problem found, grouped
         raise _invalid_fields(exc, status, headers, body) from exc
+
+
+def _well_formed_images(data: list[Any]) -> tuple[GeneratedImage, ...] | None:
+    """The images of ``data`` when every item is well-formed, else None."""
+    images = []
+    for item in data:
+        if type(item) is not dict:
+            return None
+        url, b64, revised = item.get("url"), item.get("b64_json"), item.get("revised_prompt")
+        if not (
+            (url is None or type(url) is str)
+            and (b64 is None or type(b64) is str)
+            and (revised is None or type(revised) is str)
+            and (url is not None or b64 is not None)
+        ):
+            return None
+        extra = {key: value for key, value in item.items() if key not in _IMAGE_KEYS}
+        images.append(GeneratedImage(url=url, b64_json=b64, revised_prompt=revised, extra=extra))
+    return tuple(images)
 
 
 def parse_object(
@@ -230,7 +225,7 @@ def parse_object(
 
 def _load_object(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(body)
+        obj = json.loads(body.decode())  # JSON on the web is UTF-8 (RFC 8259)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
         raise _invalid(f"the body is not JSON ({exc})", status, headers, body) from exc
     if type(obj) is not dict:
