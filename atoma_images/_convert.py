@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
+from . import _json
 from ._errors import APIStatusError, ResponseValidationError, status_error_class
 from ._models import OPTIONAL_FIELDS, GeneratedImage, ImageRequest, ImagesResponse
 
@@ -225,7 +226,7 @@ def parse_object(
 
 def _load_object(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(body.decode())  # JSON on the web is UTF-8 (RFC 8259)
+        obj = _json.loads(body)  # UTF-8, as JSON on the web is (RFC 8259)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
         raise _invalid(f"the body is not JSON ({exc})", status, headers, body) from exc
     if type(obj) is not dict:
