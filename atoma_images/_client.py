@@ -18,7 +18,7 @@ import attrs
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import _confidential, _read_timer
+from . import _read_timer
 from ._convert import encode_request, error_from_response, parse_response
 from ._errors import (
     AmbiguousOutcomeError,
@@ -102,8 +102,6 @@ class AsyncImagesClient:
         key = _api_key(api_key)
         self._base_url = _base_url(base_url)
         self._url = self._base_url / "images/generations"
-        self._lock_url = self._base_url / _confidential.LOCK_PATH
-        self._confidential_url = self._base_url / _confidential.PATH
         ImageRequest(model=model, prompt="-")  # checks the model name now, not on first call
         self._model = model
         self._timeout = Timeout() if timeout is None else Timeout.of(timeout)
@@ -245,7 +243,12 @@ class AsyncImagesClient:
 
         A fresh lock every attempt: a 425 (the lock was not usable) is retried with a new one.
         """
+        # Imported on first use: hashlib and cryptography cost import time nobody else pays.
+        from . import _confidential  # noqa: PLC0415
+
         _confidential.require()
+        lock_url = self._base_url / _confidential.LOCK_PATH
+        sealed_url = self._base_url / _confidential.PATH
         session = self._session_for_running_loop()
         limits = self._timeout if timeout is None else Timeout.of(timeout)
         lock_body = _confidential.lock_body(request)
@@ -256,7 +259,7 @@ class AsyncImagesClient:
             lock = await self._exchange(
                 session,
                 "POST",
-                self._lock_url,
+                lock_url,
                 lock_body,
                 self._headers,
                 limits.for_attempt(remaining),
@@ -273,7 +276,7 @@ class AsyncImagesClient:
             return await self._exchange(
                 session,
                 "POST",
-                self._confidential_url,
+                sealed_url,
                 sealed.body,
                 self._headers,
                 limits.for_attempt(left),
