@@ -144,8 +144,7 @@ def _unb64(text: str) -> bytes | None:
 
 def compute_units(request: ImageRequest) -> int:
     """What the proxy charges for ``request``: one unit per pixel, ``n * W * H``."""
-    width, _, height = request.size.partition("x")
-    return request.n * int(width) * int(height)
+    return request.n * request.width * request.height
 
 
 def lock_body(request: ImageRequest) -> bytes:
