@@ -1,6 +1,6 @@
 """atoma-images against raw aiohttp, side by side, on loopback.
 
-    python benchmarks/bench.py                  # the full run (about 4 minutes)
+    python benchmarks/bench.py                  # the full run (about 3 minutes)
     python benchmarks/bench.py --instructions   # also count instructions (valgrind, +2 min)
     python benchmarks/bench.py --quick          # a smoke run with tiny counts
 
