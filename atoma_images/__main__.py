@@ -33,7 +33,6 @@ from ._errors import (
     InvalidRequestError,
     PermissionDeniedError,
     RateLimitError,
-    ResponseIntegrityError,
     ResponseValidationError,
 )
 from ._models import DEFAULT_MODEL, ImagesResponse
@@ -74,7 +73,7 @@ def exit_code(error: BaseException) -> int:
         kind = "server"
     elif isinstance(error, APIConnectionError):
         kind = "connection"
-    elif isinstance(error, (ResponseValidationError, ResponseIntegrityError)):
+    elif isinstance(error, ResponseValidationError):  # ResponseIntegrityError too
         kind = "invalid response"
     else:
         kind = "unexpected"

@@ -205,9 +205,12 @@ class SealedRequest:
         sealed = parse_object(status, headers, body, url, SealedResponse)
         request_id = headers.get("x-request-id")
 
-        def rejected(message: str) -> ResponseIntegrityError:
+        def rejected(problem: str) -> ResponseIntegrityError:
             return ResponseIntegrityError(
-                message, status=status, headers=headers, request_id=request_id
+                f"confidential answer rejected: {problem}",
+                status=status,
+                headers=headers,
+                request_id=request_id,
             )
 
         nonce, ciphertext = _unb64(sealed.nonce), _unb64(sealed.ciphertext)

@@ -24,8 +24,8 @@ AtomaImagesError                      base class; catch this to catch everything
 │       ├── BadGatewayError           502
 │       ├── ServiceUnavailableError   503
 │       └── GatewayTimeoutError       504
-├── ResponseValidationError           a success status with a body that is not an images response
-└── ResponseIntegrityError            a confidential answer failed decryption or its hash check
+└── ResponseValidationError           a success status with a body that is not an images response
+    └── ResponseIntegrityError        a confidential answer failed decryption or its hash check
 ```
 
 aiohttp, cattrs and tenacity exceptions never reach the caller: the original is kept as
@@ -304,35 +304,13 @@ class ResponseValidationError(AtomaImagesError):
         super().__init__(text)
 
 
-class ResponseIntegrityError(AtomaImagesError):
+class ResponseIntegrityError(ResponseValidationError):
     """A confidential answer could not be decrypted, or its content does not match its hash.
 
     The answer may have been altered on its way, or come from another node than the one the
     request was encrypted for. It is never returned as a success, and not retried: the node
     may have processed (and billed) the request.
-
-    Attributes:
-        message: which check failed.
-        status: the HTTP status code.
-        headers: the response headers.
-        request_id: the ``x-request-id`` header, when the server sent one.
     """
-
-    may_have_been_billed: ClassVar[bool] = True
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int = 200,
-        headers: Mapping[str, str] | None = None,
-        request_id: str | None = None,
-    ) -> None:
-        self.message = message
-        self.status = status
-        self.headers: Mapping[str, str] = headers or {}
-        self.request_id = request_id
-        super().__init__(f"confidential response rejected ({status}): {message}")
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {

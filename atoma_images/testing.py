@@ -300,16 +300,9 @@ class FakeAtomaServer:
 
     def _answer(self, request: web.Request, raw: bytes) -> web.Response:
         # The order of checks is the proxy's: body first, key last.
-        if request.content_type != "application/json":
-            return web.Response(
-                status=415, text="Expected request with `Content-Type: application/json`"
-            )
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            return _error(400, f"Failed to parse body as JSON: {exc}")
-        if type(body) is not dict:
-            return _error(400, "Failed to parse body as JSON: expected an object")
+        body = _json_object(request, raw)
+        if isinstance(body, web.Response):
+            return body
         model, n, size = body.get("model"), body.get("n"), body.get("size")
         if type(model) is not str:
             return _error(400, "Model field is required")
@@ -378,16 +371,9 @@ class FakeAtomaServer:
         )
 
     def _confidential_answer(self, request: web.Request, raw: bytes) -> web.Response:
-        if request.content_type != "application/json":
-            return web.Response(
-                status=415, text="Expected request with `Content-Type: application/json`"
-            )
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            return _error(400, f"Failed to parse body as JSON: {exc}")
-        if type(body) is not dict:
-            return _error(400, "Failed to parse body as JSON: expected an object")
+        body = _json_object(request, raw)
+        if isinstance(body, web.Response):
+            return body
         for name in _SEALED_FIELDS:
             if type(body.get(name)) is not str:
                 return _error(400, f"{name} field is required (a base64 string)")
@@ -554,6 +540,21 @@ def _tampered(answer: bytes, tamper: Tamper) -> bytes:
     else:
         sealed["response_hash"] = _confidential.body_hash(b"some other response")
     return json.dumps(sealed).encode()
+
+
+def _json_object(request: web.Request, raw: bytes) -> dict[str, Any] | web.Response:
+    """The request's JSON object, or the error the proxy answers for a body that is not one."""
+    if request.content_type != "application/json":
+        return web.Response(
+            status=415, text="Expected request with `Content-Type: application/json`"
+        )
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        return _error(400, f"Failed to parse body as JSON: {exc}")
+    if type(body) is not dict:
+        return _error(400, "Failed to parse body as JSON: expected an object")
+    return body
 
 
 def _drop(request: web.Request) -> None:

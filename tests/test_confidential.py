@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import importlib.util
 import json
 import subprocess
@@ -293,6 +294,26 @@ async def test_lock_errors_come_back_typed_and_nothing_is_encrypted_for_them(
 LOCK_OK = {"public_key": base64.b64encode(b"\x09" * 32).decode(), "node_small_id": 1}
 
 
+@contextlib.asynccontextmanager
+async def scripted_node(
+    lock: object, sealed: object, *, delay: float = 0.0, timeout: float | None = None
+) -> AsyncIterator[AsyncImagesClient]:
+    """A client for a server that answers the lock and the sealed request as given."""
+
+    async def answer(request: web.Request) -> web.Response:
+        await asyncio.sleep(delay)
+        return web.json_response(lock if request.path.endswith("/lock") else sealed)
+
+    app = web.Application()
+    app.router.add_post("/v1/nodes/lock", answer)
+    app.router.add_post("/v1/confidential/images/generations", answer)
+    async with (
+        serving(app) as root,
+        AsyncImagesClient(API_KEY, base_url=root + "/v1", timeout=timeout) as client,
+    ):
+        yield client
+
+
 @needs_cryptography
 @pytest.mark.parametrize(
     ("lock", "sealed", "words"),
@@ -307,19 +328,7 @@ LOCK_OK = {"public_key": base64.b64encode(b"\x09" * 32).decode(), "node_small_id
 async def test_malformed_lock_or_sealed_answers_name_what_is_wrong(
     lock: dict[str, object], sealed: object, words: str
 ) -> None:
-    async def answer_lock(request: web.Request) -> web.Response:
-        return web.json_response(lock)
-
-    async def answer_sealed(request: web.Request) -> web.Response:
-        return web.json_response(sealed)
-
-    app = web.Application()
-    app.router.add_post("/v1/nodes/lock", answer_lock)
-    app.router.add_post("/v1/confidential/images/generations", answer_sealed)
-    async with (
-        serving(app) as root,
-        AsyncImagesClient(API_KEY, base_url=root + "/v1") as client,
-    ):
+    async with scripted_node(lock, sealed) as client:
         with pytest.raises(ResponseValidationError, match=words):
             await client.generate("a red fox", size="32x32", confidential=True)
 
@@ -335,19 +344,7 @@ async def test_malformed_lock_or_sealed_answers_name_what_is_wrong(
 async def test_an_undecodable_sealed_answer_is_an_integrity_error(
     sealed: dict[str, str], words: str
 ) -> None:
-    async def answer_lock(request: web.Request) -> web.Response:
-        return web.json_response({**LOCK_OK, "stack_small_id": 7})
-
-    async def answer_sealed(request: web.Request) -> web.Response:
-        return web.json_response(sealed)
-
-    app = web.Application()
-    app.router.add_post("/v1/nodes/lock", answer_lock)
-    app.router.add_post("/v1/confidential/images/generations", answer_sealed)
-    async with (
-        serving(app) as root,
-        AsyncImagesClient(API_KEY, base_url=root + "/v1") as client,
-    ):
+    async with scripted_node({**LOCK_OK, "stack_small_id": 7}, sealed) as client:
         with pytest.raises(ResponseIntegrityError, match=words):
             await client.generate("a red fox", size="32x32", confidential=True)
 
@@ -416,20 +413,8 @@ def test_without_the_extra_a_clear_error_names_it_and_nothing_is_sent() -> None:
 async def test_the_lock_and_the_request_share_one_attempt_time_limit() -> None:
     # Each leg takes 0.5 s; the attempt may take 0.8 s. Were the limit per request, both
     # would fit; shared, the generation request has 0.3 s left and times out.
-    async def answer_lock(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.5)
-        return web.json_response({**LOCK_OK, "stack_small_id": 7})
-
-    async def answer_sealed(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.5)
-        return web.json_response({"ciphertext": "AAAA", "nonce": "AAAAAAAAAAAAAAAA"})
-
-    app = web.Application()
-    app.router.add_post("/v1/nodes/lock", answer_lock)
-    app.router.add_post("/v1/confidential/images/generations", answer_sealed)
-    async with (
-        serving(app) as root,
-        AsyncImagesClient(API_KEY, base_url=root + "/v1", timeout=0.8) as client,
-    ):
+    sealed = {"ciphertext": "AAAA", "nonce": "AAAAAAAAAAAAAAAA"}
+    lock = {**LOCK_OK, "stack_small_id": 7}
+    async with scripted_node(lock, sealed, delay=0.5, timeout=0.8) as client:
         with pytest.raises(AmbiguousTimeoutError, match="may have been processed and billed"):
             await client.generate("a red fox", size="32x32", confidential=True)
