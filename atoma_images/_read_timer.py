@@ -10,10 +10,11 @@ seconds after the request was sent or the last byte arrived. It moves a deadline
 a timer; the one timer, when it fires early, re-arms itself for what is left.
 
 It reaches into two aiohttp internals, unchanged from 3.10 to 3.14: the connector's
-``_factory`` and ``ResponseHandler._reschedule_timeout``. `install` checks both and leaves
-the connector alone when they differ, which is only slower. A session passed in by the user
-is never touched. tests/test_timeout.py checks that it is in place on the installed
-aiohttp, and the read-timeout tests (stall, drip) check what it does.
+``_factory`` and ``ResponseHandler._reschedule_timeout``. `install` acts only on those
+versions (`TESTED`) and when both look as expected; otherwise it leaves the connector alone,
+which is only slower. A session passed in by the user is never touched.
+tests/test_timeout.py checks that it is in place on the installed aiohttp, and the
+read-timeout tests (stall, drip) check what it does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import functools
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 
-__all__ = ["LazyReadTimeoutHandler", "install"]
+__all__ = ["TESTED", "LazyReadTimeoutHandler", "install"]
+
+#: The aiohttp versions (major, minor) whose internals this was checked against.
+TESTED = ((3, 10), (3, 14))
 
 
 class LazyReadTimeoutHandler(ResponseHandler):
@@ -59,7 +63,8 @@ def install(connector: aiohttp.BaseConnector) -> bool:
     """Make ``connector`` build `LazyReadTimeoutHandler` connections; False if it cannot."""
     factory = getattr(connector, "_factory", None)
     if not (
-        isinstance(factory, functools.partial)
+        TESTED[0] <= _version(aiohttp.__version__) <= TESTED[1]
+        and isinstance(factory, functools.partial)
         and factory.func is ResponseHandler
         and callable(getattr(ResponseHandler, "_reschedule_timeout", None))
         and callable(getattr(ResponseHandler, "_on_read_timeout", None))
@@ -69,3 +74,9 @@ def install(connector: aiohttp.BaseConnector) -> bool:
         LazyReadTimeoutHandler, *factory.args, **factory.keywords
     )
     return True
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, _, rest = text.partition(".")
+    minor = "".join(c for c in rest.partition(".")[0] if c.isdigit())
+    return (int(major), int(minor or 0)) if major.isdigit() else (0, 0)

@@ -170,3 +170,21 @@ async def test_a_shorter_read_limit_on_a_reused_connection_applies(
             await images.generate("fox", size="8x8", timeout=Timeout(read=0.3))
         assert time.monotonic() - started < 2.0
     assert server.connections == 1
+
+
+@pytest.mark.parametrize("version", ["3.15.0", "4.0.0", "3.9.5", "nightly"])
+async def test_an_untested_aiohttp_keeps_its_own_read_timer(
+    monkeypatch: pytest.MonkeyPatch, version: str
+) -> None:
+    import aiohttp
+
+    from atoma_images import _read_timer
+
+    monkeypatch.setattr(aiohttp, "__version__", version)
+    connector = aiohttp.TCPConnector()
+    try:
+        before = connector._factory  # type: ignore[attr-defined]
+        assert not _read_timer.install(connector)
+        assert connector._factory is before  # type: ignore[attr-defined]
+    finally:
+        await connector.close()
