@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -14,6 +15,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from atoma_images import AsyncImagesClient
 from atoma_images.testing import FakeAtomaServer, Reply
@@ -184,3 +187,25 @@ async def test_bot_in_process_sends_the_image_bytes(server: FakeAtomaServer) -> 
     assert isinstance(image, bytes)
     assert png_size(image) == (512, 512)
     assert len(server.posts) == 1
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("cryptography") is None,
+    reason="needs the confidential extra: pip install 'atoma-images[confidential]'",
+)
+def test_confidential_example_runs_against_the_fake_node(tmp_path: Path) -> None:
+    done = run_example("confidential.py", "a red fox", "fox.png", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert "fake confidential node" in done.stdout  # no key: offline
+    assert "decrypted and hash-checked" in done.stdout
+    assert png_size(tmp_path / "fox.png") == (512, 512)
+
+
+def test_confidential_example_without_the_extra_names_it(tmp_path: Path) -> None:
+    # cryptography made unimportable, as in a base install (a sitecustomize on the path).
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['cryptography'] = None\n")
+    done = run_example("confidential.py", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 2
+    assert "pip install 'atoma-images[confidential]'" in done.stderr
+    assert not (tmp_path / "confidential.png").exists()
