@@ -113,6 +113,14 @@ def test_the_known_answer_response_opens_to_its_images() -> None:
     from atoma_images import _confidential as c
 
     assert c.body_hash(KAT["response_plaintext"].encode()) == KAT["response_hash_blake2b_256"]
+    # The node's side, as the fake server plays it: open the request, seal the answer.
+    key = b64("derived_key_hkdf_sha256_info_empty")
+    assert c.decrypt(key, b64("request_nonce"), b64("request_ciphertext")) == (
+        KAT["request_plaintext"].encode()
+    )
+    assert c.encrypt(key, b64("response_nonce"), KAT["response_plaintext"].encode()) == (
+        b64("response_ciphertext")
+    )
     sealed = c.SealedRequest(body=b"", key=b64("derived_key_hkdf_sha256_info_empty"))
     answer = {
         "ciphertext": KAT["response_ciphertext"],
