@@ -6,9 +6,12 @@ used here, so these properties hold for every answer that comes over the wire.
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
@@ -90,3 +93,46 @@ def test_any_error_status_and_body(status: int, body: bytes, headers: dict[str, 
     assert text.startswith(str(status))
     assert len(text) <= 500
     assert error.retry_after is None or error.retry_after >= 0
+
+
+def base64_or_text(size: int) -> st.SearchStrategy[Any]:
+    """What a base64 field may hold: base64 of any length, any text, or any JSON."""
+    return st.binary(max_size=size).map(lambda b: base64.b64encode(b).decode()) | st.text() | JSON
+
+
+LOCK_SHAPED = st.fixed_dictionaries(
+    {},
+    optional={
+        "public_key": base64_or_text(40),
+        "node_small_id": st.integers(min_value=0) | JSON,
+        "stack_small_id": st.integers(min_value=0) | JSON,
+        "stack_entry_digest": JSON,
+    },
+)
+SEALED_SHAPED = st.fixed_dictionaries(
+    {},
+    optional={
+        "ciphertext": base64_or_text(80),
+        "nonce": base64_or_text(16),
+        "response_hash": base64_or_text(40),
+    },
+)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("cryptography") is None,
+    reason="needs the confidential extra: pip install 'atoma-images[confidential]'",
+)
+@settings(max_examples=300, deadline=None)
+@given(LOCK_SHAPED | JSON, SEALED_SHAPED | JSON, st.integers(min_value=200, max_value=599))
+def test_any_lock_or_sealed_answer(lock: Any, sealed: Any, status: int) -> None:
+    from atoma_images._confidential import SealedRequest, parse_lock
+
+    for parse, value in ((parse_lock, lock), (SealedRequest(body=b"", key=b"k" * 32).open, sealed)):
+        try:
+            parse(status, CIMultiDict(), json.dumps(value).encode(), None)
+        except (ResponseValidationError, APIStatusError) as error:  # integrity errors included
+            message = str(error)
+        else:
+            continue
+        assert len(message) < 2000
