@@ -250,8 +250,13 @@ def seal(
     private_key = new_private_key() if private_key is None else private_key
     salt = os.urandom(SALT_BYTES) if salt is None else salt
     nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
-    node_key = base64.b64decode(lock.public_key)
-    key = derive_key(shared_secret(private_key, node_key), salt)
+    try:
+        secret = shared_secret(private_key, base64.b64decode(lock.public_key))
+    except ValueError as exc:  # a low-order point: no shared secret can come of it
+        raise ResponseValidationError(
+            f"public_key: the node's key cannot be used for X25519 key agreement ({exc})"
+        ) from exc
+    key = derive_key(secret, salt)
     body = {
         "ciphertext": _b64(encrypt(key, nonce, plaintext)),
         "stack_small_id": lock.stack_small_id,

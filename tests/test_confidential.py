@@ -329,6 +329,11 @@ async def scripted_node(
         ({**LOCK_OK}, None, "stack_small_id: required field missing"),
         ({**LOCK_OK, "stack_small_id": "7"}, None, "stack_small_id: expected an integer"),
         ({**LOCK_OK, "stack_small_id": 7, "public_key": "AAAA"}, None, "public_key: expected"),
+        (
+            {**LOCK_OK, "stack_small_id": 7, "public_key": base64.b64encode(bytes(32)).decode()},
+            None,
+            "public_key: the node's key cannot be used",
+        ),
         ({**LOCK_OK, "stack_small_id": 7}, {"nonce": "AAAA"}, "ciphertext: required field"),
         ({**LOCK_OK, "stack_small_id": 7}, [], "expected a JSON object"),
     ],
