@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ._convert import error_from_response, parse_object, parse_response
+from ._convert import invalid_response, parse_object, parse_response
 from ._errors import ExtraNotInstalledError, ResponseIntegrityError, ResponseValidationError
 from ._models import ImageRequest, ImagesResponse
 
@@ -169,12 +169,12 @@ def parse_lock(status: int, headers: Mapping[str, str], body: bytes, url: object
     lock = parse_object(status, headers, body, url, NodeLock)
     key = _unb64(lock.public_key)
     if key is None or len(key) != KEY_BYTES:
-        raise ResponseValidationError(
+        raise invalid_response(
             f"public_key: expected the base64 of a {KEY_BYTES}-byte X25519 key, "
             f"got {lock.public_key[:60]!r}",
-            status=status,
-            headers=headers,
-            request_id=headers.get("x-request-id"),
+            status,
+            headers,
+            body,
         )
     return lock
 
@@ -199,9 +199,10 @@ class SealedRequest:
     def open(
         self, status: int, headers: Mapping[str, str], body: bytes, url: object
     ) -> ImagesResponse:
-        """The images response inside the answer, or the error the answer stands for."""
-        if not 200 <= status < 300:  # errors come back in clear, like any other call's
-            raise error_from_response(status, headers, body, None if url is None else str(url))
+        """The images response inside the answer, or the error the answer stands for.
+
+        Errors come back in clear, like any other call's (parse_object raises them).
+        """
         sealed = parse_object(status, headers, body, url, SealedResponse)
         request_id = headers.get("x-request-id")
 

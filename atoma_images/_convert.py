@@ -32,6 +32,7 @@ __all__ = [
     "converter",
     "encode_request",
     "error_from_response",
+    "invalid_response",
     "parse_object",
     "parse_response",
 ]
@@ -228,9 +229,11 @@ def _load_object(status: int, headers: Mapping[str, str], body: bytes) -> dict[s
     try:
         obj = _json.loads(body)  # UTF-8, as JSON on the web is (RFC 8259)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
-        raise _invalid(f"the body is not JSON ({exc})", status, headers, body) from exc
+        raise invalid_response(f"the body is not JSON ({exc})", status, headers, body) from exc
     if type(obj) is not dict:
-        raise _invalid(f"expected a JSON object, got {type(obj).__name__}", status, headers, body)
+        raise invalid_response(
+            f"expected a JSON object, got {type(obj).__name__}", status, headers, body
+        )
     return obj
 
 
@@ -240,12 +243,13 @@ def _invalid_fields(
     from cattrs import transform_error  # noqa: PLC0415 - imported by converter() already
 
     problems = transform_error(exc, path="response", format_exception=_describe)
-    return _invalid("; ".join(_path_first(p) for p in problems), status, headers, body)
+    return invalid_response("; ".join(_path_first(p) for p in problems), status, headers, body)
 
 
-def _invalid(
+def invalid_response(
     message: str, status: int, headers: Mapping[str, str], body: bytes
 ) -> ResponseValidationError:
+    """The error for a success answer whose body cannot be used, with its start and request id."""
     return ResponseValidationError(
         message,
         status=status,
