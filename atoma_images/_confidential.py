@@ -44,6 +44,8 @@ __all__ = [
     "PATH",
     "NodeLock",
     "SealedRequest",
+    "b64decode_text",
+    "b64encode_text",
     "body_hash",
     "compute_units",
     "decrypt",
@@ -125,14 +127,16 @@ def decrypt(key: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
 
 def body_hash(data: bytes) -> str:
     """base64(BLAKE2b-256(data)), the form of ``plaintext_body_hash`` and ``response_hash``."""
-    return _b64(hashlib.blake2b(data, digest_size=32).digest())
+    return b64encode_text(hashlib.blake2b(data, digest_size=32).digest())
 
 
-def _b64(data: bytes) -> str:
+def b64encode_text(data: bytes) -> str:
+    """Standard base64, as every byte field of the confidential flow is sent."""
     return base64.b64encode(data).decode("ascii")
 
 
-def _unb64(text: str) -> bytes | None:
+def b64decode_text(text: str) -> bytes | None:
+    """The bytes of a standard base64 field, or None if it is not valid base64."""
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -167,7 +171,7 @@ class NodeLock:
 def parse_lock(status: int, headers: Mapping[str, str], body: bytes, url: object) -> NodeLock:
     """The lock from the answer to ``POST /v1/nodes/lock``, or the error it stands for."""
     lock = parse_object(status, headers, body, url, NodeLock)
-    key = _unb64(lock.public_key)
+    key = b64decode_text(lock.public_key)
     if key is None or len(key) != KEY_BYTES:
         raise invalid_response(
             f"public_key: expected the base64 of a {KEY_BYTES}-byte X25519 key, "
@@ -214,7 +218,7 @@ class SealedRequest:
                 request_id=request_id,
             )
 
-        nonce, ciphertext = _unb64(sealed.nonce), _unb64(sealed.ciphertext)
+        nonce, ciphertext = b64decode_text(sealed.nonce), b64decode_text(sealed.ciphertext)
         if nonce is None or len(nonce) != NONCE_BYTES:
             raise rejected(f"nonce: expected the base64 of {NONCE_BYTES} bytes")
         if ciphertext is None:
@@ -259,11 +263,11 @@ def seal(
         ) from exc
     key = derive_key(secret, salt)
     body = {
-        "ciphertext": _b64(encrypt(key, nonce, plaintext)),
+        "ciphertext": b64encode_text(encrypt(key, nonce, plaintext)),
         "stack_small_id": lock.stack_small_id,
-        "nonce": _b64(nonce),
-        "salt": _b64(salt),
-        "client_dh_public_key": _b64(public_key_bytes(private_key)),
+        "nonce": b64encode_text(nonce),
+        "salt": b64encode_text(salt),
+        "client_dh_public_key": b64encode_text(public_key_bytes(private_key)),
         "node_dh_public_key": lock.public_key,
         "plaintext_body_hash": body_hash(plaintext),
         "model_name": request.model,

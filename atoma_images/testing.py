@@ -280,11 +280,14 @@ class FakeAtomaServer:
                 return await self._scripted(request, self._script.popleft(), body)
             if self.latency:
                 await asyncio.sleep(self.latency)
-            if request.path == CONFIDENTIAL_PATH:
-                return self._confidential_answer(request, body)
-            return self._answer(request, body)
+            return self._normal_answer(request, body)
         finally:
             self._in_flight -= 1
+
+    def _normal_answer(self, request: web.Request, raw: bytes) -> web.Response:
+        if request.path == CONFIDENTIAL_PATH:
+            return self._confidential_answer(request, raw)
+        return self._answer(request, raw)
 
     def _record(self, request: web.Request, body: bytes) -> None:
         transport = request.transport
@@ -363,7 +366,7 @@ class FakeAtomaServer:
         self._locks[self._stacks] = (units or 0, time.monotonic() + self.lock_ttl)
         return web.json_response(
             {
-                "public_key": base64.b64encode(self.node_public_key).decode(),
+                "public_key": _confidential.b64encode_text(self.node_public_key),
                 "node_small_id": _NODE_SMALL_ID,
                 "stack_small_id": self._stacks,
                 "stack_entry_digest": None,
@@ -389,7 +392,7 @@ class FakeAtomaServer:
             return _error(425, f"The lock covers {locked} compute units; {units} requested")
         decoded: dict[str, bytes] = {}
         for name in _SEALED_FIELDS:
-            value = _b64decode(body[name])
+            value = _confidential.b64decode_text(body[name])
             if value is None:
                 return _error(400, f"{name} is not valid base64")
             decoded[name] = value
@@ -415,11 +418,12 @@ class FakeAtomaServer:
         inner: bytes = answer.body  # type: ignore[assignment]
         nonce = os.urandom(_confidential.NONCE_BYTES)
         digest = _confidential.body_hash(inner)
+        b64 = _confidential.b64encode_text
         return web.json_response(
             {
-                "ciphertext": base64.b64encode(_confidential.encrypt(key, nonce, inner)).decode(),
-                "nonce": base64.b64encode(nonce).decode(),
-                "signature": base64.b64encode(hashlib.sha256(digest.encode()).digest()).decode(),
+                "ciphertext": b64(_confidential.encrypt(key, nonce, inner)),
+                "nonce": b64(nonce),
+                "signature": b64(hashlib.sha256(digest.encode()).digest()),
                 "response_hash": digest,
             }
         )
@@ -491,9 +495,7 @@ class FakeAtomaServer:
         body = reply.body
         if body is None:
             if 200 <= reply.status < 300:
-                if request.path != CONFIDENTIAL_PATH:
-                    return self._answer(request, raw).body  # type: ignore[return-value]
-                answer: bytes = self._confidential_answer(request, raw).body  # type: ignore[assignment]
+                answer: bytes = self._normal_answer(request, raw).body  # type: ignore[assignment]
                 return _tampered(answer, reply.tamper) if reply.tamper else answer
             code = _ERROR_CODES.get(reply.status, "ERROR")
             return json.dumps({"error": {"code": code, "message": f"fake {code}"}}).encode()
@@ -510,13 +512,6 @@ _SEALED_FIELDS = (
     "node_dh_public_key",
     "plaintext_body_hash",
 )
-
-
-def _b64decode(text: str) -> bytes | None:
-    try:
-        return base64.b64decode(text, validate=True)
-    except ValueError:  # binascii.Error is a ValueError
-        return None
 
 
 def _pixels(plaintext: bytes) -> int | None:
@@ -536,7 +531,7 @@ def _tampered(answer: bytes, tamper: Tamper) -> bytes:
     if tamper == "ciphertext":
         data = bytearray(base64.b64decode(sealed["ciphertext"]))
         data[len(data) // 2] ^= 0x01
-        sealed["ciphertext"] = base64.b64encode(bytes(data)).decode()
+        sealed["ciphertext"] = _confidential.b64encode_text(bytes(data))
     else:
         sealed["response_hash"] = _confidential.body_hash(b"some other response")
     return json.dumps(sealed).encode()
