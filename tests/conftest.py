@@ -73,3 +73,33 @@ async def serving(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def endless() -> AsyncIterator[str]:
+    """A server answering any request with 200 and a 256 MiB body, until the client hangs up.
+
+    Under a path with a ``sized`` segment (``/sized/...``) the body has a Content-Length;
+    elsewhere it is chunked. It is written chunk by chunk, so the server never holds it.
+    """
+    chunk = b" " * 2**16
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        if "sized" in request.path.split("/"):
+            response.content_length = len(chunk) * 4096
+        else:
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            for _ in range(4096):
+                await response.write(chunk)
+        except ConnectionError:  # the client hung up, as it should
+            pass
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", answer)
+    async with serving(app) as root:
+        yield root

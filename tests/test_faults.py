@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import time
 import tracemalloc
-from collections.abc import AsyncIterator
 from email.utils import formatdate
 
 import attrs
 import pytest
-from aiohttp import web
 
 from atoma_images import (
     AmbiguousOutcomeError,
@@ -34,7 +32,7 @@ from atoma_images import (
 )
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY, FakeSleep, serving
+from conftest import API_KEY, FakeSleep
 
 HTML_502 = (
     "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway"
@@ -171,33 +169,6 @@ async def test_slow_drip_ends_at_the_deadline(server: FakeAtomaServer) -> None:
     elapsed = time.monotonic() - started
     assert 0.9 < elapsed < 3
     assert len(server.posts) == 1
-
-
-@pytest.fixture
-async def endless() -> AsyncIterator[str]:
-    """Answers a POST with 200 and an endless JSON-ish body, with or without a length."""
-    chunk = b" " * 2**16
-
-    async def answer(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        if request.path.startswith("/sized/"):
-            response.content_length = len(chunk) * 4096
-        else:
-            response.enable_chunked_encoding()
-        await response.prepare(request)
-        try:
-            for _ in range(4096):  # 256 MiB, unless the client hangs up first
-                await response.write(chunk)
-        except ConnectionError:
-            pass
-        return response
-
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", answer)
-    app.router.add_post("/sized/v1/images/generations", answer)
-    async with serving(app) as root:
-        yield root
 
 
 @pytest.mark.parametrize("sized", [False, True])
