@@ -36,6 +36,13 @@ def seconds_validator(owner: str, *, allow_zero: bool = False, allow_none: bool 
 
 _check_limit = seconds_validator("timeout", allow_none=True)
 
+#: The shortest time an attempt is given; a deadline shorter than this cannot fit one.
+MIN_ATTEMPT = 0.001
+# The connect phase (pool wait and connecting) must end, with aiohttp's ConnectionTimeoutError,
+# this much before the attempt's total limit: that error proves nothing was sent, while the
+# total limit firing during the wait would leave the client unable to say so.
+_CONNECT_MARGIN = 0.05
+
 
 @attrs.frozen(kw_only=True)
 class Timeout:
@@ -72,11 +79,25 @@ class Timeout:
         )
 
     def for_attempt(self, remaining: float | None) -> aiohttp.ClientTimeout:
-        """aiohttp's limits for an attempt that may take at most ``remaining`` seconds."""
+        """aiohttp's limits for an attempt that may take at most ``remaining`` seconds.
+
+        aiohttp's ``connect`` covers the wait for a pooled connection and connecting; when it
+        runs out, aiohttp raises ConnectionTimeoutError and nothing was sent. Its ``total``
+        covers everything, and when it runs out nobody can tell whether the request was
+        written. So ``connect`` always ends before ``total`` does, and neither is rounded up
+        to a whole second (aiohttp's ``ceil_threshold``), which could swap their order.
+        """
         total = self.total
         if remaining is not None and (total is None or remaining < total):
-            total = max(remaining, 0.001)
+            total = max(remaining, MIN_ATTEMPT)
         connect = None if self.pool is None else self.pool + (self.connect or 0.0)
+        if total is not None:
+            before_total = total - min(_CONNECT_MARGIN, total / 10)
+            connect = before_total if connect is None else min(connect, before_total)
         return aiohttp.ClientTimeout(
-            total=total, connect=connect, sock_connect=self.connect, sock_read=self.read
+            total=total,
+            connect=connect,
+            sock_connect=self.connect,
+            sock_read=self.read,
+            ceil_threshold=math.inf,
         )

@@ -1,0 +1,240 @@
+"""The billing rule, held over a matrix of faults.
+
+An error with ``may_have_been_billed == False`` means the server never received that request
+(or answered it with an error status, which Atoma settles at zero). So, for every call:
+
+- "not billed" => no request carrying its prompt was left unanswered or answered with success;
+- requests the server received and did not answer with an error status
+  == successes + errors with ``may_have_been_billed`` true.
+
+The server here is a raw asyncio one, so that it can fail at any byte: it logs a request as
+received once it has read the request's headers (the earliest moment a real server could act
+on it), and then answers, stalls, or drops the connection before or after reading the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import random
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import attrs
+import pytest
+
+from atoma_images import (
+    AsyncImagesClient,
+    AtomaImagesError,
+    ImagesResponse,
+    RetryPolicy,
+    Timeout,
+)
+from atoma_images.testing import make_png
+
+from conftest import FakeSleep
+
+ANSWER = json.dumps(
+    {"created": 1, "data": [{"b64_json": base64.b64encode(make_png(8, 8)).decode()}]}
+).encode()
+
+#: What the server does with a request, and how often.
+FATES = {
+    "ok": 4,
+    "429": 1,
+    "500": 1,
+    "503": 1,
+    "stall_before_headers": 1,  # reads the request, never answers: a read timeout
+    "drop_before_body": 1,  # reads the headers only, then closes
+    "drop_after_body": 1,  # reads the whole request, then closes
+}
+
+
+@attrs.define
+class Received:
+    """One request as the server saw it."""
+
+    prompt: str | None = None  # None until the body was read
+    status: int | None = None  # None: never answered
+
+
+@attrs.define
+class FaultServer:
+    """Answers each request with a fate drawn from a seeded random sequence."""
+
+    seed: int
+    fates: dict[str, int] = attrs.Factory(lambda: dict(FATES))
+    ok_delay: float = 0.05
+    received: list[Received] = attrs.Factory(list)
+    random: random.Random = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.random = random.Random(self.seed)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:  # keep-alive: one request after another on the connection
+                head = await reader.readuntil(b"\r\n\r\n")
+                record = Received()
+                self.received.append(record)
+                fate = self.random.choices(list(self.fates), weights=list(self.fates.values()))[0]
+                if fate == "drop_before_body":
+                    break
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                record.prompt = json.loads(await reader.readexactly(length))["prompt"]
+                if fate == "drop_after_body":
+                    break
+                if fate == "stall_before_headers":
+                    await reader.read()  # until the client gives up and hangs up
+                    break
+                status = 200 if fate == "ok" else int(fate)
+                if status == 200:
+                    await asyncio.sleep(self.ok_delay)
+                body = ANSWER if status == 200 else b'{"error":{"code":"X","message":"no"}}'
+                extra = b"Retry-After: 0\r\n" if status == 429 else b""
+                writer.write(
+                    b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n%sContent-Length: %d"
+                    b"\r\n\r\n%s" % (status, extra, len(body), body)
+                )
+                record.status = status
+                await writer.drain()
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def fault_server(fake: FaultServer) -> AsyncIterator[tuple[FaultServer, str]]:
+    server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield fake, f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            server.close_clients()  # type: ignore[attr-defined]  # Python 3.13+
+        await server.wait_closed()
+
+
+@contextlib.contextmanager
+def stalled_listener() -> Iterator[str]:
+    """A port whose accept queue is full, so a new connection never completes."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # more than the queue holds: later connects hang in SYN-SENT
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+def refused_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"  # nothing listens there any more
+
+
+def check_the_rule(
+    outcomes: dict[str, ImagesResponse | BaseException], received: list[Received]
+) -> None:
+    unexpected = [
+        o for o in outcomes.values() if not isinstance(o, (ImagesResponse, AtomaImagesError))
+    ]
+    assert not unexpected
+    # Received and not answered with an error status: what the server may have billed.
+    billable = [r for r in received if r.status is None or r.status < 300]
+    successes = [p for p, o in outcomes.items() if isinstance(o, ImagesResponse)]
+    billed_errors = [
+        p for p, o in outcomes.items() if isinstance(o, AtomaImagesError) and o.may_have_been_billed
+    ]
+    not_billed = [
+        p
+        for p, o in outcomes.items()
+        if isinstance(o, AtomaImagesError) and not o.may_have_been_billed
+    ]
+    for prompt in not_billed:
+        seen = [r for r in billable if r.prompt == prompt]
+        assert not seen, (
+            f"{prompt}: {outcomes[prompt]!r} says not billed, but the server got {seen}"
+        )
+    assert len(billable) == len(successes) + len(billed_errors)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_not_billed_means_never_received_over_a_fault_matrix(seed: int) -> None:
+    sleep = FakeSleep()
+    policy = RetryPolicy(sleep=sleep, max_retries=2)
+    # Few connections for many calls and a short attempt limit: calls also time out while
+    # waiting for a connection (not sent), besides every fault the server plays.
+    limits = Timeout(total=0.8, read=0.4, connect=0.3, pool=1.0)
+    outcomes: dict[str, ImagesResponse | BaseException] = {}
+
+    async def call(client: AsyncImagesClient, prompt: str) -> None:
+        try:
+            outcomes[prompt] = await client.generate(prompt, size="8x8")
+        except BaseException as exc:  # checked below: only our errors may come out
+            outcomes[prompt] = exc
+
+    async with fault_server(FaultServer(seed)) as (server, url):
+        with stalled_listener() as stalled:
+            async with (
+                AsyncImagesClient(
+                    "k", base_url=url, max_connections=3, timeout=limits, retries=policy
+                ) as busy,
+                AsyncImagesClient("k", base_url=refused_url(), retries=policy) as refused,
+                AsyncImagesClient("k", base_url=stalled, timeout=limits, retries=policy) as stalls,
+            ):
+                await asyncio.gather(
+                    *(call(busy, f"seed {seed} call {i}") for i in range(40)),
+                    *(call(refused, f"seed {seed} refused {i}") for i in range(3)),
+                    *(call(stalls, f"seed {seed} stalled {i}") for i in range(3)),
+                )
+    check_the_rule(outcomes, server.received)
+    kinds = {type(o).__name__ for o in outcomes.values()}
+    # The matrix really ran: a success, a timeout before sending, one after, a status error.
+    assert {"ImagesResponse", "APITimeoutError", "AmbiguousTimeoutError"} <= kinds, kinds
+    assert kinds & {"RateLimitError", "InternalServerError", "ServiceUnavailableError"}, kinds
+    assert all(not outcomes[f"seed {seed} refused {i}"].may_have_been_billed for i in range(3))  # type: ignore[union-attr]
+    assert all(
+        type(outcomes[f"seed {seed} stalled {i}"]).__name__ == "APITimeoutError" for i in range(3)
+    )
+
+
+async def test_pool_waits_that_time_out_are_not_billed_and_are_retried() -> None:
+    """The case from the field: more calls than connections, a per-attempt total limit."""
+    sleep = FakeSleep()
+    only_ok = FaultServer(0, fates={"ok": 1}, ok_delay=0.2)
+    async with fault_server(only_ok) as (server, url):
+        outcomes: dict[str, ImagesResponse | BaseException] = {}
+        async with AsyncImagesClient(
+            "k", base_url=url, max_connections=2, timeout=0.5, retries=RetryPolicy(sleep=sleep)
+        ) as client:
+
+            async def call(prompt: str) -> None:
+                try:
+                    outcomes[prompt] = await client.generate(prompt, size="8x8")
+                except AtomaImagesError as exc:
+                    outcomes[prompt] = exc
+
+            await asyncio.gather(*(call(f"p{i}") for i in range(20)))
+    check_the_rule(outcomes, server.received)
+    # A call that waited too long for a connection was never sent: a plain APITimeoutError,
+    # retried until the policy's three attempts were spent. (One that got a connection late
+    # and then ran out of time was sent: AmbiguousTimeoutError, as check_the_rule requires.)
+    never_sent = [o for o in outcomes.values() if type(o).__name__ == "APITimeoutError"]
+    assert never_sent  # 20 calls through 2 connections at 0.2 s each cannot all fit
+    assert all(e.attempts == 3 and not e.may_have_been_billed for e in never_sent)  # type: ignore[union-attr]
