@@ -27,7 +27,8 @@ import binascii
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
@@ -38,6 +39,12 @@ from ._models import ImageRequest, ImagesResponse
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from yarl import URL
+
+    from ._transport import Answer
+
+    #: Sends one POST: (url, body, seconds it may take, largest body or None for the default).
+    Post = Callable[[URL, bytes, float, int | None], Awaitable[Answer]]
 
 __all__ = [
     "LOCK_PATH",
@@ -51,6 +58,7 @@ __all__ = [
     "decrypt",
     "derive_key",
     "encrypt",
+    "generate_once",
     "lock_body",
     "new_private_key",
     "parse_lock",
@@ -144,6 +152,28 @@ def b64decode_text(text: str) -> bytes | None:
 
 
 # -- one attempt: lock, seal, open -----------------------------------------------------------
+
+#: The lock answer is a few small fields; more than this of it is not read.
+_MAX_LOCK_ANSWER = 2**20
+
+
+async def generate_once(
+    post: Post, base_url: URL, request: ImageRequest, plaintext: bytes, seconds: float
+) -> ImagesResponse:
+    """One confidential attempt: lock a node, seal the request for it, open its answer.
+
+    The two exchanges share the attempt's ``seconds``. Every attempt takes a fresh lock, so
+    a 425 (the lock was not usable) is retried with a new one.
+    """
+    started = time.monotonic()
+    lock_url = base_url / LOCK_PATH
+    answer = await post(lock_url, lock_body(request), seconds, _MAX_LOCK_ANSWER)
+    sealed = seal(
+        plaintext, request, parse_lock(answer.status, answer.headers, answer.body, lock_url)
+    )
+    url = base_url / PATH
+    answer = await post(url, sealed.body, seconds - (time.monotonic() - started), None)
+    return sealed.open(answer.status, answer.headers, answer.body, url)
 
 
 def compute_units(request: ImageRequest) -> int:

@@ -7,8 +7,9 @@ charges a success even when the client has gone away, so the rules are:
 - sent but no complete answer (read timeout, reset, truncated body): it may have been billed,
   so it is not retried unless the policy says ``retry_ambiguous=True``.
 
-The first attempt runs without tenacity (the happy path pays nothing for retries); only
-after it fails does `RetryPolicy.retry` build tenacity's `AsyncRetrying`.
+`RetryPolicy.run` is the one attempt loop of the package, built from tenacity's parts (as
+hynek/stamina builds its own): ``stop_any(stop_after_attempt, stop_before_delay)``, a wait
+that reads the server's Retry-After, and `RetryPolicy.retryable`, a pure function of the error.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import attrs
+from tenacity.stop import stop_base
 
 from ._errors import (
     AmbiguousOutcomeError,
@@ -29,7 +31,7 @@ from ._errors import (
     AtomaImagesError,
     InvalidRequestError,
 )
-from ._timeout import seconds_validator
+from ._timeout import MIN_ATTEMPT, seconds_validator
 
 if TYPE_CHECKING:
     from tenacity import RetryCallState
@@ -52,6 +54,15 @@ def _check_count(_: object, attribute: attrs.Attribute[int], value: object) -> N
 
 
 _check_seconds = seconds_validator("retries", allow_zero=True)
+_check_positive_seconds = seconds_validator("retries")
+
+
+def _check_deadline(owner: object, attribute: attrs.Attribute[float], value: object) -> None:
+    _check_positive_seconds(owner, attribute, value)
+    if value < MIN_ATTEMPT:  # type: ignore[operator]  # a number: checked just above
+        raise InvalidRequestError(
+            "retries.deadline", value, f"allowed: at least {MIN_ATTEMPT} s, the shortest attempt"
+        )
 
 
 def _check_flag(_: object, attribute: attrs.Attribute[bool], value: object) -> None:
@@ -83,17 +94,18 @@ class RetryPolicy:
     max_retry_after: float = attrs.field(default=60.0, validator=_check_seconds)
     backoff_base: float = attrs.field(default=0.5, validator=_check_seconds)
     backoff_max: float = attrs.field(default=8.0, validator=_check_seconds)
-    deadline: float = attrs.field(default=600.0, validator=_check_seconds)
+    deadline: float = attrs.field(default=600.0, validator=_check_deadline)
     sleep: Callable[[float], Awaitable[None]] = attrs.field(
         default=asyncio.sleep, repr=False, eq=False
     )
 
-    def worth_retrying(self, error: AtomaImagesError) -> bool:
-        """Whether this kind of failure is retried at all (the budget is checked elsewhere)."""
-        if self.max_retries == 0:
-            return False
+    def retryable(self, error: BaseException) -> bool:
+        """Whether a failure of this kind is worth another attempt (budgets aside)."""
+        if not isinstance(error, AtomaImagesError):
+            return False  # cancellation, Ctrl-C and our own bugs propagate at once
         if isinstance(error, APIStatusError):
-            hint = error.headers.get("x-should-retry")
+            # Compared as RFC 9110 compares tokens: without regard to case.
+            hint = error.headers.get("x-should-retry", "").strip().lower()
             if hint == "false":
                 return False
             if error.retry_after is not None and error.retry_after > self.max_retry_after:
@@ -109,85 +121,72 @@ class RetryPolicy:
             return error.transient
         return False
 
-    async def retry(
-        self,
-        attempt: Callable[[float], Awaitable[T]],
-        *,
-        first_error: AtomaImagesError,
-        started: float,
-    ) -> T:
-        """Go on after a first attempt that failed with ``first_error``, or re-raise it.
+    async def run(self, attempt: Callable[[float], Awaitable[T]]) -> T:
+        """``await attempt(remaining)`` until it succeeds or the policy says stop.
 
-        ``attempt(remaining)`` makes one more attempt and may take at most ``remaining``
-        seconds. ``started`` is the ``time.monotonic()`` at which the call began. The
-        error that ends the call carries ``attempts``.
+        ``attempt`` may take at most ``remaining`` seconds (what is left of the deadline).
+        The error that ends the call is re-raised as it is, carrying ``attempts``.
         """
-        first_error.attempts = 1
-        if not self.worth_retrying(first_error):
-            raise first_error
-        # Imported here: a call that never fails never needs tenacity, nor its import time.
-        from tenacity import AsyncRetrying, retry_if_exception  # noqa: PLC0415
-
-        budget = _Budget(self)
-        pending: AtomaImagesError | None = first_error
-
-        async def next_attempt() -> T:
-            nonlocal pending
-            if pending is not None:
-                # Replay the first failure so tenacity counts it as attempt 1 and applies
-                # the same decision, wait and stop to it as to every later one.
-                error, pending = pending, None
-                raise error
-            budget.attempts += 1
-            return await attempt(self.deadline - (time.monotonic() - started))
-
-        def stop(state: RetryCallState) -> bool:
-            if state.attempt_number > self.max_retries:
-                return True
-            # Never sleep past the deadline: stop now rather than wake up with no time left.
-            return time.monotonic() - started + state.upcoming_sleep >= self.deadline
-
-        retrying = AsyncRetrying(
-            sleep=self.sleep,
-            stop=stop,
-            wait=self._wait,
-            retry=retry_if_exception(budget.allows),
-            before_sleep=_log_retry,
-            reraise=True,
+        from tenacity import (  # noqa: PLC0415 - tenacity costs import time; a call needs it
+            AsyncRetrying,
+            retry_if_exception,
+            stop_after_attempt,
+            stop_any,
+            stop_before_delay,
         )
-        try:
-            return await retrying(next_attempt)
-        except AtomaImagesError as error:
-            error.attempts = budget.attempts
-            raise
-
-    def _wait(self, state: RetryCallState) -> float:
-        error = state.outcome.exception() if state.outcome else None
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after is not None:
-            # The server named a wait; add a little so a crowd of clients does not return at once.
-            return float(retry_after) + random.uniform(0, min(1.0, 0.1 + retry_after / 10))
         from tenacity.wait import wait_random_exponential  # noqa: PLC0415
 
         backoff = wait_random_exponential(multiplier=self.backoff_base, max=self.backoff_max)
-        return float(backoff(state))
+        retrying = AsyncRetrying(
+            stop=stop_any(
+                _ServerErrorBudget(self.max_server_error_retries),
+                stop_after_attempt(self.max_retries + 1),
+                # Never sleep past the deadline: stop now rather than wake up with no time left.
+                stop_before_delay(self.deadline),
+            ),
+            wait=lambda state: _wait(state, backoff),
+            retry=retry_if_exception(self.retryable),
+            sleep=self.sleep,
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        async for try_ in retrying:
+            with try_:
+                state = try_.retry_state
+                try:
+                    return await attempt(self.deadline - (time.monotonic() - state.start_time))
+                except AtomaImagesError as error:
+                    error.attempts = state.attempt_number
+                    raise
+        raise AssertionError(
+            "unreachable: tenacity returns the result or raises"
+        )  # pragma: no cover
 
 
-class _Budget:
-    """Counts attempts and server-error retries for one call."""
+def _wait(state: RetryCallState, backoff: Callable[[RetryCallState], float]) -> float:
+    error = state.outcome.exception() if state.outcome else None
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        # The server named a wait; add a little so a crowd of clients does not return at once.
+        return float(retry_after) + random.uniform(0, min(1.0, 0.1 + retry_after / 10))
+    return float(backoff(state))
 
-    def __init__(self, policy: RetryPolicy) -> None:
-        self.policy = policy
-        self.attempts = 1
-        self.server_error_retries = 0
 
-    def allows(self, error: BaseException) -> bool:
-        if not isinstance(error, AtomaImagesError) or not self.policy.worth_retrying(error):
-            return False
+class _ServerErrorBudget(stop_base):
+    """A stop condition: the call has used up its retries after a 500, 502 or 504.
+
+    tenacity consults the stop once per failure it would retry, so this counts each one.
+    """
+
+    def __init__(self, allowed: int) -> None:
+        self.allowed = allowed
+        self.seen = 0
+
+    def __call__(self, state: RetryCallState) -> bool:
+        error = state.outcome.exception() if state.outcome else None
         if isinstance(error, APIStatusError) and error.status in SERVER_ERROR_STATUSES:
-            self.server_error_retries += 1
-            return self.server_error_retries <= self.policy.max_server_error_retries
-        return True
+            self.seen += 1
+        return self.seen > self.allowed
 
 
 def _log_retry(state: RetryCallState) -> None:

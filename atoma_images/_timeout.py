@@ -78,7 +78,13 @@ class Timeout:
             "timeout", value, "allowed: a Timeout, a positive number of seconds, or None"
         )
 
-    def for_attempt(self, remaining: float | None) -> aiohttp.ClientTimeout:
+    def attempt_seconds(self, remaining: float) -> float:
+        """How long an attempt may take when ``remaining`` seconds are left of the deadline."""
+        if self.total is not None and self.total <= remaining:
+            return self.total
+        return max(remaining, MIN_ATTEMPT)
+
+    def for_attempt(self, remaining: float) -> aiohttp.ClientTimeout:
         """aiohttp's limits for an attempt that may take at most ``remaining`` seconds.
 
         aiohttp's ``connect`` covers the wait for a pooled connection and connecting; when it
@@ -87,13 +93,10 @@ class Timeout:
         written. So ``connect`` always ends before ``total`` does, and neither is rounded up
         to a whole second (aiohttp's ``ceil_threshold``), which could swap their order.
         """
-        total = self.total
-        if remaining is not None and (total is None or remaining < total):
-            total = max(remaining, MIN_ATTEMPT)
+        total = self.attempt_seconds(remaining)
         connect = None if self.pool is None else self.pool + (self.connect or 0.0)
-        if total is not None:
-            before_total = total - min(_CONNECT_MARGIN, total / 10)
-            connect = before_total if connect is None else min(connect, before_total)
+        before_total = total - min(_CONNECT_MARGIN, total / 10)
+        connect = before_total if connect is None else min(connect, before_total)
         return aiohttp.ClientTimeout(
             total=total,
             connect=connect,

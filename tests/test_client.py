@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from atoma_images import (
+    APIConnectionError,
     APIStatusError,
     AsyncImagesClient,
     AuthenticationError,
@@ -310,6 +311,15 @@ def test_key_and_base_url_come_from_the_environment(monkeypatch: pytest.MonkeyPa
         ({"max_response_bytes": 0}, "max_response_bytes"),
         ({"headers": {"Authorization": "Bearer other"}}, "headers"),
         ({"ssl": "yes"}, "ssl"),
+        ({"headers": [("X-A", "1")]}, "headers"),
+        ({"headers": {"X-A": 1}}, "headers"),
+        ({"headers": {"X-A": "one\r\nX-Injected: two"}}, "headers"),
+        ({"headers": {"X-A": "one\ntwo"}}, "headers"),
+        ({"headers": {"X-A\r\nX-B": "1"}}, "headers"),
+        ({"headers": {"X A": "1"}}, "headers"),
+        ({"headers": {"": "1"}}, "headers"),
+        ({"headers": {b"X-A": "1"}}, "headers"),
+        ({"base_url": "https://user:s3cret-pw@api.example/v1"}, "base_url"),
     ],
 )
 def test_constructor_checks_its_arguments(arguments: dict[str, Any], field: str) -> None:
@@ -318,6 +328,8 @@ def test_constructor_checks_its_arguments(arguments: dict[str, Any], field: str)
         AsyncImagesClient(**arguments)
     if field == "api_key":
         assert arguments["api_key"] not in str(info.value) or arguments["api_key"] == ""
+    # Credentials in a URL are never echoed back, in the message or the error's attributes.
+    assert "s3cret-pw" not in repr(info.value) + str(info.value) + repr(vars(info.value))
 
 
 async def test_extra_headers_are_sent(server: FakeAtomaServer) -> None:
@@ -333,3 +345,45 @@ async def test_many_concurrent_calls_share_one_pool(server: FakeAtomaServer) -> 
         results = await asyncio.gather(*(images.generate(f"p{i}", size="8x8") for i in range(50)))
     assert len(results) == 50
     assert server.connections <= 4
+
+
+@pytest.mark.parametrize("status", [401, 429, 500])
+async def test_a_session_that_raises_for_status_still_gets_typed_status_errors(
+    server: FakeAtomaServer, status: int
+) -> None:
+    # A bot's own session may raise on every error status; the client reads statuses itself.
+    server.enqueue(Reply(status=status), times=3)
+    async with (
+        aiohttp.ClientSession(raise_for_status=True) as session,
+        AsyncImagesClient(
+            API_KEY, base_url=server.base_url, session=session, retries=NO_RETRIES
+        ) as images,
+    ):
+        with pytest.raises(APIStatusError) as info:
+            await images.generate("fox", size="8x8")
+    assert info.value.status == status
+    assert not info.value.may_have_been_billed
+
+
+async def test_a_proxy_variable_without_a_scheme_means_http(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As curl, requests and httpx read it. Port 9 refuses: nothing can have been sent.
+    monkeypatch.setenv("HTTP_PROXY", "127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    async with AsyncImagesClient(
+        API_KEY, base_url="http://127.0.0.1:8/v1", retries=NO_RETRIES
+    ) as images:
+        with pytest.raises(APIConnectionError) as info:
+            await images.generate("fox", size="8x8")
+    assert not info.value.may_have_been_billed
+    assert "9" in str(info.value)
+
+
+def test_a_proxy_variable_that_is_not_a_url_is_refused_at_construction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "socks9://[::1")
+    with pytest.raises(InvalidRequestError, match="HTTPS_PROXY"):
+        AsyncImagesClient(API_KEY, base_url="https://api.example/v1")

@@ -139,6 +139,23 @@ async def test_x_should_retry_header_is_obeyed(
     assert len(server.posts) == 2
 
 
+@pytest.mark.parametrize(
+    ("hint", "posts"), [("FALSE", 1), (" False ", 1), ("TRUE", 2), ("True", 2)]
+)
+async def test_x_should_retry_is_read_case_insensitively(
+    client: AsyncImagesClient, server: FakeAtomaServer, hint: str, posts: int
+) -> None:
+    # A header value's case carries no meaning here; proxies and SDKs write it either way.
+    status = 503 if posts == 1 else 400
+    server.enqueue(Reply(status=status, headers={"x-should-retry": hint}))
+    if posts == 1:
+        with pytest.raises(ServiceUnavailableError):
+            await client.generate("fox", size="8x8")
+    else:
+        assert (await client.generate("fox", size="8x8")).images
+    assert len(server.posts) == posts
+
+
 async def test_read_timeout_is_ambiguous_and_not_retried(
     client: AsyncImagesClient, server: FakeAtomaServer
 ) -> None:
@@ -369,6 +386,8 @@ async def test_bad_request_after_a_retry_stops_there(
         ({"max_server_error_retries": True}, "retries.max_server_error_retries"),
         ({"retry_ambiguous": 1}, "retries.retry_ambiguous"),
         ({"deadline": -5}, "retries.deadline"),
+        ({"deadline": 0}, "retries.deadline"),  # no attempt fits: it could only ever fail
+        ({"deadline": 1e-6}, "retries.deadline"),
         ({"deadline": float("nan")}, "retries.deadline"),
         ({"backoff_max": "8"}, "retries.backoff_max"),
         ({"max_retry_after": float("inf")}, "retries.max_retry_after"),

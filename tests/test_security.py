@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import trustme
@@ -20,6 +20,8 @@ from atoma_images import (
     RetryPolicy,
 )
 from atoma_images.testing import FakeAtomaServer, Reply
+
+from conftest import serving
 
 SECRET = "sk-live-7f3a9c2e5b1d4e8f"
 
@@ -135,3 +137,103 @@ async def test_a_custom_ssl_context_or_ssl_false_can_be_passed(
         assert (await images.generate("a fox", size="8x8")).images
     async with AsyncImagesClient(SECRET, base_url=https_server, ssl=False) as images:
         assert (await asyncio.wait_for(images.generate("a fox", size="8x8"), 10)).images
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n",  # a header aiohttp cannot read
+        b"HTTP/1.1 2OO OK\r\n\r\n",  # not a status line
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # a broken chunk
+    ],
+)
+async def test_key_is_in_no_exception_chain_of_a_malformed_answer(answer: bytes) -> None:
+    # aiohttp's ClientResponseError keeps the request's headers (so the key) in request_info.
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with AsyncImagesClient(
+        SECRET, base_url=f"http://127.0.0.1:{port}/v1", retries=RetryPolicy(max_retries=0)
+    ) as images:
+        with pytest.raises(AtomaImagesError) as info:
+            await images.generate("a fox", size="8x8")
+    server.close()
+    await server.wait_closed()
+    chain = every_text_of(info.value)
+    assert len(chain) >= 8  # the cause is kept, for diagnosis
+    assert not [text for text in chain if SECRET in text]
+
+
+def recording_app(
+    seen: list[tuple[str, dict[str, str]]], **routes: Callable[[], web.StreamResponse]
+) -> web.Application:
+    """An app that records each GET and answers /<name> with a fresh routes[name]()."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        seen.append((request.path, dict(request.headers)))
+        return routes[request.match_info["name"]]()
+
+    app = web.Application()
+    app.router.add_get("/{name}", answer)
+    return app
+
+
+async def test_download_sends_nothing_of_the_users_to_another_origin() -> None:
+    png = b"\x89PNG\r\n\x1a\nrest"
+    seen_here: list[tuple[str, dict[str, str]]] = []
+    seen_there: list[tuple[str, dict[str, str]]] = []
+    there_app = recording_app(seen_there, img=lambda: web.Response(body=png))
+    async with serving(there_app) as there:
+        here_app = recording_app(
+            seen_here,
+            img=lambda: web.Response(body=png),
+            away=lambda: web.Response(status=302, headers={"Location": f"{there}/img"}),
+        )
+        async with (
+            serving(here_app) as here,
+            AsyncImagesClient(
+                SECRET, base_url=f"{here}/v1", headers={"X-Gateway-Token": "gw-secret"}
+            ) as images,
+        ):
+            assert await images.download(f"{here}/img") == png  # our own origin: all of it
+            assert await images.download(f"{there}/img") == png  # another: nothing of ours
+            assert await images.download(f"{here}/away") == png  # redirected to another
+    assert seen_here[0][1]["X-Gateway-Token"] == "gw-secret"
+    assert SECRET in seen_here[0][1]["Authorization"]
+    assert len(seen_there) == 2
+    for _, headers in seen_there:
+        ours = {k.lower() for k in headers} - {"host", "accept-encoding", "connection"}
+        assert ours <= {"user-agent", "accept"}, headers
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/x.png", "data:,x"])
+async def test_download_refuses_a_redirect_that_is_not_http_at_once(location: str) -> None:
+    seen: list[tuple[str, dict[str, str]]] = []
+    app = recording_app(seen, img=lambda: web.Response(status=302, headers={"Location": location}))
+    async with serving(app) as root, AsyncImagesClient(SECRET, base_url=f"{root}/v1") as images:
+        with pytest.raises(APIStatusError, match="not an http") as info:
+            await images.download(f"{root}/img")
+    assert len(seen) == 1  # typed, and not retried
+    assert info.value.status == 302
+
+
+async def test_download_redirect_loops_are_cut_short() -> None:
+    seen: list[tuple[str, dict[str, str]]] = []
+    app = recording_app(seen)
+
+    async def next_hop(request: web.Request) -> web.Response:
+        seen.append((request.path, dict(request.headers)))
+        hop = int(request.match_info["n"]) + 1
+        return web.Response(status=302, headers={"Location": f"/loop/{hop}"})
+
+    app.router.add_get("/loop/{n}", next_hop)
+    async with serving(app) as root, AsyncImagesClient(SECRET, base_url=f"{root}/v1") as images:
+        with pytest.raises(APIStatusError, match="redirects") as info:
+            await images.download(f"{root}/loop/0")
+    assert len(seen) <= 6  # the first GET and at most five redirects, once
+    assert info.value.attempts == 1

@@ -43,9 +43,20 @@ def test_aiohttp_limits_and_the_deadline_cap() -> None:
     assert (limits.total, limits.connect, limits.sock_connect, limits.sock_read) == (50, 5, 2, 7)
     assert Timeout(total=50).for_attempt(remaining=4).total == 4
     assert Timeout().for_attempt(remaining=4).total == 4
-    assert Timeout().for_attempt(remaining=None).total is None
     assert Timeout().for_attempt(remaining=-1).total == 0.001
-    assert Timeout(pool=None).for_attempt(None).connect is None
+    assert Timeout(pool=None, total=20).for_attempt(600).connect == 19.95
+
+
+@pytest.mark.parametrize("total", [0.001, 0.05, 0.3, 3.0, 40.0, 599.0])
+@pytest.mark.parametrize("pool", [None, 0.01, 30.0])
+def test_the_connect_phase_always_ends_before_the_attempt(total: float, pool: float | None) -> None:
+    # aiohttp's connect limit (pool wait + connecting) ends with ConnectionTimeoutError, which
+    # proves nothing was sent; its total limit does not. The first must run out first, and
+    # neither may be rounded up to a whole second (which could swap them).
+    limits = Timeout(pool=pool, total=total).for_attempt(remaining=600)
+    assert limits.connect is not None
+    assert 0 < limits.connect < limits.total  # type: ignore[operator]
+    assert limits.ceil_threshold > 600
 
 
 @pytest.mark.parametrize(
@@ -99,25 +110,30 @@ async def test_pool_wait_is_a_timeout_before_sending(server: FakeAtomaServer) ->
     assert len(server.posts) == 1
 
 
-# -- the read timer of the client's own connections (_read_timer.py) -------------------------
+# -- aiohttp's own read timer, through its public API only ---------------------------------
 
 
-async def test_the_lazy_read_timer_is_in_place_on_our_own_session_only(
-    server: FakeAtomaServer,
-) -> None:
-    import aiohttp
+def test_the_package_uses_no_private_internals_of_its_dependencies() -> None:
+    # A private attribute can change in any patch release, and a read timeout that silently
+    # stops firing costs users a paid call hanging for ever. Only public API, then.
+    import pathlib
+    import re
 
-    from atoma_images._read_timer import LazyReadTimeoutHandler
+    import atoma_images
 
-    async with AsyncImagesClient(API_KEY, base_url=server.base_url) as images:
-        await images.generate("fox", size="8x8")
-        connector = images._session_for_running_loop().connector
-        # If aiohttp's internals changed, this fails: the client still works, only slower.
-        assert connector._factory.func is LazyReadTimeoutHandler  # type: ignore[union-attr]
-    async with aiohttp.ClientSession() as session:
-        async with AsyncImagesClient(API_KEY, base_url=server.base_url, session=session) as c:
-            await c.generate("fox", size="8x8")
-        assert session.connector._factory.func is not LazyReadTimeoutHandler  # type: ignore[union-attr]
+    private = re.compile(
+        r"aiohttp\.(client_proto|client_reqrep|connector|helpers|_(?!_)\w+)|\._factory\b"
+        r"|_reschedule_timeout|ResponseHandler|tenacity\._|cattrs\._|attr\._"
+        r"|\b(session|connector|response|protocol|request)\._[a-z]\w*"
+    )
+    package = pathlib.Path(atoma_images.__file__).parent
+    found = [
+        f"{path.name}:{number}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if private.search(line)
+    ]
+    assert found == []
 
 
 async def test_the_read_limit_counts_from_the_last_byte() -> None:
@@ -170,21 +186,3 @@ async def test_a_shorter_read_limit_on_a_reused_connection_applies(
             await images.generate("fox", size="8x8", timeout=Timeout(read=0.3))
         assert time.monotonic() - started < 2.0
     assert server.connections == 1
-
-
-@pytest.mark.parametrize("version", ["3.15.0", "4.0.0", "3.9.5", "nightly"])
-async def test_an_untested_aiohttp_keeps_its_own_read_timer(
-    monkeypatch: pytest.MonkeyPatch, version: str
-) -> None:
-    import aiohttp
-
-    from atoma_images import _read_timer
-
-    monkeypatch.setattr(aiohttp, "__version__", version)
-    connector = aiohttp.TCPConnector()
-    try:
-        before = connector._factory  # type: ignore[attr-defined]
-        assert not _read_timer.install(connector)
-        assert connector._factory is before  # type: ignore[attr-defined]
-    finally:
-        await connector.close()

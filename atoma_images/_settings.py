@@ -1,0 +1,178 @@
+"""The client's settings: checked once, when the client is made, never on a call.
+
+`ClientSettings` is a frozen attrs class whose validators are the one home of every
+construction-time check; each raises `InvalidRequestError` naming the argument, the value
+(never a secret) and what is allowed. `ClientSettings.from_arguments` fills in what the
+caller left out from the environment and the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl as ssl_module
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from ._errors import InvalidRequestError
+from ._models import DEFAULT_MODEL, ImageRequest
+from ._retry import RetryPolicy
+from ._timeout import Timeout
+from ._version import user_agent
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_MAX_DOWNLOAD_BYTES",
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "ClientSettings",
+]
+
+DEFAULT_BASE_URL = "https://api.atoma.network/v1"
+KEY_VARIABLES = ("ATOMA_API_KEY", "ATOMASDK_BEARER_AUTH")
+# An answer of n=10 large images as base64 stays well under this; see docs/architecture.md.
+DEFAULT_MAX_RESPONSE_BYTES = 128 * 2**20
+DEFAULT_MAX_DOWNLOAD_BYTES = 64 * 2**20
+# RFC 9110 section 5.6.2: a header name is a token.
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Set by the client itself: the key goes in api_key, the body is always JSON.
+_RESERVED_HEADERS = frozenset({"authorization", "content-type"})
+
+
+def _check_api_key(_: object, __: object, value: Any) -> None:
+    # The key is never echoed back, not even in this error.
+    if type(value) is not str:
+        raise InvalidRequestError("api_key", type(value).__name__, "allowed: a string")
+    if not value or not value.isascii() or not value.isprintable() or " " in value:
+        raise InvalidRequestError(
+            "api_key", "<hidden>", "allowed: a non-empty string of printable ASCII, no spaces"
+        )
+
+
+def _to_base_url(raw: object) -> URL:
+    try:
+        url = URL(raw) if isinstance(raw, str) else None
+    except (TypeError, ValueError):
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise InvalidRequestError(
+            "base_url", raw, "allowed: an http:// or https:// URL such as " + DEFAULT_BASE_URL
+        )
+    if url.user is not None or url.password is not None:
+        raise InvalidRequestError(
+            "base_url",
+            f"{url.with_user(None)} (credentials removed)",
+            "allowed: a URL without user:password; pass the key as api_key",
+        )
+    if url.query_string or url.fragment:
+        raise InvalidRequestError("base_url", raw, "allowed: a URL without query or fragment")
+    return url.with_path(url.path.rstrip("/"))  # ".../v1" and ".../v1/" are the same root
+
+
+def _check_model(_: object, __: object, value: Any) -> None:
+    ImageRequest(model=value, prompt="-")  # its check, not a copy
+
+
+def _to_timeout(value: object) -> Timeout:
+    return Timeout() if value is None else Timeout.of(value)  # type: ignore[arg-type]
+
+
+def _check_policy(_: object, __: object, value: object) -> None:
+    if not isinstance(value, RetryPolicy):
+        raise InvalidRequestError("retries", value, "allowed: a RetryPolicy or None")
+
+
+def _check_positive_int(_: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if type(value) is not int or value < 1:
+        raise InvalidRequestError(attribute.name, value, "allowed: an int >= 1")
+
+
+def _to_headers(value: object) -> CIMultiDictProxy[str]:
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError("headers", value, "allowed: a mapping of str to str, or None")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, text in value.items():
+        if type(name) is not str or not name or not _TOKEN.issuperset(name):
+            raise InvalidRequestError(
+                "headers", name, "allowed: names made of letters, digits and !#$%&'*+-.^_`|~"
+            )
+        if name.lower() in _RESERVED_HEADERS:
+            raise InvalidRequestError(
+                "headers", name, "allowed: any header but Authorization and Content-Type"
+            )
+        # RFC 9110 section 5.5: no CR, LF or NUL (a header injection), nor other controls.
+        if type(text) is not str or any((c < " " and c != "\t") or c == "\x7f" for c in text):
+            raise InvalidRequestError(
+                f"headers[{name!r}]", text, "allowed: a str without control characters"
+            )
+        headers[name] = text
+    return CIMultiDictProxy(headers)
+
+
+def _check_ssl(_: object, __: object, value: object) -> None:
+    if not isinstance(value, (bool, ssl_module.SSLContext)):
+        raise InvalidRequestError("ssl", value, "allowed: True, False or an ssl.SSLContext")
+
+
+@attrs.frozen(kw_only=True)
+class ClientSettings:
+    """Everything a client was configured with, checked. See `AsyncImagesClient` for each."""
+
+    api_key: str = attrs.field(validator=_check_api_key, repr=False)
+    base_url: URL = attrs.field(converter=_to_base_url)
+    model: str = attrs.field(default=DEFAULT_MODEL, validator=_check_model)
+    timeout: Timeout = attrs.field(default=None, converter=_to_timeout)
+    retries: RetryPolicy = attrs.field(factory=RetryPolicy, validator=_check_policy)
+    max_connections: int = attrs.field(default=100, validator=_check_positive_int)
+    max_response_bytes: int = attrs.field(
+        default=DEFAULT_MAX_RESPONSE_BYTES, validator=_check_positive_int
+    )
+    headers: CIMultiDictProxy[str] = attrs.field(factory=dict, converter=_to_headers)
+    ssl: ssl_module.SSLContext | bool = attrs.field(default=True, validator=_check_ssl)
+
+    @classmethod
+    def from_arguments(
+        cls, api_key: str | None, base_url: str | None, retries: RetryPolicy | None, **rest: Any
+    ) -> ClientSettings:
+        """The settings for a client's arguments, the environment filling in what is None."""
+        if api_key is None:
+            api_key = next(filter(None, map(os.environ.get, KEY_VARIABLES)), None)
+            if api_key is None:
+                raise InvalidRequestError(
+                    "api_key",
+                    None,
+                    f"pass api_key=... or set {KEY_VARIABLES[0]} (or {KEY_VARIABLES[1]}, the "
+                    "Atoma SDK's variable)",
+                )
+        base_url = base_url or os.environ.get("ATOMA_BASE_URL") or DEFAULT_BASE_URL
+        return cls(
+            api_key=api_key,
+            base_url=base_url,
+            retries=RetryPolicy() if retries is None else retries,
+            **rest,
+        )
+
+    @property
+    def generations_url(self) -> URL:
+        return self.base_url / "images/generations"
+
+    def request_headers(self) -> CIMultiDict[str]:
+        """Every header of a call to ``base_url``'s origin: the key, the JSON types, the user's."""
+        headers = CIMultiDict(
+            {
+                "Authorization": f"Bearer {self.api_key}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "User-Agent": user_agent(),
+            }
+        )
+        headers.update(self.headers)
+        return headers
+
+    def anonymous_headers(self) -> CIMultiDict[str]:
+        """For any other origin: nothing of the user's but what is safe to show anyone."""
+        return CIMultiDict({"Accept": "*/*", "User-Agent": user_agent()})

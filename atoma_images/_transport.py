@@ -1,0 +1,232 @@
+"""The one place that meets the network: send one request, get its answer or our error.
+
+`send` is the only code that knows aiohttp's exceptions. It sorts every failure by what it
+proves about billing (docs/architecture.md, "Billing honesty"):
+
+- before the request was written (could not connect, no free connection in time, an
+  unusable proxy): `APIConnectionError` or `APITimeoutError`; the server never saw it;
+- after (a read timeout, a reset, a body cut short): `AmbiguousOutcomeError` or
+  `AmbiguousTimeoutError`; the server may have processed it.
+
+Redirects are never followed here: a paid POST goes where it was sent, and downloads follow
+them one hop at a time, choosing the headers for each origin. The cause of our error is kept
+for diagnosis, with the request's headers (the key) taken out of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl as ssl_module
+import urllib.request
+from collections.abc import Mapping
+
+import aiohttp
+import attrs
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from ._errors import (
+    AmbiguousOutcomeError,
+    AmbiguousTimeoutError,
+    APIConnectionError,
+    APITimeoutError,
+    AtomaImagesError,
+    InvalidRequestError,
+    ResponseValidationError,
+)
+
+__all__ = ["MAX_ERROR_BODY", "Answer", "Proxy", "environment_proxy", "send"]
+
+logger = logging.getLogger("atoma_images")
+
+#: An error body is read for its message; more than this of it is not read.
+MAX_ERROR_BODY = 2**20
+
+_NOT_SENT = "; the request was not sent, so nothing was billed"
+_MAYBE_BILLED = (
+    "; the request was sent, so it may have been processed and billed. By default such a "
+    "request is not sent again, to avoid paying twice (RetryPolicy(retry_ambiguous=True))"
+)
+_DOWNLOAD_ONLY = "; fetching an image bills nothing"
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
+
+
+@attrs.frozen
+class Answer:
+    """What the server answered: status, headers and the body (capped)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+@attrs.frozen
+class Proxy:
+    """An HTTP proxy to send through, and its credentials."""
+
+    url: URL
+    auth: aiohttp.BasicAuth | None = None
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: URL,
+    *,
+    body: bytes | None,
+    headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,
+    ssl: ssl_module.SSLContext | bool,
+    proxy: Proxy | None,
+    max_bytes: int,
+) -> Answer:
+    """Send one request and read its answer; raise our error for anything else.
+
+    A success body larger than ``max_bytes`` is a `ResponseValidationError` (after reading no
+    more than that); an error body is cut at `MAX_ERROR_BODY`, since it is read only for
+    its message.
+    """
+    try:
+        async with session.request(
+            method,
+            url,
+            data=body,
+            headers=headers,
+            timeout=timeout,
+            ssl=ssl,
+            proxy=None if proxy is None else proxy.url,
+            proxy_auth=None if proxy is None else proxy.auth,
+            allow_redirects=False,
+            # A session passed in may raise on error statuses; we read statuses ourselves.
+            raise_for_status=False,
+        ) as response:
+            status = response.status
+            limit = max_bytes if status < 300 else MAX_ERROR_BODY
+            answer = Answer(status, response.headers, await _read_body(response, limit))
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        error, cause = _error_for(exc, method, url), _without_secrets(exc)
+    else:
+        if logger.isEnabledFor(logging.DEBUG):  # never the body, never the headers
+            logger.debug(
+                "atoma-images: %s %s -> %d (%d bytes, request id %s)",
+                method,
+                url,
+                status,
+                len(answer.body),
+                answer.headers.get("x-request-id"),
+            )
+        return answer
+    # Raised outside the handler, so that the original (which holds the key in its request
+    # headers) is not kept as __context__ either.
+    raise error from cause
+
+
+async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    length = response.content_length
+    if length is not None and length > limit and response.status < 300:
+        raise _too_large(response, limit)
+    chunks = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            if response.status < 300:
+                raise _too_large(response, limit)
+            chunks.append(chunk[: len(chunk) - (size - limit)])  # keep an error body's start
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(response: aiohttp.ClientResponse, limit: int) -> ResponseValidationError:
+    return ResponseValidationError(
+        f"the response is larger than the limit ({limit} bytes: max_response_bytes for a "
+        "generation, max_bytes for a download); it was not read to the end",
+        status=response.status,
+        headers=response.headers,
+        request_id=response.headers.get("x-request-id"),
+    )
+
+
+def _error_for(exc: BaseException, method: str, url: URL) -> AtomaImagesError:
+    where = f"{url.host}:{url.port}"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return APIConnectionError(
+            f"the TLS certificate of {url.host} failed verification ({exc.certificate_error})"
+            f"{_NOT_SENT}. Pass ssl=<an ssl.SSLContext that trusts it> if the server is yours",
+            url=str(url),
+            transient=False,
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return APIConnectionError(
+            f"could not connect to {where} ({exc.os_error}){_NOT_SENT}", url=str(url)
+        )
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return APITimeoutError(
+            f"timed out waiting for a connection to {where}{_NOT_SENT}", url=str(url)
+        )
+    if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy refused the tunnel
+        return APIConnectionError(
+            f"the proxy refused to connect to {where} ({exc.status} {exc.message}){_NOT_SENT}",
+            url=str(url),
+            transient=exc.status >= 500,
+        )
+    if isinstance(exc, aiohttp.InvalidURL):
+        return APIConnectionError(
+            f"aiohttp cannot request {exc.url!s:.200}{_NOT_SENT}", url=str(url), transient=False
+        )
+    consequence = _MAYBE_BILLED if method == "POST" else _DOWNLOAD_ONLY
+    if isinstance(exc, asyncio.TimeoutError):  # aiohttp's read and total limits
+        return AmbiguousTimeoutError(
+            f"timed out waiting for the response from {url.host}{consequence}", url=str(url)
+        )
+    return AmbiguousOutcomeError(
+        f"the connection to {url.host} failed after the request was sent "
+        f"({type(exc).__name__}: {exc}){consequence}",
+        url=str(url),
+    )
+
+
+def _without_secrets(exc: BaseException) -> BaseException:
+    """``exc`` for use as a cause: aiohttp's response errors keep the request's headers."""
+    if not isinstance(exc, aiohttp.ClientResponseError):
+        return exc
+    info = exc.request_info
+    kept = CIMultiDict((k, v) for k, v in info.headers.items() if k.lower() not in _SECRET_HEADERS)
+    safe = type(exc)(
+        aiohttp.RequestInfo(info.url, info.method, CIMultiDictProxy(kept), info.real_url),
+        (),
+        status=exc.status,
+        message=exc.message,
+        headers=exc.headers,
+    )
+    safe.__cause__ = exc.__cause__  # aiohttp's parser error: what was wrong with the answer
+    return safe
+
+
+def environment_proxy(url: URL) -> Proxy | None:
+    """The proxy that HTTP_PROXY / HTTPS_PROXY / NO_PROXY name for ``url``, if any.
+
+    A proxy without a scheme (``127.0.0.1:3128``) means http://, as curl, requests and httpx
+    read it. Anything else that is not an http(s) URL is an `InvalidRequestError`.
+    """
+    proxies = urllib.request.getproxies_environment()
+    address = proxies.get(url.scheme)
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if not address or (url.host and bypass(url.host, proxies)):
+        return None
+    variable = f"{url.scheme.upper()}_PROXY"
+    try:
+        proxy = URL(address if "://" in address else f"http://{address}")
+        valid = proxy.scheme in ("http", "https") and bool(proxy.host)
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        shown = address.rpartition("@")[2]  # never echo a proxy password
+        raise InvalidRequestError(
+            variable, shown, "allowed: an http proxy URL such as http://proxy.example:3128"
+        )
+    if proxy.user is None:
+        return Proxy(proxy)
+    return Proxy(proxy.with_user(None), aiohttp.BasicAuth(proxy.user, proxy.password or ""))
