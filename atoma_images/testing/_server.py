@@ -1,43 +1,15 @@
-"""A fake Atoma image server, for our tests, your tests and offline demos.
-
-```python
-async with FakeAtomaServer() as server:
-    async with AsyncImagesClient("any-key", base_url=server.base_url) as client:
-        result = await client.generate("a red fox", size="64x64")
-    assert len(server.posts) == 1
-```
-
-It behaves like the deployed service as described in CONTRACT.md: Bearer auth, a JSON
-content type, ``model``, ``n`` and ``size`` required (and checked before the key), the error
-envelope ``{"error": {"code", "message"}}``, and ``signature`` / ``response_hash`` beside the
-images. The images are real PNGs of the requested size, the same for the same prompt.
-
-Scripted answers replace the next requests' normal handling, in order::
-
-    server.enqueue(Reply(status=429, headers={"Retry-After": "2"}), Reply(status=503))
-    server.enqueue(Reply(fault="drop"))
-
-``with FakeAtomaServer() as server:`` runs it on a background thread for synchronous code.
-
-``FakeAtomaServer(confidential=True)`` also plays the node side of confidential generation
-(needs the ``confidential`` extra): ``POST /v1/nodes/lock`` answers with a real X25519 key,
-and ``POST /v1/confidential/images/generations`` decrypts the request, checks its hash and
-its lock, and answers encrypted. ``Reply(tamper=...)`` alters such an answer on its way.
-"""
+"""FakeAtomaServer: the generations endpoint, the confidential node, the file server, the script."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import collections
-import functools
 import hashlib
 import json
 import os
-import struct
 import time
 import uuid
-import zlib
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Literal
@@ -45,11 +17,13 @@ from typing import Any, Literal
 import attrs
 from aiohttp import web
 
-from . import _confidential
-from ._models import DEFAULT_MODEL
-from ._portal import LoopThread
+from atoma_images import _confidential
+from atoma_images._models import DEFAULT_MODEL
+from atoma_images._portal import LoopThread
 
-__all__ = ["FakeAtomaServer", "RecordedRequest", "Reply", "make_png"]
+from ._png import make_png
+
+__all__ = ["FakeAtomaServer", "RecordedRequest", "Reply"]
 
 ImageFormat = Literal["data_uri", "b64_json", "url", "local_file"]
 Fault = Literal["drop", "drop_mid_body", "stall", "drip"]
@@ -571,37 +545,3 @@ def _parse_size(size: object) -> tuple[int, int] | None:
     if not height.isascii() or int(width) == 0 or int(height) == 0:
         return None
     return int(width), int(height)
-
-
-@functools.lru_cache(maxsize=64)
-def make_png(width: int, height: int, seed: str = "") -> bytes:
-    """A valid RGB PNG of ``width`` x ``height``: a gradient whose colours depend on ``seed``."""
-    tint = hashlib.sha256(seed.encode("utf-8", "surrogatepass")).digest()
-    red = bytes(_ramp(tint[0], x, width) for x in range(width))
-    row = bytearray(3 * width)
-    row[0::3] = red
-    row[2::3] = bytes([tint[2]]) * width
-    raw = bytearray()
-    for y in range(height):
-        row[1::3] = bytes([_ramp(tint[1], y, height)]) * width
-        raw += b"\x00"  # filter type: none
-        raw += row
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"".join(
-        [
-            b"\x89PNG\r\n\x1a\n",
-            _chunk(b"IHDR", header),
-            _chunk(b"IDAT", zlib.compress(bytes(raw), 6)),
-            _chunk(b"IEND", b""),
-        ]
-    )
-
-
-def _ramp(start: int, index: int, span: int) -> int:
-    # Rises from `start`, and folds back at 255 rather than wrapping (no visible seam).
-    value = start + index * 256 // span
-    return value if value < 256 else 511 - value
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
