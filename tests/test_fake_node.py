@@ -99,6 +99,7 @@ async def test_a_lock_carries_the_node_key_and_numbers_its_stacks(node: FakeAtom
     ("body", "headers", "status", "code", "words"),
     [
         (b"{oops", AUTH, 400, "REQUEST_ERROR", "Failed to parse body as JSON"),
+        ([MODEL], AUTH, 400, "REQUEST_ERROR", "expected an object"),
         ({"max_num_tokens": 4}, AUTH, 400, "REQUEST_ERROR", "Model field is required"),
         ({"model": MODEL, "max_num_tokens": "4"}, AUTH, 400, "REQUEST_ERROR", "max_num_tokens"),
         ({"model": MODEL, "max_num_tokens": -1}, AUTH, 400, "REQUEST_ERROR", "max_num_tokens"),
@@ -232,7 +233,7 @@ async def test_an_invalid_request_inside_is_refused_in_clear(node: FakeAtomaServ
     assert error(got) == ("REQUEST_ERROR", "Size field is required")
 
 
-@pytest.mark.parametrize("path", ["confidential/images/generations"])
+@pytest.mark.parametrize("path", ["nodes/lock", "confidential/images/generations"])
 async def test_a_body_that_is_not_json_is_refused_by_the_proxy(
     node: FakeAtomaServer, path: str
 ) -> None:

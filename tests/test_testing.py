@@ -161,3 +161,38 @@ async def test_a_file_that_was_never_served_is_not_found(server: FakeAtomaServer
         assert response.status == 404
         assert (await response.json())["error"]["code"] == "NOT_FOUND"
     assert [r.path for r in server.requests] == ["/files/x.png"]
+
+
+@pytest.mark.parametrize(
+    "reply", [Reply(), Reply(chunked=True), Reply(fault="drip", drip_interval=0)]
+)
+async def test_a_scripted_reply_with_the_normal_answer_keeps_the_requests_checks(
+    server: FakeAtomaServer, reply: Reply
+) -> None:
+    # The normal answer to a request with a wrong key is a 401, scripted or not.
+    server.enqueue(reply)
+    status, _, raw = await exchange(
+        server, "POST", "/images/generations", Authorization="Bearer wrong"
+    )
+    assert status == 401
+    assert json.loads(raw)["error"]["code"] == "AUTH_ERROR"
+
+
+@pytest.mark.parametrize(
+    ("reply", "content_type"),
+    [
+        (Reply(), "application/json"),
+        (Reply(chunked=True), "application/json"),
+        (Reply(status=503), "application/json"),
+        (Reply(body=b"x"), "application/octet-stream"),
+        (Reply(body=b"x", chunked=True), "application/octet-stream"),
+        (Reply(body="<p>", headers={"Content-Type": "text/html"}), "text/html"),
+        (Reply(body="<p>", headers={"Content-Type": "text/html"}, chunked=True), "text/html"),
+    ],
+)
+async def test_a_scripted_reply_says_what_its_body_is(
+    server: FakeAtomaServer, reply: Reply, content_type: str
+) -> None:
+    server.enqueue(reply)
+    status, got, _ = await exchange(server, "POST", "/images/generations")
+    assert (status, got) == (reply.status, content_type)

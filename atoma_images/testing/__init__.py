@@ -25,7 +25,8 @@ and ``POST /v1/confidential/images/generations`` decrypts the request, checks it
 its lock, and answers encrypted. ``Reply(tamper=...)`` alters such an answer on its way.
 """
 
+from ._faults import Reply
 from ._png import make_png
-from ._server import FakeAtomaServer, RecordedRequest, Reply
+from ._server import FakeAtomaServer, RecordedRequest
 
 __all__ = ["FakeAtomaServer", "RecordedRequest", "Reply", "make_png"]
