@@ -113,3 +113,86 @@ def test_sync_context_manager_runs_in_a_thread() -> None:
             assert json.loads(response.read())["data"]
     with pytest.raises(RuntimeError, match="not running"):
         _ = fake.base_url
+
+
+# -- refusals and scripted answers, as sent on the wire ---------------------------------------
+
+
+async def exchange(
+    server: FakeAtomaServer, method: str, path: str, body: Any = GOOD, **headers: str
+) -> tuple[int, str, bytes]:
+    """One request under the API root: status, content type and the raw body."""
+    sent = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **headers}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method, f"{server.base_url}{path}", data=json.dumps(body), headers=sent
+        ) as response,
+    ):
+        return response.status, response.content_type, await response.read()
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code"),
+    [
+        ({**GOOD, "n": "1"}, {}, 400, "REQUEST_ERROR"),
+        ({**GOOD, "size": "0x8"}, {}, 400, "REQUEST_ERROR"),
+        ({**GOOD, "n": 11}, {}, 400, "REQUEST_ERROR"),
+        ({**GOOD, "response_format": "gif"}, {}, 400, "REQUEST_ERROR"),
+        (GOOD, {"Authorization": "Basic x"}, 401, "AUTH_ERROR"),
+        ({k: v for k, v in GOOD.items() if k != "prompt"}, {}, 500, "INTERNAL_ERROR"),
+    ],
+)
+async def test_refusals_carry_atomas_error_envelope(
+    server: FakeAtomaServer, body: Any, headers: dict[str, str], status: int, code: str
+) -> None:
+    got_status, content_type, raw = await exchange(
+        server, "POST", "/images/generations", body, **headers
+    )
+    assert (got_status, content_type) == (status, "application/json")
+    (error,) = json.loads(raw).values()
+    assert error["code"] == code
+    assert error["message"]
+
+
+async def test_a_file_that_was_never_served_is_not_found(server: FakeAtomaServer) -> None:
+    root = server.base_url.removesuffix("/v1")
+    async with aiohttp.ClientSession() as session, session.get(root + "/files/x.png") as response:
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "NOT_FOUND"
+    assert [r.path for r in server.requests] == ["/files/x.png"]
+
+
+@pytest.mark.parametrize(
+    "reply", [Reply(), Reply(chunked=True), Reply(fault="drip", drip_interval=0)]
+)
+async def test_a_scripted_reply_with_the_normal_answer_keeps_the_requests_checks(
+    server: FakeAtomaServer, reply: Reply
+) -> None:
+    # The normal answer to a request with a wrong key is a 401, scripted or not.
+    server.enqueue(reply)
+    status, _, raw = await exchange(
+        server, "POST", "/images/generations", Authorization="Bearer wrong"
+    )
+    assert status == 401
+    assert json.loads(raw)["error"]["code"] == "AUTH_ERROR"
+
+
+@pytest.mark.parametrize(
+    ("reply", "content_type"),
+    [
+        (Reply(), "application/json"),
+        (Reply(chunked=True), "application/json"),
+        (Reply(status=503), "application/json"),
+        (Reply(body=b"x"), "application/octet-stream"),
+        (Reply(body=b"x", chunked=True), "application/octet-stream"),
+        (Reply(body="<p>", headers={"Content-Type": "text/html"}), "text/html"),
+        (Reply(body="<p>", headers={"Content-Type": "text/html"}, chunked=True), "text/html"),
+    ],
+)
+async def test_a_scripted_reply_says_what_its_body_is(
+    server: FakeAtomaServer, reply: Reply, content_type: str
+) -> None:
+    server.enqueue(reply)
+    status, got, _ = await exchange(server, "POST", "/images/generations")
+    assert (status, got) == (reply.status, content_type)

@@ -1,0 +1,32 @@
+"""A fake Atoma image server, for our tests, your tests and offline demos.
+
+```python
+async with FakeAtomaServer() as server:
+    async with AsyncImagesClient("any-key", base_url=server.base_url) as client:
+        result = await client.generate("a red fox", size="64x64")
+    assert len(server.posts) == 1
+```
+
+It behaves like the deployed service as docs/contract.md describes it: Bearer auth, a JSON
+content type, ``model``, ``n`` and ``size`` required (and checked before the key), the error
+envelope ``{"error": {"code", "message"}}``, and ``signature`` / ``response_hash`` beside the
+images. The images are real PNGs of the requested size, the same for the same prompt.
+
+Scripted answers replace the next requests' normal handling, in order::
+
+    server.enqueue(Reply(status=429, headers={"Retry-After": "2"}), Reply(status=503))
+    server.enqueue(Reply(fault="drop"))
+
+``with FakeAtomaServer() as server:`` runs it on a background thread for synchronous code.
+
+``FakeAtomaServer(confidential=True)`` also plays the node side of confidential generation
+(needs the ``confidential`` extra): ``POST /v1/nodes/lock`` answers with a real X25519 key,
+and ``POST /v1/confidential/images/generations`` decrypts the request, checks its hash and
+its lock, and answers encrypted. ``Reply(tamper=...)`` alters such an answer on its way.
+"""
+
+from ._faults import Reply
+from ._png import make_png
+from ._server import FakeAtomaServer, RecordedRequest
+
+__all__ = ["FakeAtomaServer", "RecordedRequest", "Reply", "make_png"]

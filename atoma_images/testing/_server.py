@@ -1,0 +1,318 @@
+"""FakeAtomaServer: lifecycle, routes, recording, scripting and the normal answer."""
+
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+from aiohttp import web
+
+from atoma_images import _confidential
+from atoma_images._models import DEFAULT_MODEL
+from atoma_images._portal import LoopThread
+
+from ._checks import json_object, parse_size, refusal
+from ._faults import Reply, send
+from ._node import FakeConfidentialNode, lock_request, sealed_request
+from ._png import make_png
+
+__all__ = ["FakeAtomaServer", "ImageFormat", "RecordedRequest"]
+
+ImageFormat = Literal["data_uri", "b64_json", "url", "local_file"]
+
+GENERATIONS_PATH = "/v1/images/generations"
+CONFIDENTIAL_PATH = "/v1/" + _confidential.PATH
+LOCK_PATH = "/v1/" + _confidential.LOCK_PATH
+# The fake refuses to draw more than this many pixels per image, to keep tests' memory sane.
+MAX_PIXELS = 4096 * 4096
+_MAX_IMAGES = 10
+# Images served by URL are kept for the last this many; older ones are forgotten.
+_MAX_FILES = 256
+
+
+@attrs.frozen(kw_only=True)
+class RecordedRequest:
+    """One request the fake server received."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: bytes
+    #: (host, port) of the client's end of the connection: one value per TCP connection.
+    peer: tuple[str, int] | None = None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@attrs.define(kw_only=True, eq=False)
+class FakeAtomaServer:
+    """An aiohttp.web server on 127.0.0.1 that answers like Atoma's image API.
+
+    It serves ``POST /v1/images/generations``, ``GET /files/<name>`` (the images of ``"url"``
+    answers) and, with ``confidential=True``, ``POST /v1/nodes/lock`` and
+    ``POST /v1/confidential/images/generations``, whose node part a `FakeConfidentialNode`
+    plays. Every request is recorded in `requests`; `enqueue` scripts the answers to the
+    next generation requests.
+
+    Args:
+        api_key: the only key accepted; None accepts any non-empty Bearer token.
+        models: the models it has nodes for.
+        image_format: how images come back when the request names no ``response_format``:
+            ``"data_uri"`` (like Atoma's backend), ``"b64_json"`` (bare base64), ``"url"``
+            (served by this server) or ``"local_file"`` (a node-local file name, like the
+            real backend's ``image-generation-<uuid>.png``).
+        latency: seconds every normal answer takes (a real image takes about ten).
+        host: the address to listen on.
+        port: the port; 0 picks a free one.
+        confidential: also play a confidential node (needs the ``confidential`` extra).
+        lock_ttl: seconds a node lock stays usable; a request on an expired (or already
+            used) lock gets 425 ``UNAVAILABLE_STACK``, like Atoma's.
+    """
+
+    api_key: str | None = attrs.field(default=None, repr=False)
+    models: tuple[str, ...] = (DEFAULT_MODEL,)
+    image_format: ImageFormat = "data_uri"
+    latency: float = 0.0
+    host: str = "127.0.0.1"
+    port: int = 0
+    confidential: bool = False
+    lock_ttl: float = 60.0
+    #: Every request received, in order.
+    requests: list[RecordedRequest] = attrs.field(init=False, factory=list, repr=False)
+    #: The most generation requests that were being answered at the same time.
+    peak_in_flight: int = attrs.field(init=False, default=0, repr=False)
+    _node: FakeConfidentialNode | None = attrs.field(init=False, default=None, repr=False)
+    _in_flight: int = attrs.field(init=False, default=0, repr=False)
+    _script: collections.deque[Reply] = attrs.field(
+        init=False, factory=collections.deque, repr=False
+    )
+    _files: collections.OrderedDict[str, bytes] = attrs.field(
+        init=False, factory=collections.OrderedDict, repr=False
+    )
+    _runner: web.AppRunner | None = attrs.field(init=False, default=None, repr=False)
+    _thread: LoopThread | None = attrs.field(init=False, default=None, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.confidential:
+            _confidential.require("FakeAtomaServer(confidential=True)")
+            self._node = FakeConfidentialNode()
+
+    # -- scripting and inspection ---------------------------------------------------------
+
+    def enqueue(self, *replies: Reply, times: int = 1) -> None:
+        """Answer the next requests with ``replies``, in order (each repeated ``times``)."""
+        for reply in replies:
+            self._script.extend([reply] * times)
+
+    def reset(self) -> None:
+        """Forget recorded requests and scripted replies."""
+        self.requests.clear()
+        self._script.clear()
+        self.peak_in_flight = 0
+
+    @property
+    def posts(self) -> list[RecordedRequest]:
+        """The generation requests received, confidential ones included."""
+        return [
+            r
+            for r in self.requests
+            if r.method == "POST" and r.path in (GENERATIONS_PATH, CONFIDENTIAL_PATH)
+        ]
+
+    @property
+    def locks(self) -> list[RecordedRequest]:
+        """The node lock requests received (``POST /v1/nodes/lock``)."""
+        return [r for r in self.requests if r.path == LOCK_PATH]
+
+    @property
+    def node_public_key(self) -> bytes:
+        """The node's raw X25519 public key (``confidential=True`` only)."""
+        return self._confidential_node().public_key
+
+    @property
+    def connections(self) -> int:
+        """How many distinct TCP connections the recorded requests came over."""
+        return len({r.peer for r in self.requests})
+
+    @property
+    def base_url(self) -> str:
+        """The API root to give a client: ``http://127.0.0.1:<port>/v1``."""
+        if self._runner is None:
+            raise RuntimeError("the fake server is not running; use 'async with' or 'with'")
+        return f"http://{self.host}:{self.port}/v1"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen on ``host``:``port`` (a free port if 0, then ``port`` says which)."""
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_post(GENERATIONS_PATH, self._generations)
+        app.router.add_get("/files/{name}", self._file)
+        if self.confidential:
+            app.router.add_post(LOCK_PATH, self._lock)
+            app.router.add_post(CONFIDENTIAL_PATH, self._generations)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        await site.start()
+        self.port = runner.addresses[0][1]
+        self._runner = runner
+
+    async def stop(self) -> None:
+        """Close the server and its connections. Safe to repeat."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> FakeAtomaServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def __enter__(self) -> FakeAtomaServer:
+        self._thread = LoopThread("atoma-images-fake-server")
+        self._thread.run(self.start())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.run(self.stop())
+            thread.stop()
+
+    # -- handlers ------------------------------------------------------------------------
+
+    async def _receive(self, request: web.Request) -> bytes:
+        """Read the request's body and record the request."""
+        body = await request.read()
+        self.requests.append(_record(request, body))
+        return body
+
+    async def _generations(self, request: web.Request) -> web.StreamResponse:
+        raw = await self._receive(request)
+        # Unscripted, the answer is a plain Reply that takes the server's latency.
+        reply = self._script.popleft() if self._script else Reply(delay=self.latency)
+        self._in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+        try:
+            return await send(reply, request, lambda: self._normal_answer(request, raw))
+        finally:
+            self._in_flight -= 1
+
+    def _normal_answer(self, request: web.Request, raw: bytes) -> bytes:
+        if request.path != CONFIDENTIAL_PATH:
+            return self._images(request, raw)
+        sealed = sealed_request(json_object(request, raw))
+        self._authorize(request)  # the proxy's check: after the body, before the lock
+        node = self._confidential_node()
+        plaintext, key = node.open(sealed)
+        return node.seal(key, self._images(request, plaintext))
+
+    def _images(self, request: web.Request, raw: bytes) -> bytes:
+        """The JSON of the images answer to the request ``raw``."""
+        # The order of checks is the proxy's: body first, key last.
+        body = json_object(request, raw)
+        model, n, size = body.get("model"), body.get("n"), body.get("size")
+        if type(model) is not str:
+            raise refusal(web.HTTPBadRequest, "Model field is required")
+        if n is None:
+            raise refusal(web.HTTPBadRequest, "N field is required")
+        if type(n) is not int or n < 0:
+            raise refusal(web.HTTPBadRequest, "Invalid n field")
+        if size is None:
+            raise refusal(web.HTTPBadRequest, "Size field is required")
+        dims = parse_size(size)
+        if dims is None:
+            raise refusal(web.HTTPBadRequest, "Invalid size format")
+        if model not in self.models:
+            raise refusal(web.HTTPBadRequest, f"No node found for model {model}")
+        self._authorize(request)
+        prompt = body.get("prompt")
+        if type(prompt) is not str:
+            raise refusal(web.HTTPInternalServerError, "Failed to generate image: missing prompt")
+        width, height = dims
+        if width * height > MAX_PIXELS or n > _MAX_IMAGES:
+            raise refusal(
+                web.HTTPBadRequest,
+                f"fake server: at most {_MAX_IMAGES} images of {MAX_PIXELS} pixels each",
+            )
+        fmt = body.get("response_format") or self.image_format
+        if fmt not in ("data_uri", "b64_json", "url", "local_file"):
+            raise refusal(web.HTTPBadRequest, f"Invalid response_format {fmt!r}")
+        return _signed_answer(
+            [self._image(fmt, make_png(width, height, f"{prompt}#{i}"), prompt) for i in range(n)]
+        )
+
+    def _image(self, fmt: str, png: bytes, prompt: str) -> dict[str, Any]:
+        if fmt == "url":
+            name = f"{uuid.uuid4().hex}.png"
+            self._files[name] = png
+            while len(self._files) > _MAX_FILES:
+                self._files.popitem(last=False)
+            return {"url": f"http://{self.host}:{self.port}/files/{name}", "revised_prompt": prompt}
+        if fmt == "local_file":
+            return {"url": f"image-generation-{uuid.uuid4()}.png", "b64_json": None}
+        encoded = base64.b64encode(png).decode()
+        if fmt == "data_uri":
+            return {"url": None, "b64_json": "data:image/png;base64," + encoded}
+        return {"b64_json": encoded, "revised_prompt": prompt}
+
+    def _authorize(self, request: web.Request) -> None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme != "Bearer" or not token or (self.api_key is not None and token != self.api_key):
+            raise refusal(web.HTTPUnauthorized, "Invalid or missing api key")
+
+    async def _lock(self, request: web.Request) -> web.Response:
+        model, units = lock_request(json_object(request, await self._receive(request)))
+        self._authorize(request)
+        if model not in self.models:
+            raise refusal(
+                web.HTTPServiceUnavailable,
+                f"No node found for model {model} with confidential compute",
+            )
+        return web.json_response(self._confidential_node().lock(units, ttl=self.lock_ttl))
+
+    def _confidential_node(self) -> FakeConfidentialNode:
+        if self._node is None:
+            raise RuntimeError("FakeAtomaServer(confidential=True) has a node key; this one not")
+        return self._node
+
+    async def _file(self, request: web.Request) -> web.Response:
+        await self._receive(request)
+        png = self._files.get(request.match_info["name"])
+        if png is None:
+            raise refusal(web.HTTPNotFound, "no such file")
+        return web.Response(body=png, content_type="image/png")
+
+
+def _signed_answer(data: list[dict[str, Any]]) -> bytes:
+    """The JSON of the images answer: ``data``, and the hash and signature a node adds."""
+    digest = hashlib.blake2b(json.dumps(data).encode(), digest_size=32).digest()
+    answer = {
+        "created": int(time.time()),
+        "data": data,
+        "signature": base64.b64encode(hashlib.sha256(digest).digest()).decode(),
+        "response_hash": base64.b64encode(digest).decode(),
+    }
+    return json.dumps(answer).encode()
+
+
+def _record(request: web.Request, body: bytes) -> RecordedRequest:
+    transport = request.transport
+    return RecordedRequest(
+        method=request.method,
+        path=request.path,
+        headers=dict(request.headers),
+        body=body,
+        peer=transport.get_extra_info("peername") if transport else None,
+    )
