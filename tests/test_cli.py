@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import atoma_images
 from atoma_images.__main__ import EXIT_CODES
 from atoma_images.testing import FakeAtomaServer, Reply
 
@@ -21,12 +22,16 @@ from conftest import API_KEY
 from pngcheck import png_size
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+# The subprocess must run the copy of the package this test session imported, not whichever
+# copy an editable install of another checkout puts on sys.path.
+PACKAGE_ROOT = str(Path(atoma_images.__file__).resolve().parent.parent)
 
 
 def cli(
     *arguments: str, cwd: Path, key: str | None = API_KEY, stderr: int | None = None
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ATOMA", "ATOMASDK"))}
+    env["PYTHONPATH"] = PACKAGE_ROOT
     if key is not None:
         env["ATOMA_API_KEY"] = key
     return subprocess.run(
