@@ -6,6 +6,8 @@
 
 The key comes from ATOMA_API_KEY (or ATOMASDK_BEARER_AUTH). Saved paths go to stdout, one
 per line (or one JSON object per prompt with --json); progress and errors go to stderr.
+Every line shown goes through `emit`, which escapes control characters: text from the server
+or from a prompts file never drives the terminal.
 """
 
 from __future__ import annotations
@@ -78,6 +80,45 @@ def exit_code(error: BaseException) -> int:
     else:
         kind = "unexpected"
     return EXIT_CODES[kind]
+
+
+# One character class, so the scan is linear in the text: the C0 controls, DEL and the C1
+# controls (ESC, CSI, OSC, BEL, CR: what a terminal acts on), the Unicode line and paragraph
+# separators, the bidirectional embeddings, overrides and isolates (they reorder what is
+# shown), and lone surrogates (undecodable header bytes, which a strict stdout cannot encode).
+_UNPRINTABLE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+
+
+def printable(text: str, *, keep_newlines: bool = False) -> str:
+    r"""``text`` with every control character escaped: ESC becomes ``\x1b``.
+
+    Args:
+        text: anything that may hold text from the server or from a file.
+        keep_newlines: leave ``\n`` as it is (a traceback); otherwise the result is one line.
+    """
+
+    def escape(match: re.Match[str]) -> str:
+        char = match[0]
+        if keep_newlines and char == "\n":
+            return char
+        code = ord(char)
+        return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+    return _UNPRINTABLE.sub(escape, text)
+
+
+def emit(stream: TextIO, text: str, *, keep_newlines: bool = False) -> None:
+    """Write ``text``, made `printable`, and a newline: the one way a line is shown."""
+    print(printable(text, keep_newlines=keep_newlines), file=stream, flush=True)
+
+
+class PrintableFormatter(logging.Formatter):
+    """--debug log records, made `printable`: they may quote a request id from the server."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep_newlines=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +212,7 @@ class Progress:
     def advance(self) -> None:
         self.done += 1
         if self.total > 1 and not self.tty:  # a log-friendly line per finished prompt
-            print(f"{self.done}/{self.total} done", file=self.stream, flush=True)
+            emit(self.stream, f"{self.done}/{self.total} done")
 
 
 def stem_for(prompt: str, index: int | None, directory: Path) -> str:
@@ -213,7 +254,7 @@ async def generate_all(
                 FakeAtomaServer(confidential=args.confidential)
             )
             api_key, base_url = "fake-key", server.base_url
-            print(f"Using the built-in fake server at {base_url}", file=err)
+            emit(err, f"Using the built-in fake server at {base_url}")
         retries = None if args.max_retries is None else RetryPolicy(max_retries=args.max_retries)
         client = await stack.enter_async_context(
             AsyncImagesClient(
@@ -267,10 +308,10 @@ def report_result(
             "files": [str(path) for path in paths],
             "urls": [image.url for image in result.images if image.url],
         }
-        print(json.dumps(record), file=out, flush=True)
+        emit(out, json.dumps(record))
     else:
         for path in paths:
-            print(path, file=out, flush=True)
+            emit(out, str(path))
 
 
 def report_error(
@@ -279,10 +320,9 @@ def report_error(
     message = str(error)
     if isinstance(error, InvalidRequestError) and error.field == "api_key":
         message += ", or use --fake to try it offline"
-    where = f" ({prompt[:40]!r})" if prompt is not None and args.prompts_file else ""
-    print(f"atoma-images: error{where}: {message}", file=err, flush=True)
+    emit(err, f"atoma-images: error{_echo(prompt, args)}: {message}")
     if args.debug:
-        traceback.print_exception(error, file=err)
+        emit(err, "".join(traceback.format_exception(error)).rstrip("\n"), keep_newlines=True)
     if args.json and prompt is not None:
         record = {
             "prompt": prompt,
@@ -293,7 +333,14 @@ def report_error(
                 "exit_code": exit_code(error),
             },
         }
-        print(json.dumps(record), file=out, flush=True)
+        emit(out, json.dumps(record))
+
+
+def _echo(prompt: str | None, args: argparse.Namespace) -> str:
+    """The prompt, shortened, for an error line of a batch (where it says which one failed)."""
+    if prompt is None or not args.prompts_file:
+        return ""
+    return f' ("{prompt if len(prompt) <= 40 else prompt[:39] + "…"}")'
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,11 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prompts = read_prompts(args, parser)
     if args.debug:
-        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(PrintableFormatter("%(name)s: %(message)s"))
+        logging.basicConfig(level=logging.DEBUG, handlers=[handler])
     try:
         return asyncio.run(generate_all(args, prompts, sys.stdout, sys.stderr))
     except KeyboardInterrupt:
-        print("atoma-images: interrupted", file=sys.stderr)
+        emit(sys.stderr, "atoma-images: interrupted")
         return EXIT_CODES["interrupted"]
     except AtomaImagesError as error:  # raised before any prompt ran: bad key, base URL, ...
         report_error(error, None, args, sys.stdout, sys.stderr)

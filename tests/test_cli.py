@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -10,6 +12,8 @@ import re
 import socket
 import subprocess
 import sys
+import unicodedata
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -25,25 +29,76 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 # The subprocess must run the copy of the package this test session imported, not whichever
 # copy an editable install of another checkout puts on sys.path.
 PACKAGE_ROOT = str(Path(atoma_images.__file__).resolve().parent.parent)
+COMMAND = (sys.executable, "-X", "dev", "-m", "atoma_images")
+# aiohttp parses strictly in dev mode; a user's run parses leniently, and lets a control
+# character through in a header.
+USERS_COMMAND = (sys.executable, "-m", "atoma_images")
+
+
+def environment(
+    cwd: Path,
+    key: str | None,
+    sitecustomize: str | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The subprocess's environment; ``sitecustomize`` is code it runs first (a fault)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATOMA", "ATOMASDK"))}
+    path = [PACKAGE_ROOT]
+    if sitecustomize is not None:
+        site = cwd / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(sitecustomize)
+        path.insert(0, str(site))
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    if key is not None:
+        env["ATOMA_API_KEY"] = key
+    env.update(extra or {})
+    return env
 
 
 def cli(
-    *arguments: str, cwd: Path, key: str | None = API_KEY, stderr: int | None = None
+    *arguments: str,
+    cwd: Path,
+    key: str | None = API_KEY,
+    stderr: int | None = None,
+    sitecustomize: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATOMA", "ATOMASDK"))}
-    env["PYTHONPATH"] = PACKAGE_ROOT
-    if key is not None:
-        env["ATOMA_API_KEY"] = key
     return subprocess.run(
-        [sys.executable, "-X", "dev", "-m", "atoma_images", *arguments],
+        [*COMMAND, *arguments],
         cwd=cwd,
-        env=env,
+        env=environment(cwd, key, sitecustomize),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE if stderr is None else stderr,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+async def acli(
+    *arguments: str,
+    cwd: Path,
+    key: str | None = API_KEY,
+    sitecustomize: str | None = None,
+    extra: Mapping[str, str] | None = None,
+    dev_mode: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """`cli` for a test whose server runs on the test's own event loop."""
+    process = await asyncio.create_subprocess_exec(
+        *(COMMAND if dev_mode else USERS_COMMAND),
+        *arguments,
+        cwd=cwd,
+        env=environment(cwd, key, sitecustomize, extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode is not None
+    return subprocess.CompletedProcess(arguments, process.returncode, out.decode(), err.decode())
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("atoma-images: error")]
 
 
 def test_fake_saves_pngs_and_prints_their_paths(tmp_path: Path) -> None:
@@ -210,3 +265,85 @@ def test_spinner_only_on_a_terminal(threaded_server: FakeAtomaServer, tmp_path: 
 def test_readme_documents_every_exit_code() -> None:
     for kind, code in EXIT_CODES.items():
         assert re.search(rf"\| {code} \| {kind}", README), f"{code} {kind} missing from README"
+
+
+# -- text from the server never drives the terminal -----------------------------------------------
+
+_BIDI_CONTROLS = {"LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"}
+
+
+def unprintable(text: str) -> list[str]:
+    """What a terminal would act on (or reorder text by), but the newline ending a line."""
+    return [
+        char
+        for char in text
+        if char != "\n"
+        and (
+            unicodedata.category(char) in {"Cc", "Zl", "Zp", "Cs"}
+            or unicodedata.bidirectional(char) in _BIDI_CONTROLS
+        )
+    ]
+
+
+@contextlib.asynccontextmanager
+async def hostile_server() -> AsyncIterator[str]:
+    """Answers every request with a 500 whose message and request id hold terminal escapes."""
+    body = json.dumps(
+        {"error": {"code": "E\x1b[2J", "message": "boom\x1b]0;owned\x07\r\x9b31m\u2028\u202eevil"}}
+    ).encode()
+    answer = (
+        b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+        b"x-request-id: id\x1b[2J\x9b\x07z\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: *([0-9]+)", head)
+            await reader.readexactly(int(length[1]) if length else 0)
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_server_text_is_shown_with_its_control_characters_escaped(tmp_path: Path) -> None:
+    async with hostile_server() as base_url:
+        single = await acli(
+            "fox", "--base-url", base_url, "--max-retries", "0", cwd=tmp_path, dev_mode=False
+        )
+        (tmp_path / "prompts.txt").write_text("a \x1b]0;pwned\x07 fox\nan owl\n")
+        batch = await acli(
+            "--prompts-file",
+            "prompts.txt",
+            "--base-url",
+            base_url,
+            "--max-retries",
+            "0",
+            "--json",
+            "--debug",
+            cwd=tmp_path,
+            dev_mode=False,
+        )
+    assert single.returncode == batch.returncode == EXIT_CODES["server"]
+    assert single.stderr.splitlines() == [
+        r"atoma-images: error: 500 Internal Server Error (E\x1b[2J): "
+        r"boom\x1b]0;owned\x07\x0d\x9b31m\u2028\u202eevil [request id id\x1b[2J\udc9b\x07z]"
+    ]
+    # With --debug: the error lines, the traceback and the log lines, all escaped.
+    assert unprintable(batch.stderr) == []
+    assert unprintable(batch.stdout) == []
+    assert r'atoma-images: error ("a \x1b]0;pwned\x07 fox"): 500 ' in batch.stderr
+    assert "Traceback" in batch.stderr
+    assert r"-> 500 (" in batch.stderr  # the client's debug log, with the request id
+    records = [json.loads(line) for line in batch.stdout.splitlines()]
+    # JSON keeps the text exactly, escaped by the JSON encoder.
+    assert {r["prompt"] for r in records} == {"a \x1b]0;pwned\x07 fox", "an owl"}
+    assert all("boom\x1b]0;owned\x07\r" in r["error"]["message"] for r in records)
