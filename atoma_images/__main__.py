@@ -6,7 +6,8 @@
 
 The key comes from ATOMA_API_KEY (or ATOMASDK_BEARER_AUTH). Saved paths go to stdout, one
 per line (or one JSON object per prompt with --json); progress and errors go to stderr.
-Every line shown goes through `emit`, which escapes control characters: text from the server
+Every option and the prompts file are checked before anything is sent. Every line shown
+goes through `emit`, which escapes control characters: text from the server
 or from a prompts file never drives the terminal.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import json
 import logging
@@ -24,6 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import _confidential
 from ._client import AsyncImagesClient
 from ._errors import (
     APIConnectionError,
@@ -37,8 +40,9 @@ from ._errors import (
     RateLimitError,
     ResponseValidationError,
 )
-from ._models import DEFAULT_MODEL, ImagesResponse
+from ._models import DEFAULT_MODEL, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy
+from ._timeout import Timeout
 from ._version import package_version
 from .testing import FakeAtomaServer
 
@@ -80,6 +84,13 @@ def exit_code(error: BaseException) -> int:
     else:
         kind = "unexpected"
     return EXIT_CODES[kind]
+
+
+class CommandLineError(Exception):
+    """Options that cannot go together, or a file or directory they name is unusable.
+
+    Shown as one line; the exit code is 2 (invalid input).
+    """
 
 
 # One character class, so the scan is linear in the text: the C0 controls, DEL and the C1
@@ -155,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fake", action="store_true", help="use the built-in fake server (offline)"
     )
-    parser.add_argument("--prompts-file", type=Path, help="one prompt per line ('#' for comments)")
+    parser.add_argument(
+        "--prompts-file", type=Path, help="UTF-8, one prompt per line ('#' starts a comment)"
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="prompts in flight (default 4)")
     parser.add_argument("--debug", action="store_true", help="tracebacks and debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
@@ -163,18 +176,67 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """The prompt, or the prompts of --prompts-file (UTF-8, one a line, ``#`` comments).
+
+    Raises:
+        CommandLineError: the file cannot be read, is not UTF-8, or holds no prompt.
+    """
     if (args.prompt is None) == (args.prompts_file is None):
         parser.error("give either a prompt or --prompts-file")
     if args.prompts_file is None:
         return [args.prompt]
+    path: Path = args.prompts_file
     try:
-        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
     except OSError as exc:
-        parser.error(f"cannot read --prompts-file: {exc.strerror}: {exc.filename}")
-    prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        raise CommandLineError(f"cannot read --prompts-file {path}: {exc.strerror}") from exc
+    # A byte order mark (Windows editors write one) is not part of the first prompt.
+    body = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = len(raw) - len(body) + exc.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise CommandLineError(
+            f"--prompts-file {path} is not UTF-8: byte 0x{raw[offset]:02x} at offset {offset} "
+            f"(line {line})"
+        ) from None
+    # Universal newlines, as open() reads text: str.splitlines would also cut a prompt at a
+    # form feed or U+2028.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    prompts = [line.strip() for line in lines]
+    prompts = [prompt for prompt in prompts if prompt and not prompt.startswith("#")]
     if not prompts:
-        parser.error(f"{args.prompts_file} has no prompts")
+        raise CommandLineError(f"--prompts-file {path} has no prompts")
     return prompts
+
+
+def check_options(args: argparse.Namespace) -> tuple[RetryPolicy | None, Timeout | None]:
+    """Check what every prompt shares, once, before anything is sent or made.
+
+    Returns:
+        The retry policy and the timeout to give the client (None: the client's default).
+
+    Raises:
+        CommandLineError: options that cannot go together.
+        InvalidRequestError: a value that is not accepted.
+        ExtraNotInstalledError: --confidential without the extra.
+    """
+    if args.fake and args.base_url is not None:
+        raise CommandLineError("--fake runs its own server: it cannot be used with --base-url")
+    if args.concurrency < 1:
+        raise InvalidRequestError("--concurrency", args.concurrency, "allowed: an integer >= 1")
+    # The library's own checks, made with a stand-in prompt (as AsyncImagesClient checks its
+    # model): a bad -n or --size is one error line, not one per prompt. Each prompt is still
+    # checked when it is sent.
+    ImageRequest(
+        model=args.model, prompt="-", n=args.n, size=args.size, response_format=args.format
+    )
+    if args.confidential:
+        _confidential.require("--confidential")
+    retries = None if args.max_retries is None else RetryPolicy(max_retries=args.max_retries)
+    timeout = None if args.timeout is None else Timeout.of(args.timeout)
+    return retries, timeout
 
 
 class Progress:
@@ -244,6 +306,7 @@ def _listing(directory: Path) -> list[str]:
 async def generate_all(
     args: argparse.Namespace, prompts: list[str], out: TextIO, err: TextIO
 ) -> int:
+    retries, timeout = check_options(args)
     directory = Path(args.output_dir)
     progress = Progress(err, len(prompts))
     codes: list[int] = []
@@ -255,13 +318,12 @@ async def generate_all(
             )
             api_key, base_url = "fake-key", server.base_url
             emit(err, f"Using the built-in fake server at {base_url}")
-        retries = None if args.max_retries is None else RetryPolicy(max_retries=args.max_retries)
         client = await stack.enter_async_context(
             AsyncImagesClient(
-                api_key, base_url=base_url, model=args.model, timeout=args.timeout, retries=retries
+                api_key, base_url=base_url, model=args.model, timeout=timeout, retries=retries
             )
         )
-        slots = asyncio.Semaphore(max(1, args.concurrency))
+        slots = asyncio.Semaphore(args.concurrency)
         batch = len(prompts) > 1
 
         async def one(index: int, prompt: str) -> None:
@@ -346,17 +408,24 @@ def _echo(prompt: str | None, args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    prompts = read_prompts(args, parser)
     if args.debug:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(PrintableFormatter("%(name)s: %(message)s"))
         logging.basicConfig(level=logging.DEBUG, handlers=[handler])
     try:
+        prompts = read_prompts(args, parser)
+    except CommandLineError as error:
+        emit(sys.stderr, f"atoma-images: error: {error}")
+        return EXIT_CODES["invalid input"]
+    try:
         return asyncio.run(generate_all(args, prompts, sys.stdout, sys.stderr))
     except KeyboardInterrupt:
         emit(sys.stderr, "atoma-images: interrupted")
         return EXIT_CODES["interrupted"]
-    except AtomaImagesError as error:  # raised before any prompt ran: bad key, base URL, ...
+    except CommandLineError as error:
+        emit(sys.stderr, f"atoma-images: error: {error}")
+        return EXIT_CODES["invalid input"]
+    except AtomaImagesError as error:  # raised before any prompt ran: bad key, option, ...
         report_error(error, None, args, sys.stdout, sys.stderr)
         return exit_code(error)
 

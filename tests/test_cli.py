@@ -347,3 +347,107 @@ async def test_server_text_is_shown_with_its_control_characters_escaped(tmp_path
     # JSON keeps the text exactly, escaped by the JSON encoder.
     assert {r["prompt"] for r in records} == {"a \x1b]0;pwned\x07 fox", "an owl"}
     assert all("boom\x1b]0;owned\x07\r" in r["error"]["message"] for r in records)
+
+
+# -- options --------------------------------------------------------------------------------------
+
+
+def test_fake_with_a_base_url_is_refused(tmp_path: Path) -> None:
+    done = cli("--fake", "fox", "--base-url", "http://127.0.0.1:9/v1", cwd=tmp_path, key=None)
+    assert done.returncode == EXIT_CODES["invalid input"]
+    assert done.stderr.splitlines() == [
+        "atoma-images: error: --fake runs its own server: it cannot be used with --base-url"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (("--concurrency", "0"), "invalid --concurrency: got 0; allowed: an integer >= 1"),
+        (("--concurrency", "-3"), "invalid --concurrency: got -3; allowed: an integer >= 1"),
+        (("-n", "0"), "invalid n: got 0; allowed: an integer from 1 to 10"),
+        (("--size", "8X8"), "invalid size: got '8X8'"),
+        (("--timeout", "0"), "invalid timeout.total: got 0.0"),
+    ],
+)
+def test_a_bad_option_is_one_line_for_the_whole_batch(
+    threaded_server: FakeAtomaServer, tmp_path: Path, option: tuple[str, str], message: str
+) -> None:
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\na boat\n")
+    done = cli(
+        "--prompts-file",
+        "prompts.txt",
+        "--base-url",
+        threaded_server.base_url,
+        *option,
+        "-o",
+        "out",
+        cwd=tmp_path,
+    )
+    assert done.returncode == EXIT_CODES["invalid input"]
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"atoma-images: error: {message}")
+    assert threaded_server.posts == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_confidential_without_the_extra_is_one_line_for_the_whole_batch(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\na boat\n")
+    done = cli(
+        "--prompts-file",
+        "prompts.txt",
+        "--base-url",
+        threaded_server.base_url,
+        "--confidential",
+        cwd=tmp_path,
+        # cryptography made unimportable, as in a base install.
+        sitecustomize="import sys\nsys.modules['cryptography'] = None\n",
+    )
+    assert done.returncode == EXIT_CODES["invalid input"]
+    (line,) = done.stderr.splitlines()
+    assert "pip install 'atoma-images[confidential]'" in line
+    assert threaded_server.requests == []
+
+
+# -- the prompts file -----------------------------------------------------------------------------
+
+
+def test_a_prompts_file_that_is_not_utf8_is_one_line_naming_the_byte(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    (tmp_path / "prompts.txt").write_bytes("a fox\nun hibou \xe9tonné\n".encode("latin-1"))
+    done = cli(
+        "--base-url", threaded_server.base_url, "--prompts-file", "prompts.txt", cwd=tmp_path
+    )
+    assert done.returncode == EXIT_CODES["invalid input"]
+    assert done.stderr.splitlines() == [
+        "atoma-images: error: --prompts-file prompts.txt is not UTF-8: "
+        "byte 0xe9 at offset 15 (line 2)"
+    ]
+    assert threaded_server.posts == []
+
+
+def test_a_prompts_file_with_a_bom_indented_comments_and_a_line_separator(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    lines = "\ufeffa fox\r\n   # a note\r\n\tan owl\u2028at night\r\n"
+    (tmp_path / "prompts.txt").write_bytes(lines.encode())
+    done = cli(
+        "--base-url",
+        threaded_server.base_url,
+        "--prompts-file",
+        "prompts.txt",
+        "--concurrency",
+        "1",
+        "--size",
+        "8x8",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [post.json()["prompt"] for post in threaded_server.posts] == [
+        "a fox",
+        "an owl\u2028at night",
+    ]
