@@ -6,9 +6,11 @@
 
 The key comes from ATOMA_API_KEY (or ATOMASDK_BEARER_AUTH). Saved paths go to stdout, one
 per line (or one JSON object per prompt with --json); progress and errors go to stderr.
-Every option and the prompts file are checked before anything is sent. Every line shown
-goes through `emit`, which escapes control characters: text from the server
-or from a prompts file never drives the terminal.
+
+Every option, the prompts file and the output directory are checked before anything is sent:
+a generation is paid for, so none is made that cannot be kept. Every line shown goes through
+`emit`, which escapes control characters: text from the server or from a prompts file never
+drives the terminal.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import json
 import logging
 import re
 import sys
+import tempfile
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -40,6 +44,7 @@ from ._errors import (
     RateLimitError,
     ResponseValidationError,
 )
+from ._files import write_images
 from ._models import DEFAULT_MODEL, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy
 from ._timeout import Timeout
@@ -59,6 +64,7 @@ EXIT_CODES = {
     "server": 6,
     "connection": 7,
     "invalid response": 8,
+    "not saved": 9,
     "interrupted": 130,
 }
 
@@ -239,6 +245,24 @@ def check_options(args: argparse.Namespace) -> tuple[RetryPolicy | None, Timeout
     return retries, timeout
 
 
+def prepare_output_dir(directory: Path) -> None:
+    """Make ``directory`` and prove a file can be created there, before any paid generation.
+
+    Raises:
+        CommandLineError: naming the directory and the system's reason.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".atoma-images-check-"):
+            pass
+    except FileExistsError as exc:  # mkdir with exist_ok=True: a file is in the way
+        raise CommandLineError(
+            f"cannot save images in {directory}: exists and is not a directory"
+        ) from exc
+    except OSError as exc:
+        raise CommandLineError(f"cannot save images in {directory}: {exc.strerror}") from exc
+
+
 class Progress:
     """Elapsed time (and done/total for a batch) on stderr, redrawn in place on a terminal."""
 
@@ -299,8 +323,62 @@ _SAVED = re.compile(r"(.+)-[0-9]+\.[a-z]+")
 def _listing(directory: Path) -> list[str]:
     try:
         return [entry.name for entry in directory.iterdir()]
-    except OSError:  # not made yet
+    except OSError:  # gone since it was checked: the save reports it
         return []
+
+
+class SpareDirectory:
+    """A temporary directory, made on first use, for paid images the output directory refused."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def save(self, images: Sequence[bytes], stem: str) -> list[Path]:
+        """Write ``images`` as `write_images` does; raises OSError if that fails here too."""
+        if self.path is None:
+            self.path = Path(tempfile.mkdtemp(prefix="atoma-images-unsaved-"))
+        return write_images(images, self.path, stem)
+
+
+async def keep_images(
+    client: AsyncImagesClient,
+    result: ImagesResponse,
+    directory: Path,
+    stem: str,
+    spare: SpareDirectory,
+) -> tuple[list[Path], list[str]]:
+    """Fetch and save every image of a paid result, elsewhere if ``directory`` fails.
+
+    Returns:
+        Where the images are, and what went wrong (empty when all are in ``directory``).
+    """
+    problems: list[str] = []
+    fetched = await asyncio.gather(
+        *(client.download(image) for image in result.images), return_exceptions=True
+    )
+    images: list[bytes] = []
+    for number, (image, item) in enumerate(zip(result.images, fetched, strict=True), start=1):
+        if isinstance(item, bytes):
+            images.append(item)
+        elif isinstance(item, AtomaImagesError):
+            source = f" from {image.url}" if image.url else ""
+            problems.append(f"image {number} could not be fetched{source} ({item})")
+        else:
+            raise item
+    if not images:
+        return [], problems
+    try:
+        return write_images(images, directory, stem), problems
+    except OSError as error:
+        problems.append(f"cannot save in {directory} ({error})")
+    try:
+        paths = spare.save(images, stem)
+    except OSError as error:
+        count = "1 image is" if len(images) == 1 else f"{len(images)} images are"
+        problems.append(f"nor in a temporary directory ({error}): {count} lost")
+        return [], problems
+    problems.append(f"saved in {spare.path} instead")
+    return paths, problems
 
 
 async def generate_all(
@@ -309,6 +387,7 @@ async def generate_all(
     retries, timeout = check_options(args)
     directory = Path(args.output_dir)
     progress = Progress(err, len(prompts))
+    spare = SpareDirectory()
     codes: list[int] = []
     async with contextlib.AsyncExitStack() as stack:
         api_key, base_url = None, args.base_url
@@ -317,36 +396,44 @@ async def generate_all(
                 FakeAtomaServer(confidential=args.confidential)
             )
             api_key, base_url = "fake-key", server.base_url
-            emit(err, f"Using the built-in fake server at {base_url}")
         client = await stack.enter_async_context(
             AsyncImagesClient(
                 api_key, base_url=base_url, model=args.model, timeout=timeout, retries=retries
             )
         )
+        prepare_output_dir(directory)  # once the key is known to be there
+        if args.fake:
+            emit(err, f"Using the built-in fake server at {base_url}")
         slots = asyncio.Semaphore(args.concurrency)
         batch = len(prompts) > 1
+
+        async def settle(index: int, prompt: str) -> int:
+            try:
+                result = await client.generate(
+                    prompt,
+                    n=args.n,
+                    size=args.size,
+                    response_format=args.format,
+                    confidential=args.confidential,
+                )
+            except AtomaImagesError as error:
+                progress.clear()
+                report_error(error, prompt, args, out, err)
+                return exit_code(error)
+            stem = stem_for(prompt, index if batch else None, directory)
+            paths, problems = await keep_images(client, result, directory, stem, spare)
+            progress.clear()
+            report_result(result, paths, prompt, args, problems=problems, out=out, err=err)
+            return EXIT_CODES["not saved"] if problems else EXIT_CODES["ok"]
 
         async def one(index: int, prompt: str) -> None:
             async with slots:
                 try:
-                    result = await client.generate(
-                        prompt,
-                        n=args.n,
-                        size=args.size,
-                        response_format=args.format,
-                        confidential=args.confidential,
-                    )
-                    stem = stem_for(prompt, index if batch else None, directory)
-                    paths = await client.save_all(result, directory, stem)
-                except AtomaImagesError as error:
-                    codes.append(exit_code(error))
-                    progress.clear()
-                    report_error(error, prompt, args, out, err)
-                else:
-                    progress.clear()
-                    report_result(result, paths, prompt, args, out)
+                    code = await settle(index, prompt)
                 finally:
                     progress.advance()
+                if code != EXIT_CODES["ok"]:
+                    codes.append(code)
 
         spinner = asyncio.create_task(progress.spin())
         try:
@@ -360,8 +447,19 @@ async def generate_all(
 
 
 def report_result(
-    result: ImagesResponse, paths: list[Path], prompt: str, args: argparse.Namespace, out: TextIO
+    result: ImagesResponse,
+    paths: list[Path],
+    prompt: str,
+    args: argparse.Namespace,
+    *,
+    problems: list[str],
+    out: TextIO,
+    err: TextIO,
 ) -> None:
+    """Show where a paid result's images are, and why some are not where asked."""
+    message = ("generated and billed, but " + "; ".join(problems)) if problems else ""
+    if message:
+        emit(err, f"atoma-images: error{_echo(prompt, args)}: {message}")
     if args.json:
         record: dict[str, Any] = {
             "prompt": prompt,
@@ -370,6 +468,13 @@ def report_result(
             "files": [str(path) for path in paths],
             "urls": [image.url for image in result.images if image.url],
         }
+        if message:
+            record["error"] = {
+                "type": "NotSaved",
+                "message": message,
+                "status": None,
+                "exit_code": EXIT_CODES["not saved"],
+            }
         emit(out, json.dumps(record))
     else:
         for path in paths:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import importlib.util
 import json
@@ -17,12 +18,13 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 import atoma_images
 from atoma_images.__main__ import EXIT_CODES
-from atoma_images.testing import FakeAtomaServer, Reply
+from atoma_images.testing import FakeAtomaServer, Reply, make_png
 
-from conftest import API_KEY
+from conftest import API_KEY, serving
 from pngcheck import png_size
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -450,4 +452,151 @@ def test_a_prompts_file_with_a_bom_indented_comments_and_a_line_separator(
     assert [post.json()["prompt"] for post in threaded_server.posts] == [
         "a fox",
         "an owl\u2028at night",
+    ]
+
+
+# -- the output directory: checked before anything is paid for, and paid images kept --------------
+
+
+def images_answer(prompt: str, n: int = 1, size: int = 8) -> dict[str, object]:
+    image = base64.b64encode(make_png(size, size, prompt)).decode()
+    return {"created": 1, "data": [{"b64_json": image}] * n}
+
+
+@pytest.mark.parametrize(
+    ("output", "reasons"),
+    [
+        ("a-file", {"exists and is not a directory"}),
+        ("a-file/out", {"Not a directory"}),
+        # Exists, but no one may create a file there (root included): made is not proven.
+        ("/sys", {"Permission denied", "Read-only file system"}),
+    ],
+)
+def test_an_unusable_output_directory_is_refused_before_anything_is_sent(
+    threaded_server: FakeAtomaServer, tmp_path: Path, output: str, reasons: set[str]
+) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    done = cli("fox", "--base-url", threaded_server.base_url, "-o", output, cwd=tmp_path)
+    assert done.returncode == EXIT_CODES["invalid input"], done.stderr
+    (line,) = done.stderr.splitlines()
+    prefix = f"atoma-images: error: cannot save images in {output}: "
+    assert line.startswith(prefix)
+    assert line.removeprefix(prefix) in reasons
+    assert done.stdout == ""
+    assert threaded_server.posts == []
+
+
+async def test_a_write_that_fails_mid_batch_keeps_the_paid_images_elsewhere(
+    tmp_path: Path,
+) -> None:
+    out, spare_root = tmp_path / "out", tmp_path / "tmp"
+    spare_root.mkdir()
+
+    async def generations(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["prompt"] == "an owl":  # the directory is replaced while the owl is drawn
+            out.rename(tmp_path / "gone")
+            out.write_text("now a file")
+        return web.json_response(images_answer(body["prompt"], size=16))
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\nan owl\na boat\n")
+    async with serving(app) as root:
+        done = await acli(
+            "--base-url",
+            f"{root}/v1",
+            "--prompts-file",
+            str(prompts),
+            "--concurrency",
+            "1",
+            "-o",
+            "out",
+            cwd=tmp_path,
+            extra={"TMPDIR": str(spare_root)},
+        )
+    assert done.returncode == EXIT_CODES["not saved"], done.stderr
+    (spare,) = spare_root.iterdir()
+    assert done.stdout.splitlines() == [
+        "out/001-a-fox-1.png",
+        f"{spare}/002-an-owl-1.png",
+        f"{spare}/003-a-boat-1.png",
+    ]
+    assert png_size(tmp_path / "gone" / "001-a-fox-1.png") == (16, 16)
+    assert [png_size(spare / name) for name in ("002-an-owl-1.png", "003-a-boat-1.png")] == [
+        (16, 16),
+        (16, 16),
+    ]
+    errors = error_lines(done.stderr)
+    assert len(errors) == 2
+    for line, prompt in zip(errors, ("an owl", "a boat"), strict=True):
+        assert line.startswith(f'atoma-images: error ("{prompt}"): generated and billed, but ')
+        assert "cannot save in out ([Errno 17] File exists: 'out')" in line
+        assert line.endswith(f"saved in {spare} instead")
+    assert "3/3 done" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_an_image_that_cannot_be_saved_anywhere_is_reported_billed_and_lost(
+    tmp_path: Path,
+) -> None:
+    async def generations(request: web.Request) -> web.Response:
+        return web.json_response(images_answer((await request.json())["prompt"], n=2, size=64))
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    (tmp_path / "tmp").mkdir()
+    async with serving(app) as root:
+        done = await acli(
+            "fox",
+            "--base-url",
+            f"{root}/v1",
+            "--json",
+            cwd=tmp_path,
+            # A full disk, everywhere: no file may grow past 1000 bytes (each image is ~8 KB);
+            # the directory checks, which write nothing, pass.
+            sitecustomize="import resource\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n",
+            extra={"TMPDIR": str(tmp_path / "tmp")},
+        )
+    assert done.returncode == EXIT_CODES["not saved"], done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("atoma-images: error: generated and billed, but cannot save in . (")
+    assert "File too large" in line
+    assert line.endswith(": 2 images are lost")
+    (record,) = [json.loads(text) for text in done.stdout.splitlines()]
+    assert record["files"] == []
+    assert record["error"]["message"] == line.removeprefix("atoma-images: error: ")
+    assert record["error"]["exit_code"] == EXIT_CODES["not saved"]
+
+
+async def test_a_paid_image_whose_download_fails_is_reported_billed(tmp_path: Path) -> None:
+    async def generations(request: web.Request) -> web.Response:
+        await request.read()
+        root = f"http://{request.host}"
+        return web.json_response(
+            {"created": 1, "data": [{"url": f"{root}/files/kept"}, {"url": f"{root}/files/gone"}]}
+        )
+
+    async def files(request: web.Request) -> web.Response:
+        if request.match_info["name"] == "gone":
+            return web.json_response(
+                {"error": {"code": "NOT_FOUND", "message": "expired"}}, status=404
+            )
+        return web.Response(body=make_png(8, 8), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    app.router.add_get("/files/{name}", files)
+    async with serving(app) as root:
+        done = await acli(
+            "fox", "--base-url", f"{root}/v1", "--format", "url", "--max-retries", "0", cwd=tmp_path
+        )
+    assert done.returncode == EXIT_CODES["not saved"], done.stderr
+    assert done.stdout.splitlines() == ["fox-1.png"]  # the image that did download is kept
+    assert png_size(tmp_path / "fox-1.png") == (8, 8)
+    assert done.stderr.splitlines() == [
+        "atoma-images: error: generated and billed, but image 2 could not be fetched from "
+        f"{root}/files/gone (404 Not Found (NOT_FOUND): expired)"
     ]
