@@ -264,7 +264,10 @@ def prepare_output_dir(directory: Path) -> None:
 
 
 class Progress:
-    """Elapsed time (and done/total for a batch) on stderr, redrawn in place on a terminal."""
+    """Elapsed time (and done/total for a batch) on stderr, redrawn in place on a terminal.
+
+    It also counts the prompts in flight, for the message shown on Ctrl-C.
+    """
 
     FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
@@ -272,6 +275,7 @@ class Progress:
         self.stream = stream
         self.total = total
         self.done = 0
+        self.in_flight = 0
         self.tty = stream.isatty()
         self.started = time.monotonic()
 
@@ -299,6 +303,20 @@ class Progress:
         self.done += 1
         if self.total > 1 and not self.tty:  # a log-friendly line per finished prompt
             emit(self.stream, f"{self.done}/{self.total} done")
+
+    def interrupted(self) -> str:
+        """The line for Ctrl-C: how far the batch got, and what may still be billed."""
+        text = "atoma-images: interrupted"
+        if self.total > 1:
+            text += f" with {self.done}/{self.total} prompts done"
+        if self.in_flight:
+            text += (
+                "; 1 request was in flight: if already sent, it may still be billed"
+                if self.in_flight == 1
+                else f"; {self.in_flight} requests were in flight: any already sent may "
+                "still be billed"
+            )
+        return text
 
 
 def stem_for(prompt: str, index: int | None, directory: Path) -> str:
@@ -382,11 +400,10 @@ async def keep_images(
 
 
 async def generate_all(
-    args: argparse.Namespace, prompts: list[str], out: TextIO, err: TextIO
+    args: argparse.Namespace, prompts: list[str], progress: Progress, out: TextIO, err: TextIO
 ) -> int:
     retries, timeout = check_options(args)
     directory = Path(args.output_dir)
-    progress = Progress(err, len(prompts))
     spare = SpareDirectory()
     codes: list[int] = []
     async with contextlib.AsyncExitStack() as stack:
@@ -428,10 +445,11 @@ async def generate_all(
 
         async def one(index: int, prompt: str) -> None:
             async with slots:
-                try:
-                    code = await settle(index, prompt)
-                finally:
-                    progress.advance()
+                progress.in_flight += 1
+                code = await settle(index, prompt)
+                # Not in a `finally`: a prompt cancelled by Ctrl-C is neither done nor over.
+                progress.in_flight -= 1
+                progress.advance()
                 if code != EXIT_CODES["ok"]:
                     codes.append(code)
 
@@ -522,10 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     except CommandLineError as error:
         emit(sys.stderr, f"atoma-images: error: {error}")
         return EXIT_CODES["invalid input"]
+    progress = Progress(sys.stderr, len(prompts))
     try:
-        return asyncio.run(generate_all(args, prompts, sys.stdout, sys.stderr))
+        return asyncio.run(generate_all(args, prompts, progress, sys.stdout, sys.stderr))
     except KeyboardInterrupt:
-        emit(sys.stderr, "atoma-images: interrupted")
+        progress.clear()
+        emit(sys.stderr, progress.interrupted())
         return EXIT_CODES["interrupted"]
     except CommandLineError as error:
         emit(sys.stderr, f"atoma-images: error: {error}")

@@ -10,9 +10,11 @@ import json
 import os
 import pty
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 import unicodedata
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -599,4 +601,72 @@ async def test_a_paid_image_whose_download_fails_is_reported_billed(tmp_path: Pa
     assert done.stderr.splitlines() == [
         "atoma-images: error: generated and billed, but image 2 could not be fetched from "
         f"{root}/files/gone (404 Not Found (NOT_FOUND): expired)"
+    ]
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_counts_only_finished_prompts_and_says_what_may_be_billed(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    threaded_server.enqueue(Reply())  # the first prompt is drawn at once ...
+    threaded_server.enqueue(Reply(delay=60), times=2)  # ... the other two take their time
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\na boat\n")
+    arguments = ("--prompts-file", "prompts.txt", "--base-url", threaded_server.base_url)
+    process = subprocess.Popen(
+        [*COMMAND, *arguments, "--size", "8x8", "--concurrency", "3"],
+        cwd=tmp_path,
+        env=environment(tmp_path, API_KEY),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        assert process.stderr.readline() == "1/3 done\n"
+        deadline = time.monotonic() + 60
+        while len(threaded_server.posts) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(threaded_server.posts) == 3
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == EXIT_CODES["interrupted"]
+    assert len(out.splitlines()) == 1  # the one image that came back is saved
+    assert err.splitlines() == [
+        "atoma-images: interrupted with 1/3 prompts done; "
+        "2 requests were in flight: any already sent may still be billed"
+    ]
+
+
+def test_ctrl_c_of_one_prompt_says_it_may_be_billed(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    threaded_server.enqueue(Reply(delay=60))
+    process = subprocess.Popen(
+        [*COMMAND, "fox", "--base-url", threaded_server.base_url, "--size", "8x8"],
+        cwd=tmp_path,
+        env=environment(tmp_path, API_KEY),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not threaded_server.posts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(threaded_server.posts) == 1
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == EXIT_CODES["interrupted"]
+    assert out == ""
+    assert err.splitlines() == [
+        "atoma-images: interrupted; 1 request was in flight: if already sent, it may still "
+        "be billed"
     ]
