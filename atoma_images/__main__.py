@@ -21,6 +21,7 @@ import codecs
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 import tempfile
@@ -127,8 +128,20 @@ def printable(text: str, *, keep_newlines: bool = False) -> str:
 
 
 def emit(stream: TextIO, text: str, *, keep_newlines: bool = False) -> None:
-    """Write ``text``, made `printable`, and a newline: the one way a line is shown."""
-    print(printable(text, keep_newlines=keep_newlines), file=stream, flush=True)
+    """Write ``text``, made `printable`, and a newline: the one way a line is shown.
+
+    If the reader has gone (``| head -1``), the stream is pointed at the null device and the
+    run goes on: the prompts in flight are paid for, and their images are still saved.
+    """
+    try:
+        # One write per line: unbuffered (PYTHONUNBUFFERED), print() makes two.
+        stream.write(printable(text, keep_newlines=keep_newlines) + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        # As the Python docs advise for SIGPIPE, so the flush at exit stays quiet too.
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
 
 
 class PrintableFormatter(logging.Formatter):

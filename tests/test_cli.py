@@ -670,3 +670,50 @@ def test_ctrl_c_of_one_prompt_says_it_may_be_billed(
         "atoma-images: interrupted; 1 request was in flight: if already sent, it may still "
         "be billed"
     ]
+
+
+# -- a reader that goes away ----------------------------------------------------------------------
+
+
+async def test_a_reader_that_goes_away_does_not_stop_the_batch(tmp_path: Path) -> None:
+    stdout_gone = asyncio.Event()
+
+    async def generations(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["prompt"] != "a fox":
+            await stdout_gone.wait()
+        return web.json_response(images_answer(body["prompt"]))
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\na boat\n")
+    read_end, write_end = os.pipe()
+    async with serving(app) as root:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *COMMAND,
+                *("--prompts-file", "prompts.txt", "--base-url", f"{root}/v1"),
+                *("--concurrency", "1", "-o", "out"),
+                cwd=tmp_path,
+                env=environment(tmp_path, API_KEY),
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+            )
+            os.close(write_end)
+            # As `atoma-images ... | head -1` does: read one line, then go.
+            loop = asyncio.get_running_loop()
+            first = b""
+            while not first.endswith(b"\n"):
+                first += await loop.run_in_executor(None, os.read, read_end, 4096)
+        finally:
+            os.close(read_end)
+            stdout_gone.set()
+        _, err = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert first == b"out/001-a-fox-1.png\n"
+    assert process.returncode == 0, err
+    assert "Traceback" not in err.decode()
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "001-a-fox-1.png",
+        "002-an-owl-1.png",
+        "003-a-boat-1.png",
+    ]
