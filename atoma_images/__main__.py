@@ -6,22 +6,32 @@
 
 The key comes from ATOMA_API_KEY (or ATOMASDK_BEARER_AUTH). Saved paths go to stdout, one
 per line (or one JSON object per prompt with --json); progress and errors go to stderr.
+
+Every option, the prompts file and the output directory are checked before anything is sent:
+a generation is paid for, so none is made that cannot be kept. Every line shown goes through
+`emit`, which escapes control characters: text from the server or from a prompts file never
+drives the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
+import tempfile
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import _confidential
 from ._client import AsyncImagesClient
 from ._errors import (
     APIConnectionError,
@@ -35,8 +45,10 @@ from ._errors import (
     RateLimitError,
     ResponseValidationError,
 )
-from ._models import DEFAULT_MODEL, ImagesResponse
+from ._files import write_images
+from ._models import DEFAULT_MODEL, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy
+from ._timeout import Timeout
 from ._version import package_version
 from .testing import FakeAtomaServer
 
@@ -53,6 +65,7 @@ EXIT_CODES = {
     "server": 6,
     "connection": 7,
     "invalid response": 8,
+    "not saved": 9,
     "interrupted": 130,
 }
 
@@ -78,6 +91,64 @@ def exit_code(error: BaseException) -> int:
     else:
         kind = "unexpected"
     return EXIT_CODES[kind]
+
+
+class CommandLineError(Exception):
+    """Options that cannot go together, or a file or directory they name is unusable.
+
+    Shown as one line; the exit code is 2 (invalid input).
+    """
+
+
+# One character class, so the scan is linear in the text: the C0 controls, DEL and the C1
+# controls (ESC, CSI, OSC, BEL, CR: what a terminal acts on), the Unicode line and paragraph
+# separators, the bidirectional embeddings, overrides and isolates (they reorder what is
+# shown), and lone surrogates (undecodable header bytes, which a strict stdout cannot encode).
+_UNPRINTABLE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+
+
+def printable(text: str, *, keep_newlines: bool = False) -> str:
+    r"""``text`` with every control character escaped: ESC becomes ``\x1b``.
+
+    Args:
+        text: anything that may hold text from the server or from a file.
+        keep_newlines: leave ``\n`` as it is (a traceback); otherwise the result is one line.
+    """
+
+    def escape(match: re.Match[str]) -> str:
+        char = match[0]
+        if keep_newlines and char == "\n":
+            return char
+        code = ord(char)
+        return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+    return _UNPRINTABLE.sub(escape, text)
+
+
+def emit(stream: TextIO, text: str, *, keep_newlines: bool = False) -> None:
+    """Write ``text``, made `printable`, and a newline: the one way a line is shown.
+
+    If the reader has gone (``| head -1``), the stream is pointed at the null device and the
+    run goes on: the prompts in flight are paid for, and their images are still saved.
+    """
+    try:
+        # One write per line: unbuffered (PYTHONUNBUFFERED), print() makes two.
+        stream.write(printable(text, keep_newlines=keep_newlines) + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        # As the Python docs advise for SIGPIPE, so the flush at exit stays quiet too.
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+
+
+class PrintableFormatter(logging.Formatter):
+    """--debug log records, made `printable`: they may quote a request id from the server."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep_newlines=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fake", action="store_true", help="use the built-in fake server (offline)"
     )
-    parser.add_argument("--prompts-file", type=Path, help="one prompt per line ('#' for comments)")
+    parser.add_argument(
+        "--prompts-file", type=Path, help="UTF-8, one prompt per line ('#' starts a comment)"
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="prompts in flight (default 4)")
     parser.add_argument("--debug", action="store_true", help="tracebacks and debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
@@ -122,22 +195,92 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """The prompt, or the prompts of --prompts-file (UTF-8, one a line, ``#`` comments).
+
+    Raises:
+        CommandLineError: the file cannot be read, is not UTF-8, or holds no prompt.
+    """
     if (args.prompt is None) == (args.prompts_file is None):
         parser.error("give either a prompt or --prompts-file")
     if args.prompts_file is None:
         return [args.prompt]
+    path: Path = args.prompts_file
     try:
-        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
     except OSError as exc:
-        parser.error(f"cannot read --prompts-file: {exc.strerror}: {exc.filename}")
-    prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        raise CommandLineError(f"cannot read --prompts-file {path}: {exc.strerror}") from exc
+    # A byte order mark (Windows editors write one) is not part of the first prompt.
+    body = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = len(raw) - len(body) + exc.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise CommandLineError(
+            f"--prompts-file {path} is not UTF-8: byte 0x{raw[offset]:02x} at offset {offset} "
+            f"(line {line})"
+        ) from None
+    # Universal newlines, as open() reads text: str.splitlines would also cut a prompt at a
+    # form feed or U+2028.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    prompts = [line.strip() for line in lines]
+    prompts = [prompt for prompt in prompts if prompt and not prompt.startswith("#")]
     if not prompts:
-        parser.error(f"{args.prompts_file} has no prompts")
+        raise CommandLineError(f"--prompts-file {path} has no prompts")
     return prompts
 
 
+def check_options(args: argparse.Namespace) -> tuple[RetryPolicy | None, Timeout | None]:
+    """Check what every prompt shares, once, before anything is sent or made.
+
+    Returns:
+        The retry policy and the timeout to give the client (None: the client's default).
+
+    Raises:
+        CommandLineError: options that cannot go together.
+        InvalidRequestError: a value that is not accepted.
+        ExtraNotInstalledError: --confidential without the extra.
+    """
+    if args.fake and args.base_url is not None:
+        raise CommandLineError("--fake runs its own server: it cannot be used with --base-url")
+    if args.concurrency < 1:
+        raise InvalidRequestError("--concurrency", args.concurrency, "allowed: an integer >= 1")
+    # The library's own checks, made with a stand-in prompt (as AsyncImagesClient checks its
+    # model): a bad -n or --size is one error line, not one per prompt. Each prompt is still
+    # checked when it is sent.
+    ImageRequest(
+        model=args.model, prompt="-", n=args.n, size=args.size, response_format=args.format
+    )
+    if args.confidential:
+        _confidential.require("--confidential")
+    retries = None if args.max_retries is None else RetryPolicy(max_retries=args.max_retries)
+    timeout = None if args.timeout is None else Timeout.of(args.timeout)
+    return retries, timeout
+
+
+def prepare_output_dir(directory: Path) -> None:
+    """Make ``directory`` and prove a file can be created there, before any paid generation.
+
+    Raises:
+        CommandLineError: naming the directory and the system's reason.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".atoma-images-check-"):
+            pass
+    except FileExistsError as exc:  # mkdir with exist_ok=True: a file is in the way
+        raise CommandLineError(
+            f"cannot save images in {directory}: exists and is not a directory"
+        ) from exc
+    except OSError as exc:
+        raise CommandLineError(f"cannot save images in {directory}: {exc.strerror}") from exc
+
+
 class Progress:
-    """Elapsed time (and done/total for a batch) on stderr, redrawn in place on a terminal."""
+    """Elapsed time (and done/total for a batch) on stderr, redrawn in place on a terminal.
+
+    It also counts the prompts in flight, for the message shown on Ctrl-C.
+    """
 
     FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
@@ -145,6 +288,7 @@ class Progress:
         self.stream = stream
         self.total = total
         self.done = 0
+        self.in_flight = 0
         self.tty = stream.isatty()
         self.started = time.monotonic()
 
@@ -171,7 +315,21 @@ class Progress:
     def advance(self) -> None:
         self.done += 1
         if self.total > 1 and not self.tty:  # a log-friendly line per finished prompt
-            print(f"{self.done}/{self.total} done", file=self.stream, flush=True)
+            emit(self.stream, f"{self.done}/{self.total} done")
+
+    def interrupted(self) -> str:
+        """The line for Ctrl-C: how far the batch got, and what may still be billed."""
+        text = "atoma-images: interrupted"
+        if self.total > 1:
+            text += f" with {self.done}/{self.total} prompts done"
+        if self.in_flight:
+            text += (
+                "; 1 request was in flight: if already sent, it may still be billed"
+                if self.in_flight == 1
+                else f"; {self.in_flight} requests were in flight: any already sent may "
+                "still be billed"
+            )
+        return text
 
 
 def stem_for(prompt: str, index: int | None, directory: Path) -> str:
@@ -196,15 +354,70 @@ _SAVED = re.compile(r"(.+)-[0-9]+\.[a-z]+")
 def _listing(directory: Path) -> list[str]:
     try:
         return [entry.name for entry in directory.iterdir()]
-    except OSError:  # not made yet
+    except OSError:  # gone since it was checked: the save reports it
         return []
 
 
+class SpareDirectory:
+    """A temporary directory, made on first use, for paid images the output directory refused."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def save(self, images: Sequence[bytes], stem: str) -> list[Path]:
+        """Write ``images`` as `write_images` does; raises OSError if that fails here too."""
+        if self.path is None:
+            self.path = Path(tempfile.mkdtemp(prefix="atoma-images-unsaved-"))
+        return write_images(images, self.path, stem)
+
+
+async def keep_images(
+    client: AsyncImagesClient,
+    result: ImagesResponse,
+    directory: Path,
+    stem: str,
+    spare: SpareDirectory,
+) -> tuple[list[Path], list[str]]:
+    """Fetch and save every image of a paid result, elsewhere if ``directory`` fails.
+
+    Returns:
+        Where the images are, and what went wrong (empty when all are in ``directory``).
+    """
+    problems: list[str] = []
+    fetched = await asyncio.gather(
+        *(client.download(image) for image in result.images), return_exceptions=True
+    )
+    images: list[bytes] = []
+    for number, (image, item) in enumerate(zip(result.images, fetched, strict=True), start=1):
+        if isinstance(item, bytes):
+            images.append(item)
+        elif isinstance(item, AtomaImagesError):
+            source = f" from {image.url}" if image.url else ""
+            problems.append(f"image {number} could not be fetched{source} ({item})")
+        else:
+            raise item
+    if not images:
+        return [], problems
+    try:
+        return write_images(images, directory, stem), problems
+    except OSError as error:
+        problems.append(f"cannot save in {directory} ({error})")
+    try:
+        paths = spare.save(images, stem)
+    except OSError as error:
+        count = "1 image is" if len(images) == 1 else f"{len(images)} images are"
+        problems.append(f"nor in a temporary directory ({error}): {count} lost")
+        return [], problems
+    problems.append(f"saved in {spare.path} instead")
+    return paths, problems
+
+
 async def generate_all(
-    args: argparse.Namespace, prompts: list[str], out: TextIO, err: TextIO
+    args: argparse.Namespace, prompts: list[str], progress: Progress, out: TextIO, err: TextIO
 ) -> int:
+    retries, timeout = check_options(args)
     directory = Path(args.output_dir)
-    progress = Progress(err, len(prompts))
+    spare = SpareDirectory()
     codes: list[int] = []
     async with contextlib.AsyncExitStack() as stack:
         api_key, base_url = None, args.base_url
@@ -213,37 +426,45 @@ async def generate_all(
                 FakeAtomaServer(confidential=args.confidential)
             )
             api_key, base_url = "fake-key", server.base_url
-            print(f"Using the built-in fake server at {base_url}", file=err)
-        retries = None if args.max_retries is None else RetryPolicy(max_retries=args.max_retries)
         client = await stack.enter_async_context(
             AsyncImagesClient(
-                api_key, base_url=base_url, model=args.model, timeout=args.timeout, retries=retries
+                api_key, base_url=base_url, model=args.model, timeout=timeout, retries=retries
             )
         )
-        slots = asyncio.Semaphore(max(1, args.concurrency))
+        prepare_output_dir(directory)  # once the key is known to be there
+        if args.fake:
+            emit(err, f"Using the built-in fake server at {base_url}")
+        slots = asyncio.Semaphore(args.concurrency)
         batch = len(prompts) > 1
+
+        async def settle(index: int, prompt: str) -> int:
+            try:
+                result = await client.generate(
+                    prompt,
+                    n=args.n,
+                    size=args.size,
+                    response_format=args.format,
+                    confidential=args.confidential,
+                )
+            except AtomaImagesError as error:
+                progress.clear()
+                report_error(error, prompt, args, out, err)
+                return exit_code(error)
+            stem = stem_for(prompt, index if batch else None, directory)
+            paths, problems = await keep_images(client, result, directory, stem, spare)
+            progress.clear()
+            report_result(result, paths, prompt, args, problems=problems, out=out, err=err)
+            return EXIT_CODES["not saved"] if problems else EXIT_CODES["ok"]
 
         async def one(index: int, prompt: str) -> None:
             async with slots:
-                try:
-                    result = await client.generate(
-                        prompt,
-                        n=args.n,
-                        size=args.size,
-                        response_format=args.format,
-                        confidential=args.confidential,
-                    )
-                    stem = stem_for(prompt, index if batch else None, directory)
-                    paths = await client.save_all(result, directory, stem)
-                except AtomaImagesError as error:
-                    codes.append(exit_code(error))
-                    progress.clear()
-                    report_error(error, prompt, args, out, err)
-                else:
-                    progress.clear()
-                    report_result(result, paths, prompt, args, out)
-                finally:
-                    progress.advance()
+                progress.in_flight += 1
+                code = await settle(index, prompt)
+                # Not in a `finally`: a prompt cancelled by Ctrl-C is neither done nor over.
+                progress.in_flight -= 1
+                progress.advance()
+                if code != EXIT_CODES["ok"]:
+                    codes.append(code)
 
         spinner = asyncio.create_task(progress.spin())
         try:
@@ -257,8 +478,19 @@ async def generate_all(
 
 
 def report_result(
-    result: ImagesResponse, paths: list[Path], prompt: str, args: argparse.Namespace, out: TextIO
+    result: ImagesResponse,
+    paths: list[Path],
+    prompt: str,
+    args: argparse.Namespace,
+    *,
+    problems: list[str],
+    out: TextIO,
+    err: TextIO,
 ) -> None:
+    """Show where a paid result's images are, and why some are not where asked."""
+    message = ("generated and billed, but " + "; ".join(problems)) if problems else ""
+    if message:
+        emit(err, f"atoma-images: error{_echo(prompt, args)}: {message}")
     if args.json:
         record: dict[str, Any] = {
             "prompt": prompt,
@@ -267,10 +499,17 @@ def report_result(
             "files": [str(path) for path in paths],
             "urls": [image.url for image in result.images if image.url],
         }
-        print(json.dumps(record), file=out, flush=True)
+        if message:
+            record["error"] = {
+                "type": "NotSaved",
+                "message": message,
+                "status": None,
+                "exit_code": EXIT_CODES["not saved"],
+            }
+        emit(out, json.dumps(record))
     else:
         for path in paths:
-            print(path, file=out, flush=True)
+            emit(out, str(path))
 
 
 def report_error(
@@ -279,10 +518,9 @@ def report_error(
     message = str(error)
     if isinstance(error, InvalidRequestError) and error.field == "api_key":
         message += ", or use --fake to try it offline"
-    where = f" ({prompt[:40]!r})" if prompt is not None and args.prompts_file else ""
-    print(f"atoma-images: error{where}: {message}", file=err, flush=True)
+    emit(err, f"atoma-images: error{_echo(prompt, args)}: {message}")
     if args.debug:
-        traceback.print_exception(error, file=err)
+        emit(err, "".join(traceback.format_exception(error)).rstrip("\n"), keep_newlines=True)
     if args.json and prompt is not None:
         record = {
             "prompt": prompt,
@@ -293,21 +531,39 @@ def report_error(
                 "exit_code": exit_code(error),
             },
         }
-        print(json.dumps(record), file=out, flush=True)
+        emit(out, json.dumps(record))
+
+
+def _echo(prompt: str | None, args: argparse.Namespace) -> str:
+    """The prompt, shortened, for an error line of a batch (where it says which one failed)."""
+    if prompt is None or not args.prompts_file:
+        return ""
+    return f' ("{prompt if len(prompt) <= 40 else prompt[:39] + "…"}")'
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    prompts = read_prompts(args, parser)
     if args.debug:
-        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(PrintableFormatter("%(name)s: %(message)s"))
+        logging.basicConfig(level=logging.DEBUG, handlers=[handler])
     try:
-        return asyncio.run(generate_all(args, prompts, sys.stdout, sys.stderr))
+        prompts = read_prompts(args, parser)
+    except CommandLineError as error:
+        emit(sys.stderr, f"atoma-images: error: {error}")
+        return EXIT_CODES["invalid input"]
+    progress = Progress(sys.stderr, len(prompts))
+    try:
+        return asyncio.run(generate_all(args, prompts, progress, sys.stdout, sys.stderr))
     except KeyboardInterrupt:
-        print("atoma-images: interrupted", file=sys.stderr)
+        progress.clear()
+        emit(sys.stderr, progress.interrupted())
         return EXIT_CODES["interrupted"]
-    except AtomaImagesError as error:  # raised before any prompt ran: bad key, base URL, ...
+    except CommandLineError as error:
+        emit(sys.stderr, f"atoma-images: error: {error}")
+        return EXIT_CODES["invalid input"]
+    except AtomaImagesError as error:  # raised before any prompt ran: bad key, option, ...
         report_error(error, None, args, sys.stdout, sys.stderr)
         return exit_code(error)
 

@@ -2,43 +2,107 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import importlib.util
 import json
 import os
 import pty
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
+import unicodedata
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
+import atoma_images
 from atoma_images.__main__ import EXIT_CODES
-from atoma_images.testing import FakeAtomaServer, Reply
+from atoma_images.testing import FakeAtomaServer, Reply, make_png
 
-from conftest import API_KEY
+from conftest import API_KEY, serving
 from pngcheck import png_size
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+# The subprocess must run the copy of the package this test session imported, not whichever
+# copy an editable install of another checkout puts on sys.path.
+PACKAGE_ROOT = str(Path(atoma_images.__file__).resolve().parent.parent)
+COMMAND = (sys.executable, "-X", "dev", "-m", "atoma_images")
+# aiohttp parses strictly in dev mode; a user's run parses leniently, and lets a control
+# character through in a header.
+USERS_COMMAND = (sys.executable, "-m", "atoma_images")
+
+
+def environment(
+    cwd: Path,
+    key: str | None,
+    sitecustomize: str | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The subprocess's environment; ``sitecustomize`` is code it runs first (a fault)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATOMA", "ATOMASDK"))}
+    path = [PACKAGE_ROOT]
+    if sitecustomize is not None:
+        site = cwd / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(sitecustomize)
+        path.insert(0, str(site))
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    if key is not None:
+        env["ATOMA_API_KEY"] = key
+    env.update(extra or {})
+    return env
 
 
 def cli(
-    *arguments: str, cwd: Path, key: str | None = API_KEY, stderr: int | None = None
+    *arguments: str,
+    cwd: Path,
+    key: str | None = API_KEY,
+    stderr: int | None = None,
+    sitecustomize: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATOMA", "ATOMASDK"))}
-    if key is not None:
-        env["ATOMA_API_KEY"] = key
     return subprocess.run(
-        [sys.executable, "-X", "dev", "-m", "atoma_images", *arguments],
+        [*COMMAND, *arguments],
         cwd=cwd,
-        env=env,
+        env=environment(cwd, key, sitecustomize),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE if stderr is None else stderr,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+async def acli(
+    *arguments: str,
+    cwd: Path,
+    key: str | None = API_KEY,
+    sitecustomize: str | None = None,
+    extra: Mapping[str, str] | None = None,
+    dev_mode: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """`cli` for a test whose server runs on the test's own event loop."""
+    process = await asyncio.create_subprocess_exec(
+        *(COMMAND if dev_mode else USERS_COMMAND),
+        *arguments,
+        cwd=cwd,
+        env=environment(cwd, key, sitecustomize, extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode is not None
+    return subprocess.CompletedProcess(arguments, process.returncode, out.decode(), err.decode())
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("atoma-images: error")]
 
 
 def test_fake_saves_pngs_and_prints_their_paths(tmp_path: Path) -> None:
@@ -205,3 +269,451 @@ def test_spinner_only_on_a_terminal(threaded_server: FakeAtomaServer, tmp_path: 
 def test_readme_documents_every_exit_code() -> None:
     for kind, code in EXIT_CODES.items():
         assert re.search(rf"\| {code} \| {kind}", README), f"{code} {kind} missing from README"
+
+
+# -- text from the server never drives the terminal -----------------------------------------------
+
+_BIDI_CONTROLS = {"LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"}
+
+
+def unprintable(text: str) -> list[str]:
+    """What a terminal would act on (or reorder text by), but the newline ending a line."""
+    return [
+        char
+        for char in text
+        if char != "\n"
+        and (
+            unicodedata.category(char) in {"Cc", "Zl", "Zp", "Cs"}
+            or unicodedata.bidirectional(char) in _BIDI_CONTROLS
+        )
+    ]
+
+
+@contextlib.asynccontextmanager
+async def hostile_server() -> AsyncIterator[str]:
+    """Answers every request with a 500 whose message and request id hold terminal escapes."""
+    body = json.dumps(
+        {"error": {"code": "E\x1b[2J", "message": "boom\x1b]0;owned\x07\r\x9b31m\u2028\u202eevil"}}
+    ).encode()
+    answer = (
+        b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+        b"x-request-id: id\x1b[2J\x9b\x07z\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: *([0-9]+)", head)
+            await reader.readexactly(int(length[1]) if length else 0)
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_server_text_is_shown_with_its_control_characters_escaped(tmp_path: Path) -> None:
+    async with hostile_server() as base_url:
+        single = await acli(
+            "fox", "--base-url", base_url, "--max-retries", "0", cwd=tmp_path, dev_mode=False
+        )
+        (tmp_path / "prompts.txt").write_text("a \x1b]0;pwned\x07 fox\nan owl\n")
+        batch = await acli(
+            "--prompts-file",
+            "prompts.txt",
+            "--base-url",
+            base_url,
+            "--max-retries",
+            "0",
+            "--json",
+            "--debug",
+            cwd=tmp_path,
+            dev_mode=False,
+        )
+    assert single.returncode == batch.returncode == EXIT_CODES["server"]
+    assert single.stderr.splitlines() == [
+        r"atoma-images: error: 500 Internal Server Error (E\x1b[2J): "
+        r"boom\x1b]0;owned\x07\x0d\x9b31m\u2028\u202eevil [request id id\x1b[2J\udc9b\x07z]"
+    ]
+    # With --debug: the error lines, the traceback and the log lines, all escaped.
+    assert unprintable(batch.stderr) == []
+    assert unprintable(batch.stdout) == []
+    assert r'atoma-images: error ("a \x1b]0;pwned\x07 fox"): 500 ' in batch.stderr
+    assert "Traceback" in batch.stderr
+    assert r"-> 500 (" in batch.stderr  # the client's debug log, with the request id
+    records = [json.loads(line) for line in batch.stdout.splitlines()]
+    # JSON keeps the text exactly, escaped by the JSON encoder.
+    assert {r["prompt"] for r in records} == {"a \x1b]0;pwned\x07 fox", "an owl"}
+    assert all("boom\x1b]0;owned\x07\r" in r["error"]["message"] for r in records)
+
+
+# -- options --------------------------------------------------------------------------------------
+
+
+def test_fake_with_a_base_url_is_refused(tmp_path: Path) -> None:
+    done = cli("--fake", "fox", "--base-url", "http://127.0.0.1:9/v1", cwd=tmp_path, key=None)
+    assert done.returncode == EXIT_CODES["invalid input"]
+    assert done.stderr.splitlines() == [
+        "atoma-images: error: --fake runs its own server: it cannot be used with --base-url"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (("--concurrency", "0"), "invalid --concurrency: got 0; allowed: an integer >= 1"),
+        (("--concurrency", "-3"), "invalid --concurrency: got -3; allowed: an integer >= 1"),
+        (("-n", "0"), "invalid n: got 0; allowed: an integer from 1 to 10"),
+        (("--size", "8X8"), "invalid size: got '8X8'"),
+        (("--timeout", "0"), "invalid timeout.total: got 0.0"),
+    ],
+)
+def test_a_bad_option_is_one_line_for_the_whole_batch(
+    threaded_server: FakeAtomaServer, tmp_path: Path, option: tuple[str, str], message: str
+) -> None:
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\na boat\n")
+    done = cli(
+        "--prompts-file",
+        "prompts.txt",
+        "--base-url",
+        threaded_server.base_url,
+        *option,
+        "-o",
+        "out",
+        cwd=tmp_path,
+    )
+    assert done.returncode == EXIT_CODES["invalid input"]
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"atoma-images: error: {message}")
+    assert threaded_server.posts == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_confidential_without_the_extra_is_one_line_for_the_whole_batch(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\na boat\n")
+    done = cli(
+        "--prompts-file",
+        "prompts.txt",
+        "--base-url",
+        threaded_server.base_url,
+        "--confidential",
+        cwd=tmp_path,
+        # cryptography made unimportable, as in a base install.
+        sitecustomize="import sys\nsys.modules['cryptography'] = None\n",
+    )
+    assert done.returncode == EXIT_CODES["invalid input"]
+    (line,) = done.stderr.splitlines()
+    assert "pip install 'atoma-images[confidential]'" in line
+    assert threaded_server.requests == []
+
+
+# -- the prompts file -----------------------------------------------------------------------------
+
+
+def test_a_prompts_file_that_is_not_utf8_is_one_line_naming_the_byte(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    (tmp_path / "prompts.txt").write_bytes("a fox\nun hibou \xe9tonné\n".encode("latin-1"))
+    done = cli(
+        "--base-url", threaded_server.base_url, "--prompts-file", "prompts.txt", cwd=tmp_path
+    )
+    assert done.returncode == EXIT_CODES["invalid input"]
+    assert done.stderr.splitlines() == [
+        "atoma-images: error: --prompts-file prompts.txt is not UTF-8: "
+        "byte 0xe9 at offset 15 (line 2)"
+    ]
+    assert threaded_server.posts == []
+
+
+def test_a_prompts_file_with_a_bom_indented_comments_and_a_line_separator(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    lines = "\ufeffa fox\r\n   # a note\r\n\tan owl\u2028at night\r\n"
+    (tmp_path / "prompts.txt").write_bytes(lines.encode())
+    done = cli(
+        "--base-url",
+        threaded_server.base_url,
+        "--prompts-file",
+        "prompts.txt",
+        "--concurrency",
+        "1",
+        "--size",
+        "8x8",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [post.json()["prompt"] for post in threaded_server.posts] == [
+        "a fox",
+        "an owl\u2028at night",
+    ]
+
+
+# -- the output directory: checked before anything is paid for, and paid images kept --------------
+
+
+def images_answer(prompt: str, n: int = 1, size: int = 8) -> dict[str, object]:
+    image = base64.b64encode(make_png(size, size, prompt)).decode()
+    return {"created": 1, "data": [{"b64_json": image}] * n}
+
+
+@pytest.mark.parametrize(
+    ("output", "reasons"),
+    [
+        ("a-file", {"exists and is not a directory"}),
+        ("a-file/out", {"Not a directory"}),
+        # Exists, but no one may create a file there (root included): made is not proven.
+        ("/sys", {"Permission denied", "Read-only file system"}),
+    ],
+)
+def test_an_unusable_output_directory_is_refused_before_anything_is_sent(
+    threaded_server: FakeAtomaServer, tmp_path: Path, output: str, reasons: set[str]
+) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    done = cli("fox", "--base-url", threaded_server.base_url, "-o", output, cwd=tmp_path)
+    assert done.returncode == EXIT_CODES["invalid input"], done.stderr
+    (line,) = done.stderr.splitlines()
+    prefix = f"atoma-images: error: cannot save images in {output}: "
+    assert line.startswith(prefix)
+    assert line.removeprefix(prefix) in reasons
+    assert done.stdout == ""
+    assert threaded_server.posts == []
+
+
+async def test_a_write_that_fails_mid_batch_keeps_the_paid_images_elsewhere(
+    tmp_path: Path,
+) -> None:
+    out, spare_root = tmp_path / "out", tmp_path / "tmp"
+    spare_root.mkdir()
+
+    async def generations(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["prompt"] == "an owl":  # the directory is replaced while the owl is drawn
+            out.rename(tmp_path / "gone")
+            out.write_text("now a file")
+        return web.json_response(images_answer(body["prompt"], size=16))
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\nan owl\na boat\n")
+    async with serving(app) as root:
+        done = await acli(
+            "--base-url",
+            f"{root}/v1",
+            "--prompts-file",
+            str(prompts),
+            "--concurrency",
+            "1",
+            "-o",
+            "out",
+            cwd=tmp_path,
+            extra={"TMPDIR": str(spare_root)},
+        )
+    assert done.returncode == EXIT_CODES["not saved"], done.stderr
+    (spare,) = spare_root.iterdir()
+    assert done.stdout.splitlines() == [
+        "out/001-a-fox-1.png",
+        f"{spare}/002-an-owl-1.png",
+        f"{spare}/003-a-boat-1.png",
+    ]
+    assert png_size(tmp_path / "gone" / "001-a-fox-1.png") == (16, 16)
+    assert [png_size(spare / name) for name in ("002-an-owl-1.png", "003-a-boat-1.png")] == [
+        (16, 16),
+        (16, 16),
+    ]
+    errors = error_lines(done.stderr)
+    assert len(errors) == 2
+    for line, prompt in zip(errors, ("an owl", "a boat"), strict=True):
+        assert line.startswith(f'atoma-images: error ("{prompt}"): generated and billed, but ')
+        assert "cannot save in out ([Errno 17] File exists: 'out')" in line
+        assert line.endswith(f"saved in {spare} instead")
+    assert "3/3 done" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_an_image_that_cannot_be_saved_anywhere_is_reported_billed_and_lost(
+    tmp_path: Path,
+) -> None:
+    async def generations(request: web.Request) -> web.Response:
+        return web.json_response(images_answer((await request.json())["prompt"], n=2, size=64))
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    (tmp_path / "tmp").mkdir()
+    async with serving(app) as root:
+        done = await acli(
+            "fox",
+            "--base-url",
+            f"{root}/v1",
+            "--json",
+            cwd=tmp_path,
+            # A full disk, everywhere: no file may grow past 1000 bytes (each image is ~8 KB);
+            # the directory checks, which write nothing, pass.
+            sitecustomize="import resource\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n",
+            extra={"TMPDIR": str(tmp_path / "tmp")},
+        )
+    assert done.returncode == EXIT_CODES["not saved"], done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("atoma-images: error: generated and billed, but cannot save in . (")
+    assert "File too large" in line
+    assert line.endswith(": 2 images are lost")
+    (record,) = [json.loads(text) for text in done.stdout.splitlines()]
+    assert record["files"] == []
+    assert record["error"]["message"] == line.removeprefix("atoma-images: error: ")
+    assert record["error"]["exit_code"] == EXIT_CODES["not saved"]
+
+
+async def test_a_paid_image_whose_download_fails_is_reported_billed(tmp_path: Path) -> None:
+    async def generations(request: web.Request) -> web.Response:
+        await request.read()
+        root = f"http://{request.host}"
+        return web.json_response(
+            {"created": 1, "data": [{"url": f"{root}/files/kept"}, {"url": f"{root}/files/gone"}]}
+        )
+
+    async def files(request: web.Request) -> web.Response:
+        if request.match_info["name"] == "gone":
+            return web.json_response(
+                {"error": {"code": "NOT_FOUND", "message": "expired"}}, status=404
+            )
+        return web.Response(body=make_png(8, 8), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    app.router.add_get("/files/{name}", files)
+    async with serving(app) as root:
+        done = await acli(
+            "fox", "--base-url", f"{root}/v1", "--format", "url", "--max-retries", "0", cwd=tmp_path
+        )
+    assert done.returncode == EXIT_CODES["not saved"], done.stderr
+    assert done.stdout.splitlines() == ["fox-1.png"]  # the image that did download is kept
+    assert png_size(tmp_path / "fox-1.png") == (8, 8)
+    assert done.stderr.splitlines() == [
+        "atoma-images: error: generated and billed, but image 2 could not be fetched from "
+        f"{root}/files/gone (404 Not Found (NOT_FOUND): expired)"
+    ]
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_counts_only_finished_prompts_and_says_what_may_be_billed(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    threaded_server.enqueue(Reply())  # the first prompt is drawn at once ...
+    threaded_server.enqueue(Reply(delay=60), times=2)  # ... the other two take their time
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\na boat\n")
+    arguments = ("--prompts-file", "prompts.txt", "--base-url", threaded_server.base_url)
+    process = subprocess.Popen(
+        [*COMMAND, *arguments, "--size", "8x8", "--concurrency", "3"],
+        cwd=tmp_path,
+        env=environment(tmp_path, API_KEY),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        assert process.stderr.readline() == "1/3 done\n"
+        deadline = time.monotonic() + 60
+        while len(threaded_server.posts) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(threaded_server.posts) == 3
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == EXIT_CODES["interrupted"]
+    assert len(out.splitlines()) == 1  # the one image that came back is saved
+    assert err.splitlines() == [
+        "atoma-images: interrupted with 1/3 prompts done; "
+        "2 requests were in flight: any already sent may still be billed"
+    ]
+
+
+def test_ctrl_c_of_one_prompt_says_it_may_be_billed(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    threaded_server.enqueue(Reply(delay=60))
+    process = subprocess.Popen(
+        [*COMMAND, "fox", "--base-url", threaded_server.base_url, "--size", "8x8"],
+        cwd=tmp_path,
+        env=environment(tmp_path, API_KEY),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not threaded_server.posts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(threaded_server.posts) == 1
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == EXIT_CODES["interrupted"]
+    assert out == ""
+    assert err.splitlines() == [
+        "atoma-images: interrupted; 1 request was in flight: if already sent, it may still "
+        "be billed"
+    ]
+
+
+# -- a reader that goes away ----------------------------------------------------------------------
+
+
+async def test_a_reader_that_goes_away_does_not_stop_the_batch(tmp_path: Path) -> None:
+    stdout_gone = asyncio.Event()
+
+    async def generations(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["prompt"] != "a fox":
+            await stdout_gone.wait()
+        return web.json_response(images_answer(body["prompt"]))
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\na boat\n")
+    read_end, write_end = os.pipe()
+    async with serving(app) as root:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *COMMAND,
+                *("--prompts-file", "prompts.txt", "--base-url", f"{root}/v1"),
+                *("--concurrency", "1", "-o", "out"),
+                cwd=tmp_path,
+                env=environment(tmp_path, API_KEY),
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+            )
+            os.close(write_end)
+            # As `atoma-images ... | head -1` does: read one line, then go.
+            loop = asyncio.get_running_loop()
+            first = b""
+            while not first.endswith(b"\n"):
+                first += await loop.run_in_executor(None, os.read, read_end, 4096)
+        finally:
+            os.close(read_end)
+            stdout_gone.set()
+        _, err = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert first == b"out/001-a-fox-1.png\n"
+    assert process.returncode == 0, err
+    assert "Traceback" not in err.decode()
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "001-a-fox-1.png",
+        "002-an-owl-1.png",
+        "003-a-boat-1.png",
+    ]
