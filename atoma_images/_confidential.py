@@ -1,6 +1,6 @@
 """Confidential generation: the request travels encrypted to a node running in a TEE.
 
-The flow, as the deployed proxy and nodes run it (CONTRACT.md, "The confidential variant"):
+The flow, as the deployed proxy and nodes run it (docs/contract.md, "Confidential generation"):
 
 1. ``POST /v1/nodes/lock`` ``{"model", "max_num_tokens"}`` locks a node for the call and
    returns its X25519 public key. For images the lock must cover ``n * W * H`` compute units

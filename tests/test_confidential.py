@@ -42,7 +42,7 @@ needs_cryptography = pytest.mark.skipif(
 )
 
 # Computed with an independent implementation (the Atoma Python SDK 0.1.3's own key
-# derivation and hashing); a copy of ../shared/vectors/confidential-kat.json.
+# derivation and hashing).
 KAT = json.loads((Path(__file__).parent / "vectors" / "confidential-kat.json").read_text())
 
 

@@ -1,4 +1,4 @@
-"""The fake server behaves like the deployed service (CONTRACT.md), not like the spec."""
+"""The fake server behaves like the deployed service (docs/contract.md), not like the spec."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -77,6 +78,15 @@ async def send(
         response.enable_chunked_encoding()
     else:
         response.content_length = len(payload)
+    # A client that hung up (cancelled, timed out) has nobody left to answer.
+    with contextlib.suppress(ConnectionResetError):
+        await _write(reply, request, response, payload)
+    return response
+
+
+async def _write(
+    reply: Reply, request: web.Request, response: web.StreamResponse, payload: bytes
+) -> None:
     await response.prepare(request)
     if reply.fault == "drop_mid_body":
         await response.write(payload[: len(payload) // 2])
@@ -91,7 +101,6 @@ async def send(
             if reply.fault == "drip":
                 await asyncio.sleep(reply.drip_interval)
         await response.write_eof()
-    return response
 
 
 def _payload(reply: Reply, normal_answer: Callable[[], bytes]) -> bytes:

@@ -62,7 +62,7 @@ class FakeAtomaServer:
     plays. Every request is recorded in `requests`; `enqueue` scripts the answers to the
     next generation requests.
 
-    Args:
+    Attributes:
         api_key: the only key accepted; None accepts any non-empty Bearer token.
         models: the models it has nodes for.
         image_format: how images come back when the request names no ``response_format``:
