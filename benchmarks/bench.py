@@ -54,10 +54,31 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent  # the checkout whose atoma_images is measured
 CORES = sorted(os.sched_getaffinity(0))
 CLIENT_CORE, SERVER_CORE = CORES[0], CORES[-1]
 PROMPT = "a lighthouse at dawn, watercolour"
 KEY = "sk-bench"
+
+
+def child_env() -> dict[str, str]:
+    """The environment of every trial: this checkout first on the module path.
+
+    A script's module path starts with its own folder (benchmarks/), so a trial would
+    otherwise import whichever atoma_images is installed; with an editable install of
+    another checkout, the benchmark would measure that checkout's code.
+    """
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
+
+
+def package_under_test() -> str:
+    """Where the trials import atoma_images from, as they see it."""
+    command = [sys.executable, "-c", "import atoma_images; print(atoma_images.__file__)"]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, check=True, env=child_env()
+    )
+    return str(Path(done.stdout.strip()).parent)
 
 
 # -- the server ---------------------------------------------------------------------------
@@ -436,7 +457,9 @@ def trial_command(
 
 def run_trial(impl: str, size: str, concurrency: int, total: int, port: int) -> dict[str, float]:
     command = trial_command(impl, size, concurrency, total, port, min(WARMUP, total))
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, check=True, env=child_env()
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -446,7 +469,7 @@ def import_times(repeat: int) -> dict[str, float]:
     An installed package has its .pyc files; PYTHONDONTWRITEBYTECODE (set on some CI
     machines) would make every import compile from source, which measures the compiler.
     """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env = {k: v for k, v in child_env().items() if k != "PYTHONDONTWRITEBYTECODE"}
     code = "import time; t = time.perf_counter(); import {}; print(time.perf_counter() - t)"
 
     def once(module: str) -> float:
@@ -488,7 +511,9 @@ def instructions_per_request(impl: str, size: str, counts: tuple[int, int], port
             "--callgrind-out-file=/dev/null",
             *trial_command(impl, size, 1, total, port, 0),
         ]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=True)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=900, check=True, env=child_env()
+        )
         collected.append(int(done.stderr.split("Collected :")[1].split()[0]))
     return (collected[1] - collected[0]) / (counts[1] - counts[0])
 
@@ -577,7 +602,12 @@ def run_scale_trial(impl: str, calls: int, port: int, latency: float) -> dict[st
     limit = latency + SCALE_SLACK + 120  # the calls' own limit, plus start-up and closing
     try:
         done = subprocess.run(
-            [*command, str(latency)], capture_output=True, text=True, timeout=limit, check=False
+            [*command, str(latency)],
+            capture_output=True,
+            text=True,
+            timeout=limit,
+            check=False,
+            env=child_env(),
         )
     except subprocess.TimeoutExpired:
         return {"failed": f"the trial process did not finish within {limit:g} s"}
@@ -635,6 +665,7 @@ def main() -> int:
         scale_trial(impl, int(calls), int(port), float(latency))
         return 0
 
+    print(f"atoma-images under test: {package_under_test()}")
     if options.profile in ("all", "loopback"):
         started = time.monotonic()
         run_loopback(options)
