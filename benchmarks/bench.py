@@ -766,7 +766,7 @@ def scale_report(
             failed = [run["failed"] for run in runs if "failed" in run]
             if failed or any("failed" in run for run in baseline):
                 why = f"trial failed: {failed[0]}" if failed else "the raw aiohttp trial failed"
-                print("| " + " | ".join([*row, *["-"] * 7, why, "-"]) + " |")
+                print("| " + " | ".join([*row, *["-"] * 6, why, "-"]) + " |")
                 continue
             errors: collections.Counter[str] = collections.Counter()
             for run in runs:
