@@ -21,3 +21,6 @@ def test_benchmark_smoke_run_prints_its_table() -> None:
     for label in ("async small C=1", "async large C=16", "sync sequential", "retry policy"):
         assert f"| {label}" in done.stdout
     assert "import aiohttp:" in done.stdout
+    # The scale profile runs too (its quick counts: 50 and 200 calls at once).
+    for client in ("raw aiohttp", "atoma-images"):
+        assert f"| 200 | {client} |" in done.stdout
