@@ -8,11 +8,8 @@ map are in docs/architecture.md.
 from __future__ import annotations
 
 import asyncio
-import enum
 import os
 import ssl as ssl_module
-import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -21,11 +18,13 @@ import aiohttp
 import attrs
 from yarl import URL
 
-from ._convert import encode_request, error_from_response, parse_response
-from ._errors import APIStatusError, InvalidRequestError
+from ._convert import encode_request, parse_response
+from ._download import download_url, fetch_once
+from ._errors import InvalidRequestError
 from ._files import write_images
 from ._models import DEFAULT_MODEL, GeneratedImage, ImageRequest, ImagesResponse
-from ._retry import RetryPolicy
+from ._retry import RetryPolicy, check_policy
+from ._session import SessionHolder
 from ._settings import (
     DEFAULT_BASE_URL,
     DEFAULT_MAX_DOWNLOAD_BYTES,
@@ -41,19 +40,6 @@ __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
     "AsyncImagesClient",
 ]
-
-#: How many redirects a download follows (aiohttp follows 10, httpx 20; an image URL
-#: needs one or two, and each hop is a chance to be sent somewhere else).
-MAX_REDIRECTS = 5
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
-
-
-class ClientState(enum.Enum):
-    """Where a client is in its life: UNOPENED until its first call, CLOSED for good."""
-
-    UNOPENED = 1
-    OPENED = 2
-    CLOSED = 3
 
 
 class AsyncImagesClient:
@@ -109,13 +95,10 @@ class AsyncImagesClient:
         self._url = settings.generations_url
         self._headers = settings.request_headers()
         self._anonymous = settings.anonymous_headers()
-        self._session = session
-        self._owns_session = session is None
+        self._sessions = SessionHolder(repr(self), settings.max_connections, session=session)
         # Our own session honours the proxy variables (read once for the API, here, so a bad
         # one is an error now); a session passed in keeps its own proxy settings.
-        self._proxy = environment_proxy(self._url) if self._owns_session else None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._state = ClientState.UNOPENED
+        self._proxy = environment_proxy(self._url) if self._sessions.owns_session else None
 
     def __repr__(self) -> str:
         return f"<AsyncImagesClient base_url={self.base_url!r} model={self.model!r}>"
@@ -193,7 +176,7 @@ class AsyncImagesClient:
         policy = self._policy(retries)
         if type(confidential) is not bool:
             raise InvalidRequestError("confidential", confidential, "allowed: True or False")
-        session = self._session_for_running_loop()
+        session = self._sessions.get()
         if confidential:
             return await self._generate_confidential(session, request, body, limits, policy)
 
@@ -255,33 +238,27 @@ class AsyncImagesClient:
         """
         if isinstance(image, GeneratedImage) and image.b64_json is not None:
             return image.decode()
-        url = _download_url(image.url if isinstance(image, GeneratedImage) else image)
+        url = download_url(image.url if isinstance(image, GeneratedImage) else image)
         if type(max_bytes) is not int or max_bytes < 1:
             raise InvalidRequestError("max_bytes", max_bytes, "allowed: an int >= 1")
         limits = self._limits(timeout)
         # Fetching a URL bills nothing, so an ambiguous failure is worth another try.
         policy = attrs.evolve(self.retries, retry_ambiguous=True)
-        session = self._session_for_running_loop()
-        home = self._settings.base_url.origin()
+        session = self._sessions.get()
+
+        async def get(target: URL, headers: Mapping[str, str], seconds: float) -> Answer:
+            timeout = limits.for_attempt(seconds)
+            return await self._send(session, "GET", target, None, timeout, max_bytes, headers)
 
         async def attempt(remaining: float) -> bytes:
-            started = time.monotonic()
-            target = url
-            for _ in range(MAX_REDIRECTS + 1):
-                headers = self._headers if target.origin() == home else self._anonymous
-                left = remaining - (time.monotonic() - started)
-                answer = await self._send(
-                    session, "GET", target, None, limits.for_attempt(left), max_bytes, headers
-                )
-                location = _redirect_target(target, answer)
-                if location is None:
-                    if answer.status >= 300:
-                        raise error_from_response(
-                            answer.status, answer.headers, answer.body, str(target)
-                        )
-                    return answer.body
-                target = location
-            raise _redirect_error(answer, target, f"more than {MAX_REDIRECTS} redirects")
+            return await fetch_once(
+                get,
+                url,
+                home=self._settings.base_url,
+                home_headers=self._headers,
+                other_headers=self._anonymous,
+                seconds=limits.attempt_seconds(remaining),
+            )
 
         return await policy.run(attempt)
 
@@ -309,7 +286,7 @@ class AsyncImagesClient:
         headers: Mapping[str, str] | None = None,
     ) -> Answer:
         proxy: Proxy | None = None
-        if self._owns_session:
+        if self._sessions.owns_session:
             proxy = self._proxy if url is self._url else environment_proxy(url)
         return await send(
             session,
@@ -327,47 +304,11 @@ class AsyncImagesClient:
         return self.timeout if timeout is None else Timeout.of(timeout)
 
     def _policy(self, retries: RetryPolicy | None) -> RetryPolicy:
-        if retries is None:
-            return self.retries
-        if not isinstance(retries, RetryPolicy):
-            raise InvalidRequestError("retries", retries, "allowed: a RetryPolicy or None")
-        return retries
-
-    def _session_for_running_loop(self) -> aiohttp.ClientSession:
-        if self._state is ClientState.CLOSED:
-            raise RuntimeError(f"{self!r} is closed; create a new client")
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            if self._loop is not None:
-                raise RuntimeError(
-                    f"{self!r} is bound to the event loop it was first used in; an aiohttp "
-                    "session cannot move between loops. Create one client per loop (or use "
-                    "ImagesClient from synchronous code)."
-                )
-            self._loop = loop
-        session = self._session
-        if session is None:
-            session = self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=self._settings.max_connections, limit_per_host=0
-                ),
-                # Not trust_env=True: aiohttp would then read ~/.netrc and the proxy variables
-                # in a worker thread on every request, and a .netrc entry for the API host
-                # would clash with our Authorization header. The proxy variables are honoured
-                # all the same (environment_proxy).
-                trust_env=False,
-            )
-        elif session.closed:
-            raise RuntimeError("the aiohttp.ClientSession given to the client is closed")
-        self._state = ClientState.OPENED
-        return session
+        return self.retries if retries is None else check_policy(retries)
 
     async def aclose(self) -> None:
         """Close the client's own session (a session passed in is left open). Safe to repeat."""
-        self._state = ClientState.CLOSED
-        session, self._session = self._session, None
-        if session is not None and self._owns_session and not session.closed:
-            await session.close()
+        await self._sessions.aclose()
 
     async def __aenter__(self) -> AsyncImagesClient:
         return self
@@ -381,58 +322,6 @@ class AsyncImagesClient:
         await self.aclose()
 
     def __del__(self) -> None:
-        # Only warn: closing needs the event loop, which may be gone by now.
-        session = getattr(self, "_session", None)
-        if session is not None and self._owns_session and not session.closed:
-            warnings.warn(
-                f"unclosed {self!r}: use 'async with' or 'await client.aclose()'",
-                ResourceWarning,
-                stacklevel=1,
-                source=self,
-            )
-
-
-def _redirect_target(current: URL, answer: Answer) -> URL | None:
-    """Where a redirect answer points (None when it is not one); refuses a non-http(s) one."""
-    location = answer.headers.get("location")
-    if answer.status not in _REDIRECTS or location is None:
-        return None
-    try:
-        target = current.join(URL(location))
-    except (TypeError, ValueError):
-        target = None
-    if target is None or target.scheme not in ("http", "https") or not target.host:
-        raise _redirect_error(
-            answer, current, f"redirected to {location[:200]!r}, which is not an http(s) URL"
-        )
-    return target
-
-
-def _redirect_error(answer: Answer, url: URL, problem: str) -> APIStatusError:
-    return APIStatusError(
-        status=answer.status,
-        code=None,
-        message=f"{problem}; the download was not followed further",
-        body="",
-        headers=answer.headers,
-        request_id=answer.headers.get("x-request-id"),
-        url=str(url),
-    )
-
-
-def _download_url(raw: str | None) -> URL:
-    url = None
-    if isinstance(raw, str):
-        try:
-            url = URL(raw)
-        except (TypeError, ValueError):
-            url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
-        hint = ""
-        if isinstance(raw, str) and "://" not in raw:
-            hint = (
-                " This looks like a file name on the server's node, which it cannot serve:"
-                " ask for response_format='b64_json' to get the image itself"
-            )
-        raise InvalidRequestError("image.url", raw, f"allowed: an http(s) URL.{hint}")
-    return url
+        sessions = getattr(self, "_sessions", None)  # absent if __init__ raised
+        if sessions is not None:
+            sessions.warn_if_open()

@@ -36,7 +36,7 @@ from ._timeout import MIN_ATTEMPT, seconds_validator
 if TYPE_CHECKING:
     from tenacity import RetryCallState
 
-__all__ = ["RetryPolicy"]
+__all__ = ["RetryPolicy", "check_policy"]
 
 logger = logging.getLogger("atoma_images")
 
@@ -187,6 +187,13 @@ class _ServerErrorBudget(stop_base):
         if isinstance(error, APIStatusError) and error.status in SERVER_ERROR_STATUSES:
             self.seen += 1
         return self.seen > self.allowed
+
+
+def check_policy(value: object) -> RetryPolicy:
+    """``value`` if it is a `RetryPolicy`, else `InvalidRequestError` (for a client or a call)."""
+    if not isinstance(value, RetryPolicy):
+        raise InvalidRequestError("retries", value, "allowed: a RetryPolicy or None")
+    return value
 
 
 def _log_retry(state: RetryCallState) -> None:

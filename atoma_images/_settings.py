@@ -19,7 +19,7 @@ from yarl import URL
 
 from ._errors import InvalidRequestError
 from ._models import DEFAULT_MODEL, ImageRequest
-from ._retry import RetryPolicy
+from ._retry import RetryPolicy, check_policy
 from ._timeout import Timeout
 from ._version import user_agent
 
@@ -80,8 +80,7 @@ def _to_timeout(value: object) -> Timeout:
 
 
 def _check_policy(_: object, __: object, value: object) -> None:
-    if not isinstance(value, RetryPolicy):
-        raise InvalidRequestError("retries", value, "allowed: a RetryPolicy or None")
+    check_policy(value)
 
 
 def _check_positive_int(_: object, attribute: attrs.Attribute[int], value: object) -> None:

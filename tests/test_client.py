@@ -271,7 +271,7 @@ def test_client_is_bound_to_one_event_loop() -> None:
 async def test_unclosed_client_warns(server: FakeAtomaServer) -> None:
     images = AsyncImagesClient(API_KEY, base_url=server.base_url)
     await images.generate("fox", size="8x8")
-    session = images._session
+    session = images._sessions.get()
     assert session is not None
     with pytest.warns(ResourceWarning, match="unclosed <AsyncImagesClient"):  # noqa: PT031
         del images

@@ -1,0 +1,99 @@
+"""Fetching an image by URL: one attempt follows redirects, one hop at a time.
+
+Each hop chooses its headers by origin: the key and the user's headers go only to
+``base_url``'s origin, any other host gets ``User-Agent`` and ``Accept`` alone. A redirect to
+something that is not http(s), or more than `MAX_REDIRECTS` of them, ends the download with a
+typed error that is not retried.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from yarl import URL
+
+from ._convert import error_from_response
+from ._errors import APIStatusError, InvalidRequestError
+from ._transport import Answer
+
+__all__ = ["MAX_REDIRECTS", "download_url", "fetch_once"]
+
+#: How many redirects a download follows (aiohttp follows 10, httpx 20; an image URL
+#: needs one or two, and each hop is a chance to be sent somewhere else).
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+#: Sends one GET: (url, headers, seconds it may take).
+Get = Callable[[URL, Mapping[str, str], float], Awaitable[Answer]]
+
+
+def download_url(raw: object) -> URL:
+    """The URL of an image result, or `InvalidRequestError` if it is not an http(s) one."""
+    url = None
+    if isinstance(raw, str):
+        try:
+            url = URL(raw)
+        except (TypeError, ValueError):
+            url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        hint = ""
+        if isinstance(raw, str) and "://" not in raw:
+            hint = (
+                " This looks like a file name on the server's node, which it cannot serve:"
+                " ask for response_format='b64_json' to get the image itself"
+            )
+        raise InvalidRequestError("image.url", raw, f"allowed: an http(s) URL.{hint}")
+    return url
+
+
+async def fetch_once(
+    get: Get,
+    url: URL,
+    *,
+    home: URL,
+    home_headers: Mapping[str, str],
+    other_headers: Mapping[str, str],
+    seconds: float,
+) -> bytes:
+    """One download attempt of at most ``seconds``: the body at ``url``, redirects followed."""
+    started = time.monotonic()
+    target = url
+    for _ in range(MAX_REDIRECTS + 1):
+        headers = home_headers if target.origin() == home.origin() else other_headers
+        answer = await get(target, headers, seconds - (time.monotonic() - started))
+        location = _redirect_target(target, answer)
+        if location is None:
+            if answer.status >= 300:
+                raise error_from_response(answer.status, answer.headers, answer.body, str(target))
+            return answer.body
+        target = location
+    raise _redirect_error(answer, target, f"more than {MAX_REDIRECTS} redirects")
+
+
+def _redirect_target(current: URL, answer: Answer) -> URL | None:
+    """Where a redirect answer points (None when it is not one); refuses a non-http(s) one."""
+    location = answer.headers.get("location")
+    if answer.status not in _REDIRECTS or location is None:
+        return None
+    try:
+        target = current.join(URL(location))
+    except (TypeError, ValueError):
+        target = None
+    if target is None or target.scheme not in ("http", "https") or not target.host:
+        raise _redirect_error(
+            answer, current, f"redirected to {location[:200]!r}, which is not an http(s) URL"
+        )
+    return target
+
+
+def _redirect_error(answer: Answer, url: URL, problem: str) -> APIStatusError:
+    return APIStatusError(
+        status=answer.status,
+        code=None,
+        message=f"{problem}; the download was not followed further",
+        body="",
+        headers=answer.headers,
+        request_id=answer.headers.get("x-request-id"),
+        url=str(url),
+    )
