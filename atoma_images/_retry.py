@@ -22,7 +22,16 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import attrs
+from tenacity import (
+    AsyncRetrying,
+    retry_base,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_any,
+    stop_before_delay,
+)
 from tenacity.stop import stop_base
+from tenacity.wait import wait_base, wait_random_exponential
 
 from ._errors import (
     AmbiguousOutcomeError,
@@ -98,6 +107,18 @@ class RetryPolicy:
     sleep: Callable[[float], Awaitable[None]] = attrs.field(
         default=asyncio.sleep, repr=False, eq=False
     )
+    # tenacity's stateless strategies for this policy, built once (see run).
+    _stops: tuple[stop_base, ...] = attrs.field(init=False, repr=False, eq=False)
+    _wait: wait_base = attrs.field(init=False, repr=False, eq=False)
+    _retry: retry_base = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        # Never sleep past the deadline: stop now rather than wake up with no time left.
+        stops = (stop_after_attempt(self.max_retries + 1), stop_before_delay(self.deadline))
+        backoff = wait_random_exponential(multiplier=self.backoff_base, max=self.backoff_max)
+        object.__setattr__(self, "_stops", stops)  # frozen: attrs' way to set derived fields
+        object.__setattr__(self, "_wait", _RetryAfterOrBackoff(backoff))
+        object.__setattr__(self, "_retry", retry_if_exception(self.retryable))
 
     def retryable(self, error: BaseException) -> bool:
         """Whether a failure of this kind is worth another attempt (budgets aside)."""
@@ -127,25 +148,12 @@ class RetryPolicy:
         ``attempt`` may take at most ``remaining`` seconds (what is left of the deadline).
         The error that ends the call is re-raised as it is, carrying ``attempts``.
         """
-        from tenacity import (  # noqa: PLC0415 - tenacity costs import time; a call needs it
-            AsyncRetrying,
-            retry_if_exception,
-            stop_after_attempt,
-            stop_any,
-            stop_before_delay,
-        )
-        from tenacity.wait import wait_random_exponential  # noqa: PLC0415
-
-        backoff = wait_random_exponential(multiplier=self.backoff_base, max=self.backoff_max)
         retrying = AsyncRetrying(
-            stop=stop_any(
-                _ServerErrorBudget(self.max_server_error_retries),
-                stop_after_attempt(self.max_retries + 1),
-                # Never sleep past the deadline: stop now rather than wake up with no time left.
-                stop_before_delay(self.deadline),
-            ),
-            wait=lambda state: _wait(state, backoff),
-            retry=retry_if_exception(self.retryable),
+            # Each call has its own AsyncRetrying (tenacity keeps a call's state in it) and its
+            # own server-error budget; the stateless strategies are the policy's, built once.
+            stop=stop_any(_ServerErrorBudget(self.max_server_error_retries), *self._stops),
+            wait=self._wait,
+            retry=self._retry,
             sleep=self.sleep,
             before_sleep=_log_retry,
             reraise=True,
@@ -158,18 +166,22 @@ class RetryPolicy:
                 except AtomaImagesError as error:
                     error.attempts = state.attempt_number
                     raise
-        raise AssertionError(
-            "unreachable: tenacity returns the result or raises"
-        )  # pragma: no cover
+        raise AssertionError("unreachable: tenacity returns the result or raises")
 
 
-def _wait(state: RetryCallState, backoff: Callable[[RetryCallState], float]) -> float:
-    error = state.outcome.exception() if state.outcome else None
-    retry_after = getattr(error, "retry_after", None)
-    if retry_after is not None:
-        # The server named a wait; add a little so a crowd of clients does not return at once.
+class _RetryAfterOrBackoff(wait_base):
+    """The server's Retry-After when it named one, else full-jitter exponential backoff."""
+
+    def __init__(self, backoff: wait_base) -> None:
+        self.backoff = backoff
+
+    def __call__(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is None:
+            return float(self.backoff(state))
+        # Add a little, so that a crowd of clients told the same wait does not return at once.
         return float(retry_after) + random.uniform(0, min(1.0, 0.1 + retry_after / 10))
-    return float(backoff(state))
 
 
 class _ServerErrorBudget(stop_base):
