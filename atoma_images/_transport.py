@@ -126,6 +126,9 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
     length = response.content_length
     if length is not None and length > limit and response.status < 300:
         raise _too_large(response, limit)
+    if length is not None and length <= limit and "Content-Encoding" not in response.headers:
+        return await response.read()  # exactly Content-Length bytes: the usual case
+    # No length (chunked), compressed (it may grow), or an error body to cut: count as it comes.
     chunks = []
     size = 0
     async for chunk in response.content.iter_any():
