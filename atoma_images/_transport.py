@@ -16,10 +16,12 @@ for diagnosis, with the request's headers (the key) taken out of it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import ssl as ssl_module
 import urllib.request
 from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 import attrs
@@ -50,6 +52,12 @@ _MAYBE_BILLED = (
 )
 _DOWNLOAD_ONLY = "; fetching an image bills nothing"
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
+# A session passed in may carry client middlewares (aiohttp 3.12+), and one that retries, or
+# answers a 401 by sending again, would send a paid request twice behind our back. None run for
+# our requests; the per-request override exists from 3.12 on, as the middlewares themselves.
+_WITHOUT_MIDDLEWARES: dict[str, Any] = (
+    {"middlewares": ()} if tuple(map(int, aiohttp.__version__.split(".")[:2])) >= (3, 12) else {}
+)
 
 
 @attrs.frozen
@@ -63,10 +71,10 @@ class Answer:
 
 @attrs.frozen
 class Proxy:
-    """An HTTP proxy to send through, and its credentials."""
+    """An HTTP proxy to send through, and the headers that carry its credentials."""
 
     url: URL
-    auth: aiohttp.BasicAuth | None = None
+    headers: Mapping[str, str] | None = attrs.field(default=None, repr=False)
 
 
 async def send(
@@ -87,6 +95,10 @@ async def send(
     more than that); an error body is cut at `MAX_ERROR_BODY`, since it is read only for
     its message.
     """
+    if proxy is not None and proxy.headers and url.scheme == "http":
+        # aiohttp sends proxy_headers only with the CONNECT of an https request; a plain-HTTP
+        # request goes to the proxy as it is, so its credentials travel with it.
+        headers = {**headers, **proxy.headers}
     try:
         async with session.request(
             method,
@@ -96,10 +108,11 @@ async def send(
             timeout=timeout,
             ssl=ssl,
             proxy=None if proxy is None else proxy.url,
-            proxy_auth=None if proxy is None else proxy.auth,
+            proxy_headers=None if proxy is None else proxy.headers,
             allow_redirects=False,
             # A session passed in may raise on error statuses; we read statuses ourselves.
             raise_for_status=False,
+            **_WITHOUT_MIDDLEWARES,
         ) as response:
             status = response.status
             limit = max_bytes if status < 300 else MAX_ERROR_BODY
@@ -192,19 +205,30 @@ def _error_for(exc: BaseException, method: str, url: URL) -> AtomaImagesError:
 
 
 def _without_secrets(exc: BaseException) -> BaseException:
-    """``exc`` for use as a cause: aiohttp's response errors keep the request's headers."""
-    if not isinstance(exc, aiohttp.ClientResponseError):
+    """``exc`` for use as a cause, without the secrets aiohttp keeps in its errors.
+
+    A response error keeps the request's headers (the key); a connector error keeps the
+    connection key, which holds the proxy's credentials. Both are rebuilt without them.
+    """
+    safe: BaseException
+    if isinstance(exc, aiohttp.ClientResponseError):
+        info = exc.request_info
+        kept = CIMultiDict(
+            (k, v) for k, v in info.headers.items() if k.lower() not in _SECRET_HEADERS
+        )
+        safe = type(exc)(
+            aiohttp.RequestInfo(info.url, info.method, CIMultiDictProxy(kept), info.real_url),
+            (),
+            status=exc.status,
+            message=exc.message,
+            headers=exc.headers,
+        )
+    elif isinstance(exc, aiohttp.ClientConnectorError) and getattr(exc.args[0], "proxy_auth", None):
+        # args is (connection key, the OS or certificate error) for every connector error.
+        safe = type(exc)(exc.args[0]._replace(proxy_auth=None), exc.args[1])
+    else:
         return exc
-    info = exc.request_info
-    kept = CIMultiDict((k, v) for k, v in info.headers.items() if k.lower() not in _SECRET_HEADERS)
-    safe = type(exc)(
-        aiohttp.RequestInfo(info.url, info.method, CIMultiDictProxy(kept), info.real_url),
-        (),
-        status=exc.status,
-        message=exc.message,
-        headers=exc.headers,
-    )
-    safe.__cause__ = exc.__cause__  # aiohttp's parser error: what was wrong with the answer
+    safe.__cause__ = exc.__cause__  # what went wrong underneath, which holds no secret
     return safe
 
 
@@ -232,4 +256,6 @@ def environment_proxy(url: URL) -> Proxy | None:
         )
     if proxy.user is None:
         return Proxy(proxy)
-    return Proxy(proxy.with_user(None), aiohttp.BasicAuth(proxy.user, proxy.password or ""))
+    # RFC 7617 Basic credentials, as a header: aiohttp's BasicAuth is deprecated from 3.14.
+    credentials = base64.b64encode(f"{proxy.user}:{proxy.password or ''}".encode()).decode()
+    return Proxy(proxy.with_user(None), {"Proxy-Authorization": f"Basic {credentials}"})

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from atoma_images import (
+    AmbiguousOutcomeError,
     APIConnectionError,
     APIStatusError,
     AsyncImagesClient,
@@ -387,3 +388,85 @@ def test_a_proxy_variable_that_is_not_a_url_is_refused_at_construction(
     monkeypatch.setenv("HTTPS_PROXY", "socks9://[::1")
     with pytest.raises(InvalidRequestError, match="HTTPS_PROXY"):
         AsyncImagesClient(API_KEY, base_url="https://api.example/v1")
+
+
+@pytest.mark.skipif(
+    tuple(map(int, aiohttp.__version__.split(".")[:2])) < (3, 12),
+    reason="client middlewares exist from aiohttp 3.12 on",
+)
+async def test_a_sessions_middlewares_never_send_a_paid_request_again() -> None:
+    # A generic retrying middleware (as aiohttp's docs show one) would re-send a POST that
+    # the server processed and then dropped: two bills for one call.
+    received = 0
+
+    async def processed_then_dropped(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        nonlocal received
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        received += 1
+        writer.close()
+
+    async def retrying(request: Any, handler: Any) -> Any:
+        for attempt in range(3):
+            try:
+                return await handler(request)
+            except aiohttp.ClientConnectionError:
+                if attempt == 2:
+                    raise
+        return None
+
+    server = await asyncio.start_server(processed_then_dropped, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    async with (
+        aiohttp.ClientSession(middlewares=(retrying,)) as session,
+        AsyncImagesClient(API_KEY, base_url=url, session=session, retries=NO_RETRIES) as images,
+    ):
+        with pytest.raises(AmbiguousOutcomeError) as info:
+            await images.generate("fox", size="8x8")
+    server.close()
+    await server.wait_closed()
+    assert info.value.attempts == 1
+    assert received == 1
+
+
+async def test_proxy_credentials_from_the_environment_reach_the_proxy(
+    server: FakeAtomaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A plain-HTTP proxy gets the request in absolute form, with Basic credentials (RFC 7617).
+    seen: list[bytes] = []
+
+    async def forwarding_proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head)
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+        async with (
+            aiohttp.ClientSession() as upstream,
+            upstream.post(
+                f"{server.base_url}/images/generations",
+                data=body,
+                headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+            ) as answer,
+        ):
+            payload = await answer.read()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d"
+            b"\r\nConnection: close\r\n\r\n%s" % (len(payload), payload)
+        )
+        await writer.drain()
+        writer.close()
+
+    proxy = await asyncio.start_server(forwarding_proxy, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    monkeypatch.setenv("HTTP_PROXY", f"http://someone:pa55@127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    async with AsyncImagesClient(API_KEY, base_url="http://images.invalid/v1") as images:
+        assert (await images.generate("fox", size="8x8")).images
+    proxy.close()
+    await proxy.wait_closed()
+    assert seen[0].startswith(b"POST http://images.invalid/v1/images/generations ")
+    assert b"Proxy-Authorization: Basic c29tZW9uZTpwYTU1" in seen[0]  # someone:pa55

@@ -237,3 +237,32 @@ async def test_download_redirect_loops_are_cut_short() -> None:
             await images.download(f"{root}/loop/0")
     assert len(seen) <= 6  # the first GET and at most five redirects, once
     assert info.value.attempts == 1
+
+
+async def test_a_proxy_password_is_in_no_exception_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    # aiohttp's connector errors keep the connection key, which holds the proxy's credentials.
+    password = "pr0xy-S3CRET"
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the CONNECT
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n" + b"not TLS\r\n" * 20)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("HTTPS_PROXY", f"http://user:{password}@127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    async with AsyncImagesClient(
+        SECRET, base_url="https://127.0.0.1:9/v1", retries=RetryPolicy(max_retries=0)
+    ) as images:
+        texts = [repr(images._proxy)]
+        with pytest.raises(AtomaImagesError) as info:
+            await asyncio.wait_for(images.generate("a fox", size="8x8"), 10)
+    server.close()
+    await server.wait_closed()
+    texts += every_text_of(info.value)
+    texts += [repr(getattr(e, "args", ())) for e in (info.value.__cause__,) if e is not None]
+    assert info.value.__cause__ is not None  # the cause is kept, for diagnosis
+    assert not [text for text in texts if password in text or SECRET in text]
