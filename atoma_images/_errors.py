@@ -32,14 +32,15 @@ aiohttp, cattrs and tenacity exceptions never reach the caller: the original is 
 ``__cause__``. Every error raised by a call carries ``attempts``, the number of attempts made
 (one generation request each; a confidential attempt locks a node first), and
 ``may_have_been_billed``, which is true only when a request reached the server and its
-outcome is unknown or was a success the client could not read.
+outcome is unknown (a connection that failed after sending, a gateway's 502 or 504) or was a
+success the client could not read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import Any
 
 __all__ = [
     "APIConnectionError",
@@ -84,7 +85,7 @@ class AtomaImagesError(Exception):
     #: attempt sends a node lock request first).
     attempts: int = 0
     #: True when a request reached the server and may have been processed (and billed).
-    may_have_been_billed: ClassVar[bool] = False
+    may_have_been_billed: bool = False
 
 
 class InvalidRequestError(AtomaImagesError, ValueError):
@@ -150,17 +151,26 @@ class AmbiguousOutcomeError(APIConnectionError):
     retry policy says ``retry_ambiguous=True``, so a user is never charged twice by accident.
     """
 
-    may_have_been_billed: ClassVar[bool] = True
+    may_have_been_billed: bool = True
 
 
 class AmbiguousTimeoutError(AmbiguousOutcomeError, APITimeoutError):
     """The read timed out after the request was sent: the outcome is unknown."""
 
 
+#: Statuses with which a gateway says it forwarded the request and then got no usable answer
+#: (RFC 9110 sections 15.6.3 and 15.6.5): the service behind it may have done the work.
+GATEWAY_STATUSES = frozenset({502, 504})
+
+
 class APIStatusError(AtomaImagesError):
     """The server answered with an error status.
 
-    A failed attempt is settled at zero by Atoma, so this error means nothing was billed.
+    Atoma settles a failed attempt at zero, so an error status from Atoma (its error body has
+    a ``code``) means nothing was billed. A 502 or 504 without one comes from a gateway in
+    front of it, which may have forwarded the request and given up while Atoma worked on and
+    billed the success nobody read: ``may_have_been_billed`` is then True, and it is not
+    retried unless the policy says ``retry_ambiguous=True``.
 
     Attributes:
         status: the HTTP status code.
@@ -193,6 +203,7 @@ class APIStatusError(AtomaImagesError):
         self.request_id = request_id
         self.url = url
         self.retry_after = retry_after
+        self.may_have_been_billed = status in GATEWAY_STATUSES and code is None
         super().__init__(self._describe())
 
     def _describe(self) -> str:
@@ -282,7 +293,7 @@ class ResponseValidationError(AtomaImagesError):
         request_id: the ``x-request-id`` header, when the server sent one.
     """
 
-    may_have_been_billed: ClassVar[bool] = True
+    may_have_been_billed: bool = True
 
     def __init__(
         self,

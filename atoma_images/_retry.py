@@ -34,11 +34,11 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_random_exponential
 
 from ._errors import (
-    AmbiguousOutcomeError,
     APIConnectionError,
     APIStatusError,
     AtomaImagesError,
     InvalidRequestError,
+    ResponseValidationError,
 )
 from ._timeout import MIN_ATTEMPT, seconds_validator
 
@@ -124,6 +124,10 @@ class RetryPolicy:
         """Whether a failure of this kind is worth another attempt (budgets aside)."""
         if not isinstance(error, AtomaImagesError):
             return False  # cancellation, Ctrl-C and our own bugs propagate at once
+        if isinstance(error, ResponseValidationError):
+            return False  # a success we could not read was billed; asking again bills again
+        if error.may_have_been_billed:  # sent, outcome unknown: a retry may bill twice
+            return self.retry_ambiguous
         if isinstance(error, APIStatusError):
             # Compared as RFC 9110 compares tokens: without regard to case.
             hint = error.headers.get("x-should-retry", "").strip().lower()
@@ -136,8 +140,6 @@ class RetryPolicy:
             return error.status in RETRY_STATUSES or (
                 error.status in SERVER_ERROR_STATUSES and self.max_server_error_retries > 0
             )
-        if isinstance(error, AmbiguousOutcomeError):
-            return self.retry_ambiguous
         if isinstance(error, APIConnectionError):
             return error.transient
         return False

@@ -49,6 +49,7 @@ FATES = {
     "stall_before_headers": 1,  # reads the request, never answers: a read timeout
     "drop_before_body": 1,  # reads the headers only, then closes
     "drop_after_body": 1,  # reads the whole request, then closes
+    "gateway_504": 1,  # the service did the work; a gateway in front gave up: 504, no code
 }
 
 
@@ -58,6 +59,12 @@ class Received:
 
     prompt: str | None = None  # None until the body was read
     status: int | None = None  # None: never answered
+    worked: bool = False  # the service did the work (a gateway's error status may hide it)
+
+    @property
+    def billable(self) -> bool:
+        """What the service may have billed: not refused with an error status of its own."""
+        return self.worked or self.status is None or self.status < 300
 
 
 @attrs.define
@@ -69,11 +76,19 @@ class FaultServer:
     ok_delay: float = 0.05
     received: list[Received] = attrs.Factory(list)
     random: random.Random = attrs.field(init=False)
+    handlers: set[asyncio.Task[None]] = attrs.Factory(set)
 
     def __attrs_post_init__(self) -> None:
         self.random = random.Random(self.seed)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.handlers.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await self.answer(reader, writer)
+        finally:
+            writer.close()
+
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while True:  # keep-alive: one request after another on the connection
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -93,10 +108,16 @@ class FaultServer:
                 if fate == "stall_before_headers":
                     await reader.read()  # until the client gives up and hangs up
                     break
-                status = 200 if fate == "ok" else int(fate)
+                record.worked = fate in ("ok", "gateway_504")
+                status = {"ok": 200, "gateway_504": 504}.get(fate) or int(fate)
                 if status == 200:
                     await asyncio.sleep(self.ok_delay)
-                body = ANSWER if status == 200 else b'{"error":{"code":"X","message":"no"}}'
+                if status == 200:
+                    body = ANSWER
+                elif fate == "gateway_504":
+                    body = b"<html><title>504 Gateway Time-out</title></html>"
+                else:  # the service's own refusal, with its error code: settled at zero
+                    body = b'{"error":{"code":"X","message":"no"}}'
                 extra = b"Retry-After: 0\r\n" if status == 429 else b""
                 writer.write(
                     b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n%sContent-Length: %d"
@@ -104,7 +125,6 @@ class FaultServer:
                 )
                 record.status = status
                 await writer.drain()
-        writer.close()
 
 
 @contextlib.asynccontextmanager
@@ -115,8 +135,10 @@ async def fault_server(fake: FaultServer) -> AsyncIterator[tuple[FaultServer, st
         yield fake, f"http://127.0.0.1:{port}/v1"
     finally:
         server.close()
-        with contextlib.suppress(Exception):
-            server.close_clients()  # type: ignore[attr-defined]  # Python 3.13+
+        # Connections the clients kept alive are still being read: end them, and wait.
+        for handler in fake.handlers:
+            handler.cancel()
+        await asyncio.gather(*fake.handlers, return_exceptions=True)
         await server.wait_closed()
 
 
@@ -155,8 +177,8 @@ def check_the_rule(
         o for o in outcomes.values() if not isinstance(o, (ImagesResponse, AtomaImagesError))
     ]
     assert not unexpected
-    # Received and not answered with an error status: what the server may have billed.
-    billable = [r for r in received if r.status is None or r.status < 300]
+    # Received and not refused by the service itself: what it may have billed.
+    billable = [r for r in received if r.billable]
     successes = [p for p, o in outcomes.items() if isinstance(o, ImagesResponse)]
     billed_errors = [
         p for p, o in outcomes.items() if isinstance(o, AtomaImagesError) and o.may_have_been_billed

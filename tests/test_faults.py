@@ -69,10 +69,10 @@ FAULTS = {
     "502 gateway html": Fault(
         Reply(status=502, body=HTML_502, headers={"Content-Type": "text/html"}),
         BadGatewayError,
-        2,
+        1,  # a gateway's 502 may follow work the service billed: not sent again
         "502 Bad Gateway",
     ),
-    "504 gateway": Fault(Reply(status=504, body=""), GatewayTimeoutError, 2, "empty body"),
+    "504 gateway": Fault(Reply(status=504, body=""), GatewayTimeoutError, 1, "empty body"),
     "503 empty body": Fault(Reply(status=503, body=""), ServiceUnavailableError, 3, "empty body"),
     "dropped before any byte": Fault(
         Reply(fault="drop"), AmbiguousOutcomeError, 1, "may have been processed and billed"

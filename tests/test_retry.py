@@ -396,3 +396,31 @@ async def test_bad_request_after_a_retry_stops_there(
 def test_policy_checks_its_fields(arguments: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidRequestError, match=f"invalid {field}"):
         RetryPolicy(**arguments)
+
+
+@pytest.mark.parametrize("status", [502, 504])
+async def test_a_gateways_502_or_504_may_have_been_billed_and_is_not_sent_again(
+    client: AsyncImagesClient, server: FakeAtomaServer, fake_sleep: FakeSleep, status: int
+) -> None:
+    # Without Atoma's error code the answer came from a gateway, which may have forwarded the
+    # request and given up while the service worked on and billed it.
+    server.enqueue(Reply(status=status, body="<html>gateway</html>"), times=2)
+    with pytest.raises(APIStatusError) as info:
+        await client.generate("fox", size="8x8")
+    assert info.value.may_have_been_billed
+    assert len(server.posts) == 1
+    server.reset()
+    server.enqueue(Reply(status=status, body="<html>gateway</html>"))
+    asked = RetryPolicy(sleep=fake_sleep, retry_ambiguous=True)
+    assert (await client.generate("fox", size="8x8", retries=asked)).images
+    assert len(server.posts) == 2
+
+
+async def test_an_invalid_success_is_never_sent_again_even_when_ambiguity_is_allowed(
+    client: AsyncImagesClient, server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    server.enqueue(Reply(status=200, body=b"not json"), times=2)
+    asked = RetryPolicy(sleep=fake_sleep, retry_ambiguous=True)
+    with pytest.raises(ResponseValidationError):
+        await client.generate("fox", size="8x8", retries=asked)
+    assert len(server.posts) == 1
