@@ -127,11 +127,12 @@ async def test_a_call_budget_and_the_client_budget_both_apply(server: FakeAtomaS
         await client.generate("a fox", size="8x8", budget=alice)
         with pytest.raises(BudgetExceededError):  # alice's is spent; the client's is not
             await client.generate("a fox", size="8x8", budget=alice)
-        await client.generate("an owl", size="8x8", budget=Budget(max_compute_units=10**6))
+        bob = Budget(max_compute_units=10**6)
+        await client.generate("an owl", size="8x8", budget=bob)
         with pytest.raises(BudgetExceededError):  # now the client's is spent
-            await client.generate("an owl", size="8x8", budget=Budget(max_compute_units=10**6))
+            await client.generate("an owl", size="8x8", budget=bob)
     # A refusal by one budget leaves nothing reserved in the other.
-    assert (shared.remaining, alice.remaining) == (0, 0)
+    assert (shared.remaining, alice.remaining, bob.used) == (0, 0, UNITS_8X8)
     assert len(server.posts) == 3
 
 
