@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+from test_cli import cli
 
 from atoma_images import (
     AmbiguousOutcomeError,
@@ -19,6 +21,7 @@ from atoma_images import (
     RetryPolicy,
     Usage,
 )
+from atoma_images.__main__ import EXIT_CODES
 from atoma_images.testing import FakeAtomaServer, Reply
 
 from conftest import API_KEY
@@ -174,3 +177,44 @@ async def test_a_budget_that_is_not_a_budget_is_refused(
     with pytest.raises(InvalidRequestError, match="budget"):
         await client.generate("a fox", budget=100)  # type: ignore[arg-type]
     assert server.posts == []
+
+
+def test_the_cli_caps_a_run_and_says_what_it_used(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\na boat\n")
+    done = cli(
+        *("--base-url", threaded_server.base_url, "--prompts-file", "prompts.txt"),
+        *("--size", "8x8", "--concurrency", "1", "--max-compute-units", str(2 * UNITS_8X8)),
+        cwd=tmp_path,
+    )
+    assert done.returncode == EXIT_CODES["balance"], done.stderr
+    assert len(done.stdout.splitlines()) == 2
+    assert len(threaded_server.posts) == 2
+    lines = done.stderr.splitlines()
+    assert lines[-1] == f"atoma-images: used {2 * UNITS_8X8:,} compute units"
+    (refusal,) = [line for line in lines if line.startswith("atoma-images: error")]
+    assert "budget exceeded" in refusal
+    assert "nothing was sent" in refusal
+
+
+def test_the_cli_says_what_may_have_been_billed(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    threaded_server.enqueue(Reply(fault="drop"))
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\n")
+    done = cli(
+        *("--base-url", threaded_server.base_url, "--prompts-file", "prompts.txt"),
+        *("--size", "8x8", "--concurrency", "1", "--max-retries", "0"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == EXIT_CODES["connection"], done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"atoma-images: used {UNITS_8X8} compute units; {UNITS_8X8} more may have been billed"
+    )
+
+
+def test_the_cli_refuses_a_negative_cap(tmp_path: Path) -> None:
+    done = cli("--fake", "a fox", "--max-compute-units", "-1", cwd=tmp_path, key=None)
+    assert done.returncode == EXIT_CODES["invalid input"]
+    assert "invalid --max-compute-units: got -1; allowed: an integer >= 0" in done.stderr
