@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._batch import Batch, BatchResult, BatchSummary, SyncBatch
 from ._client import AsyncImagesClient
 from ._errors import (
     AmbiguousOutcomeError,
@@ -24,6 +25,7 @@ from ._errors import (
     AuthenticationError,
     BadGatewayError,
     BadRequestError,
+    BudgetExceededError,
     ExtraNotInstalledError,
     GatewayTimeoutError,
     InsufficientBalanceError,
@@ -45,6 +47,7 @@ from ._models import GeneratedImage, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy
 from ._sync import ImagesClient
 from ._timeout import Timeout
+from ._usage import Budget, Usage
 
 __all__ = [
     "APIConnectionError",
@@ -57,6 +60,11 @@ __all__ = [
     "AuthenticationError",
     "BadGatewayError",
     "BadRequestError",
+    "Batch",
+    "BatchResult",
+    "BatchSummary",
+    "Budget",
+    "BudgetExceededError",
     "ExtraNotInstalledError",
     "GatewayTimeoutError",
     "GeneratedImage",
@@ -77,8 +85,10 @@ __all__ = [
     "ServerError",
     "ServiceUnavailableError",
     "StackUnavailableError",
+    "SyncBatch",
     "Timeout",
     "UnprocessableEntityError",
+    "Usage",
 ]
 
 

@@ -2,10 +2,11 @@
 
     atoma-images "a lighthouse at dawn" -n 2 --size 512x512 -o out/
     atoma-images --fake "a red fox"             # offline, against the built-in fake server
-    atoma-images --prompts-file prompts.txt --concurrency 4 --json
+    atoma-images --prompts-file prompts.txt --concurrency 4 --json --max-compute-units 50000000
 
 The key comes from ATOMA_API_KEY (or ATOMASDK_BEARER_AUTH). Saved paths go to stdout, one
-per line (or one JSON object per prompt with --json); progress and errors go to stderr.
+per line (or one JSON object per prompt with --json); progress and errors go to stderr, and
+a batch ends with the compute units it used (and may have used) there too.
 
 Every option, the prompts file and the output directory are checked before anything is sent:
 a generation is paid for, so none is made that cannot be kept. Every line shown goes through
@@ -32,12 +33,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import _confidential
+from ._batch import BatchResult
 from ._client import AsyncImagesClient
 from ._errors import (
     APIConnectionError,
     APIStatusError,
     AtomaImagesError,
     AuthenticationError,
+    BudgetExceededError,
     ExtraNotInstalledError,
     InsufficientBalanceError,
     InvalidRequestError,
@@ -49,6 +52,7 @@ from ._files import write_images
 from ._models import DEFAULT_MODEL, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy
 from ._timeout import Timeout
+from ._usage import Budget, Usage
 from ._version import package_version
 from .testing import FakeAtomaServer
 
@@ -78,7 +82,7 @@ def exit_code(error: BaseException) -> int:
         kind = "invalid input"
     elif isinstance(error, (InvalidRequestError, AuthenticationError, PermissionDeniedError)):
         kind = "authentication"  # a missing key is an authentication problem too
-    elif isinstance(error, InsufficientBalanceError):
+    elif isinstance(error, (InsufficientBalanceError, BudgetExceededError)):
         kind = "balance"
     elif isinstance(error, RateLimitError):
         kind = "rate limit"
@@ -189,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts-file", type=Path, help="UTF-8, one prompt per line ('#' starts a comment)"
     )
     parser.add_argument("--concurrency", type=int, default=4, help="prompts in flight (default 4)")
+    parser.add_argument(
+        "--max-compute-units",
+        type=int,
+        help="spend at most this many compute units (n x width x height per prompt); a prompt "
+        "that does not fit is not sent",
+    )
     parser.add_argument("--debug", action="store_true", help="tracebacks and debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser
@@ -245,6 +255,10 @@ def check_options(args: argparse.Namespace) -> tuple[RetryPolicy | None, Timeout
         raise CommandLineError("--fake runs its own server: it cannot be used with --base-url")
     if args.concurrency < 1:
         raise InvalidRequestError("--concurrency", args.concurrency, "allowed: an integer >= 1")
+    if args.max_compute_units is not None and args.max_compute_units < 0:
+        raise InvalidRequestError(
+            "--max-compute-units", args.max_compute_units, "allowed: an integer >= 0"
+        )
     # The library's own checks, made with a stand-in prompt (as AsyncImagesClient checks its
     # model): a bad -n or --size is one error line, not one per prompt. Each prompt is still
     # checked when it is sent.
@@ -279,7 +293,7 @@ def prepare_output_dir(directory: Path) -> None:
 class Progress:
     """Elapsed time (and done/total for a batch) on stderr, redrawn in place on a terminal.
 
-    It also counts the prompts in flight, for the message shown on Ctrl-C.
+    It also holds how many prompts were cancelled in flight, for the message shown on Ctrl-C.
     """
 
     FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
@@ -312,8 +326,9 @@ class Progress:
             self.stream.write("\r\033[K")
             self.stream.flush()
 
-    def advance(self) -> None:
-        self.done += 1
+    def advance(self, done: int, total: int | None) -> None:
+        """One more prompt is settled: its images saved, or its error shown."""
+        self.done = done
         if self.total > 1 and not self.tty:  # a log-friendly line per finished prompt
             emit(self.stream, f"{self.done}/{self.total} done")
 
@@ -426,55 +441,73 @@ async def generate_all(
                 FakeAtomaServer(confidential=args.confidential)
             )
             api_key, base_url = "fake-key", server.base_url
+        budget = None if args.max_compute_units is None else Budget(args.max_compute_units)
         client = await stack.enter_async_context(
             AsyncImagesClient(
-                api_key, base_url=base_url, model=args.model, timeout=timeout, retries=retries
+                api_key,
+                base_url=base_url,
+                model=args.model,
+                timeout=timeout,
+                retries=retries,
+                budget=budget,
             )
         )
         prepare_output_dir(directory)  # once the key is known to be there
         if args.fake:
             emit(err, f"Using the built-in fake server at {base_url}")
-        slots = asyncio.Semaphore(args.concurrency)
         batch = len(prompts) > 1
 
-        async def settle(index: int, prompt: str) -> int:
-            try:
-                result = await client.generate(
-                    prompt,
-                    n=args.n,
-                    size=args.size,
-                    response_format=args.format,
-                    confidential=args.confidential,
-                )
-            except AtomaImagesError as error:
-                progress.clear()
-                report_error(error, prompt, args, out, err)
-                return exit_code(error)
-            stem = stem_for(prompt, index if batch else None, directory)
-            paths, problems = await keep_images(client, result, directory, stem, spare)
+        async def settle(result: BatchResult) -> int:
             progress.clear()
-            report_result(result, paths, prompt, args, problems=problems, out=out, err=err)
+            if result.response is None:
+                assert result.error is not None  # a result holds a response or an error
+                report_error(result.error, result.prompt, args, out, err)
+                return exit_code(result.error)
+            index = result.index if batch else None
+            stem = stem_for(result.prompt, index, directory)
+            paths, problems = await keep_images(client, result.response, directory, stem, spare)
+            progress.clear()
+            report_result(
+                result.response, paths, result.prompt, args, problems=problems, out=out, err=err
+            )
             return EXIT_CODES["not saved"] if problems else EXIT_CODES["ok"]
 
-        async def one(index: int, prompt: str) -> None:
-            async with slots:
-                progress.in_flight += 1
-                code = await settle(index, prompt)
-                # Not in a `finally`: a prompt cancelled by Ctrl-C is neither done nor over.
-                progress.in_flight -= 1
-                progress.advance()
-                if code != EXIT_CODES["ok"]:
-                    codes.append(code)
-
+        results = client.generate_many(
+            prompts,
+            concurrency=args.concurrency,
+            n=args.n,
+            size=args.size,
+            response_format=args.format,
+            confidential=args.confidential,
+        )
         spinner = asyncio.create_task(progress.spin())
         try:
-            await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+            async with results:
+                async for result in results:
+                    code = await settle(result)
+                    # Counted once saved (not when the batch hands it over, as on_progress
+                    # would), so Ctrl-C's count is of prompts whose images are kept.
+                    progress.advance(results.summary.results, results.total)
+                    if code != EXIT_CODES["ok"]:
+                        codes.append(code)
         finally:
+            # What Ctrl-C cancelled after it may have been sent (the batch has closed).
+            progress.in_flight = len(results.summary.cancelled_prompts)
             spinner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await spinner
             progress.clear()
+        if batch or budget is not None:
+            emit(err, spent(client.usage))
     return codes[0] if codes else EXIT_CODES["ok"]
+
+
+def spent(usage: Usage) -> str:
+    """The last line of a batch: the compute units it used, and those it may have used."""
+    text = f"atoma-images: used {usage.compute_units:,} compute units"
+    if usage.maybe_billed_compute_units:
+        text += f"; {usage.maybe_billed_compute_units:,} more may have been billed"
+    return text
 
 
 def report_result(
@@ -548,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(PrintableFormatter("%(name)s: %(message)s"))
         logging.basicConfig(level=logging.DEBUG, handlers=[handler])
+    else:
+        # The CLI says what a Ctrl-C left billed itself; the library's warning would repeat it.
+        logging.getLogger("atoma_images").addHandler(logging.NullHandler())
     try:
         prompts = read_prompts(args, parser)
     except CommandLineError as error:

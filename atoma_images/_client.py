@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl as ssl_module
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 import attrs
 from yarl import URL
 
+from ._batch import Batch, Prompt
 from ._convert import encode_request, parse_response
 from ._download import download_url, fetch_once
 from ._errors import InvalidRequestError
@@ -33,6 +35,7 @@ from ._settings import (
 )
 from ._timeout import Timeout
 from ._transport import Answer, Proxy, environment_proxy, send
+from ._usage import Budget, Usage, UsageMeter, compute_units, may_have_been_billed, reserve
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -40,6 +43,12 @@ __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
     "AsyncImagesClient",
 ]
+
+
+def _check_budget(budget: object) -> Budget | None:
+    if budget is not None and not isinstance(budget, Budget):
+        raise InvalidRequestError("budget", budget, "allowed: a Budget or None")
+    return budget
 
 
 class AsyncImagesClient:
@@ -63,6 +72,7 @@ class AsyncImagesClient:
         ssl: TLS verification: True (the default), an `ssl.SSLContext`, or False to turn
             verification off (only for a server you trust on a network you trust).
         session: an `aiohttp.ClientSession` to use instead of the client's own.
+        budget: a `Budget` that caps the compute units of every call of this client.
     """
 
     def __init__(
@@ -78,6 +88,7 @@ class AsyncImagesClient:
         headers: Mapping[str, str] | None = None,
         ssl: ssl_module.SSLContext | bool = True,
         session: aiohttp.ClientSession | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self._settings = settings = ClientSettings.from_arguments(
             api_key,
@@ -99,6 +110,8 @@ class AsyncImagesClient:
         # Our own session honours the proxy variables (read once for the API, here, so a bad
         # one is an error now); a session passed in keeps its own proxy settings.
         self._proxy = environment_proxy(self._url) if self._sessions.owns_session else None
+        self._budget = _check_budget(budget)
+        self._meter = UsageMeter()
 
     def __repr__(self) -> str:
         return f"<AsyncImagesClient base_url={self.base_url!r} model={self.model!r}>"
@@ -119,6 +132,15 @@ class AsyncImagesClient:
     def retries(self) -> RetryPolicy:
         return self._settings.retries
 
+    @property
+    def budget(self) -> Budget | None:
+        return self._budget
+
+    @property
+    def usage(self) -> Usage:
+        """What this client's generation calls have cost so far (a snapshot)."""
+        return self._meter.usage
+
     async def generate(
         self,
         prompt: str,
@@ -133,6 +155,7 @@ class AsyncImagesClient:
         timeout: Timeout | float | None = None,
         retries: RetryPolicy | None = None,
         confidential: bool = False,
+        budget: Budget | None = None,
     ) -> ImagesResponse:
         """Generate ``n`` images for ``prompt``.
 
@@ -151,9 +174,14 @@ class AsyncImagesClient:
             confidential: encrypt the request for a node running in a TEE, and decrypt and
                 check its answer (needs ``pip install 'atoma-images[confidential]'``). Each
                 attempt locks a node first, for ``n * W * H`` compute units.
+            budget: a `Budget` this call must fit in (besides the client's).
+
+        Returns:
+            The images; ``compute_units`` says what the call was charged.
 
         Raises:
             InvalidRequestError: an argument is not valid; nothing was sent.
+            BudgetExceededError: the call costs more than a budget has left; nothing was sent.
             ExtraNotInstalledError: ``confidential=True`` without the extra; nothing was sent.
             APIStatusError: the server answered with an error status (see its subclasses).
             APIConnectionError: no usable answer (`AmbiguousOutcomeError` when the request
@@ -177,8 +205,6 @@ class AsyncImagesClient:
         if type(confidential) is not bool:
             raise InvalidRequestError("confidential", confidential, "allowed: True or False")
         session = self._sessions.get()
-        if confidential:
-            return await self._generate_confidential(session, request, body, limits, policy)
 
         async def attempt(remaining: float) -> ImagesResponse:
             answer = await self._send(
@@ -186,7 +212,69 @@ class AsyncImagesClient:
             )
             return parse_response(answer.status, answer.headers, answer.body, self._url)
 
-        return await policy.run(attempt)
+        # The cost is reserved in every budget before anything is sent, and given back only
+        # if the call cannot have been billed; the usage is counted here, once per call.
+        units = compute_units(request)
+        reserved = reserve(units, _check_budget(budget), self._budget)
+        try:
+            if confidential:
+                response = await self._generate_confidential(session, request, body, limits, policy)
+            else:
+                response = await policy.run(attempt)
+        except BaseException as error:
+            self._meter.failed(units, error)
+            if not may_have_been_billed(error):
+                for each in reserved:
+                    each.release(units)
+            raise
+        self._meter.succeeded(units, len(response.data))
+        return attrs.evolve(response, compute_units=units)
+
+    def generate_many(
+        self,
+        prompts: Iterable[Prompt] | AsyncIterable[Prompt],
+        *,
+        concurrency: int = 4,
+        on_progress: Callable[[int, int | None], object] | None = None,
+        **generate_options: Any,
+    ) -> Batch:
+        """Generate for many prompts, at most ``concurrency`` at a time; results as they finish.
+
+        ```python
+        async with client.generate_many(prompts, concurrency=8, size="512x512") as batch:
+            async for result in batch:
+                if result.ok:
+                    result.response.images[0].save(f"{result.index}.png")
+        print(batch.summary)
+        ```
+
+        A prompt that fails gives a `BatchResult` with its error; the batch goes on. When
+        the server asks one call to wait (429 with Retry-After), the whole batch waits.
+
+        Args:
+            prompts: an iterable or async iterable, read lazily, of prompt strings, of
+                mappings of `generate` options with a ``"prompt"`` key (to mix sizes or
+                models), or of `ImageRequest`.
+            concurrency: the most requests in flight at once.
+            on_progress: called as ``on_progress(done, total)`` after each result; ``total``
+                is None when the source has no ``len()``.
+            **generate_options: the options of `generate` for every prompt (an item's own
+                options take precedence).
+
+        Returns:
+            A `Batch`: an async iterator of `BatchResult`, in completion order, and an async
+            context manager that cancels what is still in flight on exit.
+
+        Raises:
+            InvalidRequestError: an argument or an option is not valid; nothing was sent.
+        """
+        return Batch(
+            self,
+            prompts,
+            concurrency=concurrency,
+            on_progress=on_progress,
+            options=generate_options,
+        )
 
     async def _generate_confidential(
         self,

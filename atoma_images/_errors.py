@@ -4,6 +4,7 @@
 AtomaImagesError                      base class; catch this to catch everything below
 ├── InvalidRequestError               bad input, raised before anything is sent (also a ValueError)
 ├── ExtraNotInstalledError            a feature needs an optional extra (also an ImportError)
+├── BudgetExceededError               a call would spend more than its Budget has left; nothing sent
 ├── APIConnectionError                no usable answer from the server
 │   ├── APITimeoutError               a time limit was reached
 │   │   └── AmbiguousTimeoutError     ...after the request was sent (also an AmbiguousOutcomeError)
@@ -52,6 +53,7 @@ __all__ = [
     "AuthenticationError",
     "BadGatewayError",
     "BadRequestError",
+    "BudgetExceededError",
     "ExtraNotInstalledError",
     "GatewayTimeoutError",
     "InsufficientBalanceError",
@@ -117,6 +119,23 @@ class ExtraNotInstalledError(AtomaImagesError, ImportError):
             f"{feature} needs the optional package {missing!r}, which is not installed: "
             f"pip install 'atoma-images[{extra}]'",
             name=missing,
+        )
+
+
+class BudgetExceededError(AtomaImagesError):
+    """The call would cost more compute units than its `Budget` has left; nothing was sent.
+
+    Attributes:
+        asked: the compute units the call would cost (``n * W * H``).
+        left: the compute units the budget had left.
+    """
+
+    def __init__(self, *, asked: int, left: int) -> None:
+        self.asked = asked
+        self.left = left
+        super().__init__(
+            f"budget exceeded: the call would cost {asked:,} compute units (n x width x "
+            f"height) and the budget has {left:,} left; nothing was sent"
         )
 
 

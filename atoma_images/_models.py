@@ -213,6 +213,8 @@ class ImagesResponse:
             ``response_hash``, for example).
         request_id: the ``x-request-id`` response header, when the server sent one.
         headers: the response headers.
+        compute_units: what the call was charged, ``n * W * H`` of its request (set by the
+            client; 0 for a response parsed on its own).
     """
 
     created: int
@@ -220,6 +222,7 @@ class ImagesResponse:
     extra: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
     request_id: str | None = None
     headers: Mapping[str, str] = attrs.field(default=_EMPTY, repr=False, eq=False)
+    compute_units: int = 0
 
     @property
     def images(self) -> tuple[GeneratedImage, ...]:

@@ -13,19 +13,21 @@ import ssl as ssl_module
 import threading
 import warnings
 import weakref
-from collections.abc import Coroutine, Mapping
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
 
+from ._batch import Prompt, SyncBatch
 from ._client import DEFAULT_MAX_DOWNLOAD_BYTES, DEFAULT_MAX_RESPONSE_BYTES, AsyncImagesClient
 from ._errors import InvalidRequestError
 from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse
 from ._portal import LoopThread
 from ._retry import RetryPolicy
 from ._timeout import Timeout
+from ._usage import Budget, Usage
 
 __all__ = ["ImagesClient"]
 
@@ -63,6 +65,7 @@ class ImagesClient:
         headers: Mapping[str, str] | None = None,
         ssl: ssl_module.SSLContext | bool = True,
         session: aiohttp.ClientSession | None = None,
+        budget: Budget | None = None,
     ) -> None:
         if session is not None:
             # A session is bound to the loop it was made in; this client runs its own.
@@ -83,6 +86,7 @@ class ImagesClient:
             headers=headers,
             ssl=ssl,
             session=session,
+            budget=budget,
         )
         self._portal = LoopThread("atoma-images")
         self._lock = threading.Lock()
@@ -114,6 +118,7 @@ class ImagesClient:
         timeout: Timeout | float | None = None,
         retries: RetryPolicy | None = None,
         confidential: bool = False,
+        budget: Budget | None = None,
     ) -> ImagesResponse:
         """Generate ``n`` images for ``prompt``; see `AsyncImagesClient.generate`.
 
@@ -133,6 +138,7 @@ class ImagesClient:
                 timeout=timeout,
                 retries=retries,
                 confidential=confidential,
+                budget=budget,
             )
         )
 
@@ -196,3 +202,30 @@ class ImagesClient:
         # Never wait here (a finaliser that joins a thread can hang): the loop closes the
         # session and stops on its own.
         self._portal.stop_after(self._client.aclose())
+
+    @property
+    def usage(self) -> Usage:
+        """What this client's generation calls have cost so far (a snapshot)."""
+        return self._client.usage
+
+    def generate_many(
+        self,
+        prompts: Iterable[Prompt] | AsyncIterable[Prompt],
+        *,
+        concurrency: int = 4,
+        on_progress: Callable[[int, int | None], object] | None = None,
+        **generate_options: Any,
+    ) -> SyncBatch:
+        """Generate for many prompts, at most ``concurrency`` at a time; results as they finish.
+
+        The same as `AsyncImagesClient.generate_many`, as a plain iterator; ``on_progress``
+        is called in the thread that iterates::
+
+            with client.generate_many(prompts, size="512x512") as batch:
+                for result in batch:
+                    ...
+        """
+        batch = self._client.generate_many(
+            prompts, concurrency=concurrency, on_progress=None, **generate_options
+        )
+        return SyncBatch(batch, self._run, on_progress)

@@ -1,0 +1,441 @@
+"""Many prompts through one client: `Batch` (async) and `SyncBatch` (its synchronous face).
+
+A batch runs ``concurrency`` worker tasks. Each takes a slot, pulls the next prompt from the
+source (lazily: a million-line file is read as it goes), waits for the batch's `_Gate`,
+generates, and hands its `BatchResult` over. The slot passes to the result and comes back
+when the caller asks for the next one, so at most ``concurrency`` requests are in flight
+and a caller that stops listening stops the batch from sending more.
+
+Every retry of every call in the batch waits through the one gate: when the server asks a
+call to wait (429 with Retry-After, or a backoff), every worker waits before its next
+request, instead of each one spending its own retries against an overloaded server.
+
+Closing the batch (leaving ``async with``, `Batch.aclose`) cancels the calls in flight and
+waits for them. A call cancelled after its request may have been sent is counted in
+`BatchSummary` as possibly billed, and logged once at WARNING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sized,
+)
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+import attrs
+
+from ._errors import AtomaImagesError, InvalidRequestError
+from ._models import ImageRequest, ImagesResponse
+from ._retry import check_policy
+from ._usage import compute_units
+
+if TYPE_CHECKING:
+    from ._client import AsyncImagesClient
+
+__all__ = ["Batch", "BatchResult", "BatchSummary", "Prompt", "SyncBatch"]
+
+logger = logging.getLogger("atoma_images")
+
+T = TypeVar("T")
+
+#: One item of a batch's source: a prompt, a mapping of generate() options with a
+#: ``"prompt"``, or an `ImageRequest`.
+Prompt: TypeAlias = "str | Mapping[str, Any] | ImageRequest"
+
+# The options of generate() that are fields of the request, and those that shape the call.
+_REQUEST_OPTIONS = frozenset(attrs.fields_dict(ImageRequest)) - {"prompt"}
+_CALL_OPTIONS = frozenset({"timeout", "retries", "confidential", "budget"})
+_OPTIONS = _REQUEST_OPTIONS | _CALL_OPTIONS
+_ITEM_ALLOWED = "allowed: a prompt string, a mapping with a 'prompt' key, or an ImageRequest"
+
+
+@attrs.frozen(kw_only=True)
+class BatchResult:
+    """The outcome of one prompt of a batch: a response or an error, never both.
+
+    Attributes:
+        index: the prompt's position in the source, from 0.
+        prompt: the prompt (for an item that is not valid, as much of it as could be read).
+        response: the images, when the call succeeded.
+        error: why it failed, when it did.
+    """
+
+    index: int
+    prompt: str
+    response: ImagesResponse | None = None
+    error: AtomaImagesError | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the call succeeded."""
+        return self.response is not None
+
+    @property
+    def may_have_been_billed(self) -> bool:
+        """True for a success (it was billed) and for an error that says it may have been."""
+        return self.error is None or self.error.may_have_been_billed
+
+
+@attrs.frozen(kw_only=True)
+class BatchSummary:
+    """How far a batch got, and what it cost (see ``batch.summary``).
+
+    Attributes:
+        results: results handed to the caller.
+        responses: of those, the successes.
+        errors: of those, the failures.
+        compute_units: units billed by every call that succeeded, ``unclaimed`` included.
+        maybe_billed_compute_units: units of the calls that may have been billed: failures
+            with an unknown outcome, and calls cancelled after they may have been sent.
+        cancelled_prompts: the prompts whose calls were cancelled (the batch was closed
+            early) after their request may have been sent: they may have been billed.
+        unclaimed: results that were ready when the batch was closed but never handed out
+            (a success among them was billed).
+    """
+
+    results: int
+    responses: int
+    errors: int
+    compute_units: int
+    maybe_billed_compute_units: int
+    cancelled_prompts: tuple[str, ...]
+    unclaimed: tuple[BatchResult, ...]
+
+
+@attrs.define
+class _Gate:
+    """One "not before" time for a whole batch: any wait asked for moves it for everyone."""
+
+    _sleep: Callable[[float], Awaitable[None]]
+    _not_before: float = 0.0
+
+    async def sleep(self, seconds: float) -> None:
+        """A retry's wait (the batch's `RetryPolicy.sleep`): every worker waits it too."""
+        self._not_before = max(self._not_before, time.monotonic() + seconds)
+        await self.wait()
+
+    async def wait(self) -> None:
+        # One sleep, not a loop until the time has come: an injected test sleep returns at
+        # once without the clock moving. A time moved meanwhile is seen before the next request.
+        delay = self._not_before - time.monotonic()
+        if delay > 0:
+            await self._sleep(delay)
+
+
+@attrs.frozen
+class _Failed:
+    """The batch itself failed (the source raised): the caller gets ``error``."""
+
+    error: BaseException
+
+
+_END = object()
+
+
+class Batch:
+    """An async iterator of `BatchResult`, in completion order; see `generate_many`.
+
+    Use it as ``async with client.generate_many(...) as batch: async for result in batch``,
+    so that leaving early cancels what is in flight. A plain ``async for`` works too: the
+    batch closes itself when it is exhausted; call `aclose` if you leave it sooner.
+    """
+
+    def __init__(
+        self,
+        client: AsyncImagesClient,
+        prompts: Iterable[Prompt] | AsyncIterable[Prompt],
+        *,
+        concurrency: int,
+        on_progress: Callable[[int, int | None], object] | None,
+        options: Mapping[str, Any],
+    ) -> None:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Iterable, AsyncIterable)):
+            raise InvalidRequestError(
+                "prompts", prompts, "allowed: an iterable or async iterable of prompts"
+            )
+        if type(concurrency) is not int or concurrency < 1:
+            raise InvalidRequestError("concurrency", concurrency, "allowed: an integer >= 1")
+        if on_progress is not None and not callable(on_progress):
+            raise InvalidRequestError("on_progress", on_progress, "allowed: a callable or None")
+        for name in options:
+            if name not in _OPTIONS:
+                raise InvalidRequestError(
+                    name, options[name], f"allowed: the options of generate(): {sorted(_OPTIONS)}"
+                )
+        self._client = client
+        self._options = dict(options)
+        policy = check_policy(self._options.get("retries", client.retries))
+        self._gate = _Gate(policy.sleep)
+        self._policy = attrs.evolve(policy, sleep=self._gate.sleep)
+        # Checked once here, so a bad size is one error and not one per prompt.
+        self._request(-1, "-")
+        self._total = len(prompts) if isinstance(prompts, Sized) else None
+        self._source: Iterator[Prompt] | AsyncIterator[Prompt] = (
+            aiter(prompts) if isinstance(prompts, AsyncIterable) else iter(prompts)
+        )
+        self._concurrency = concurrency
+        self._on_progress = on_progress
+        self._pulled = 0
+        self._exhausted = False
+        self._workers: list[asyncio.Task[None]] = []  # started on the first next_result()
+        self._running = 0
+        self._closed = False
+        self._holding_slot = False
+        # asyncio's primitives bind to the loop that first uses them: the sync client makes
+        # the batch in its caller's thread and runs it on its own loop.
+        self._slots = asyncio.Semaphore(concurrency)
+        self._pull_lock = asyncio.Lock()
+        self._results: asyncio.Queue[BatchResult | _Failed | object] = asyncio.Queue()
+        self._counts = {"results": 0, "responses": 0, "errors": 0}
+        self._compute_units = 0
+        self._maybe_billed_compute_units = 0
+        self._cancelled: list[str] = []
+        self._unclaimed: list[BatchResult] = []
+
+    @property
+    def total(self) -> int | None:
+        """How many prompts the source holds, when it can say (``len()``); else None."""
+        return self._total
+
+    @property
+    def summary(self) -> BatchSummary:
+        """How far the batch got and what it cost, so far."""
+        return BatchSummary(
+            **self._counts,
+            compute_units=self._compute_units,
+            maybe_billed_compute_units=self._maybe_billed_compute_units,
+            cancelled_prompts=tuple(self._cancelled),
+            unclaimed=tuple(self._unclaimed),
+        )
+
+    # -- the caller's side ---------------------------------------------------------------
+
+    async def __aenter__(self) -> Batch:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Batch:
+        return self
+
+    async def __anext__(self) -> BatchResult:
+        result = await self.next_result()
+        if result is None:
+            raise StopAsyncIteration
+        return result
+
+    async def next_result(self) -> BatchResult | None:
+        """The next result to finish, or None when every prompt has one (the batch closes)."""
+        if self._closed:
+            return None
+        if not self._workers:
+            self._workers = [
+                asyncio.create_task(self._work(), name=f"atoma-images-batch-worker-{number}")
+                for number in range(self._concurrency)
+            ]
+            self._running = self._concurrency
+        if self._holding_slot:  # the caller is done with the previous result
+            self._holding_slot = False
+            self._slots.release()
+        item = await self._results.get()
+        if isinstance(item, BatchResult):
+            self._holding_slot = True
+            self._counts["results"] += 1
+            self._counts["responses" if item.ok else "errors"] += 1
+            if self._on_progress is not None:
+                self._on_progress(self._counts["results"], self._total)
+            return item
+        await self.aclose()
+        if isinstance(item, _Failed):
+            raise item.error
+        return None
+
+    async def aclose(self) -> None:
+        """Cancel the calls in flight and wait for them. Safe to repeat."""
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        while not self._results.empty():
+            item = self._results.get_nowait()
+            if isinstance(item, BatchResult):
+                self._unclaimed.append(item)
+        if self._cancelled:
+            logger.warning(
+                "atoma-images: batch closed early: %d call(s) in flight were cancelled after "
+                "their request may have been sent; up to %d compute units may have been billed",
+                len(self._cancelled),
+                self._maybe_billed_compute_units,
+            )
+
+    # -- the workers' side ---------------------------------------------------------------
+
+    async def _work(self) -> None:
+        try:
+            while True:
+                # The slot passes to the result; next_result() gives it back.
+                await self._slots.acquire()
+                pulled = await self._pull()
+                if pulled is None:
+                    self._slots.release()
+                    break
+                await self._gate.wait()
+                self._results.put_nowait(await self._settle(*pulled))
+        except Exception as error:  # the source failed (or a bug): the caller gets it
+            self._results.put_nowait(_Failed(error))
+        self._running -= 1
+        if self._running == 0:
+            self._results.put_nowait(_END)
+
+    async def _pull(self) -> tuple[int, object] | None:
+        # One worker at a time: an async generator cannot be advanced twice at once.
+        async with self._pull_lock:
+            if self._exhausted:
+                return None
+            try:
+                if isinstance(self._source, AsyncIterator):
+                    item: object = await anext(self._source)
+                else:
+                    item = next(self._source)
+            except (StopIteration, StopAsyncIteration):
+                self._exhausted = True
+                return None
+            index, self._pulled = self._pulled, self._pulled + 1
+            return index, item
+
+    async def _settle(self, index: int, item: object) -> BatchResult:
+        try:
+            request, call = self._request(index, item)
+        except InvalidRequestError as error:
+            return BatchResult(index=index, prompt=_prompt_of(item), error=error)
+        units = compute_units(request)
+        try:
+            response = await self._client.generate(
+                request.prompt,
+                model=request.model,
+                n=request.n,
+                size=request.size,
+                quality=request.quality,
+                response_format=request.response_format,
+                style=request.style,
+                user=request.user,
+                **call,
+            )
+        except AtomaImagesError as error:
+            if error.may_have_been_billed:
+                self._maybe_billed_compute_units += units
+            return BatchResult(index=index, prompt=request.prompt, error=error)
+        except asyncio.CancelledError:
+            self._cancelled.append(request.prompt)
+            self._maybe_billed_compute_units += units
+            raise
+        self._compute_units += response.compute_units
+        return BatchResult(index=index, prompt=request.prompt, response=response)
+
+    def _request(self, index: int, item: object) -> tuple[ImageRequest, dict[str, Any]]:
+        """The request for one item of the source, and the options of its call."""
+        field = f"prompts[{index}]"
+        if isinstance(item, str):
+            fields = {**self._options, "prompt": item}
+        elif isinstance(item, ImageRequest):
+            fields = {**self._options, **attrs.asdict(item)}
+        elif isinstance(item, Mapping):
+            if "prompt" not in item:
+                raise InvalidRequestError(field, item, _ITEM_ALLOWED)
+            for name in item:
+                if name != "prompt" and name not in _OPTIONS:
+                    raise InvalidRequestError(
+                        f"{field}[{name!r}]", item[name], f"allowed: {sorted(_OPTIONS)}"
+                    )
+            fields = {**self._options, **item}
+        else:
+            raise InvalidRequestError(field, item, _ITEM_ALLOWED)
+        call = {name: fields.pop(name) for name in _CALL_OPTIONS if name in fields}
+        if fields.get("model") is None:
+            fields["model"] = self._client.model
+        retries = call.get("retries")
+        # Every retry of the batch waits through its gate.
+        call["retries"] = (
+            self._policy
+            if retries is None or retries is self._options.get("retries")
+            else attrs.evolve(check_policy(retries), sleep=self._gate.sleep)
+        )
+        return ImageRequest(**fields), call
+
+
+def _prompt_of(item: object) -> str:
+    prompt = item.get("prompt") if isinstance(item, Mapping) else item
+    return prompt if isinstance(prompt, str) else repr(item)[:80]
+
+
+class SyncBatch:
+    """An iterator of `BatchResult`, in completion order; see `ImagesClient.generate_many`.
+
+    Leaving a ``for`` loop over it early (``break``, an exception) or a ``with`` block
+    cancels the calls in flight and waits for them.
+    """
+
+    def __init__(
+        self,
+        batch: Batch,
+        run: Callable[[Coroutine[Any, Any, Any]], Any],
+        on_progress: Callable[[int, int | None], object] | None,
+    ) -> None:
+        if on_progress is not None and not callable(on_progress):
+            raise InvalidRequestError("on_progress", on_progress, "allowed: a callable or None")
+        self._batch = batch
+        self._run = run
+        self._on_progress = on_progress
+        self._closed = False
+
+    @property
+    def summary(self) -> BatchSummary:
+        """How far the batch got and what it cost, so far; see `BatchSummary`."""
+        return self._batch.summary
+
+    def __iter__(self) -> Iterator[BatchResult]:
+        # A generator: when a for loop leaves it early, Python closes it, and so the batch.
+        try:
+            while (result := self._run(self._batch.next_result())) is not None:
+                if self._on_progress is not None:  # in the caller's thread, not the loop's
+                    self._on_progress(self._batch.summary.results, self._batch.total)
+                yield result
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Cancel the calls in flight and wait for them. Safe to repeat."""
+        if not self._closed:
+            self._closed = True
+            self._run(self._batch.aclose())
+
+    def __enter__(self) -> SyncBatch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

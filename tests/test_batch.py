@@ -1,0 +1,259 @@
+"""generate_many: many prompts, bounded in flight, never stopped by one failure, closed cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from atoma_images import (
+    AsyncImagesClient,
+    BadRequestError,
+    BatchResult,
+    Budget,
+    BudgetExceededError,
+    ImageRequest,
+    ImagesClient,
+    InvalidRequestError,
+    RetryPolicy,
+)
+from atoma_images.testing import FakeAtomaServer, Reply
+
+from conftest import API_KEY
+
+UNITS_8X8 = 64
+
+
+async def test_200_prompts_at_concurrency_8_with_10_percent_failures(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    for number in range(200):
+        # Every tenth request is refused; the others take a moment, so calls overlap.
+        server.enqueue(Reply(status=400) if number % 10 == 0 else Reply(delay=0.01))
+    prompts = [f"prompt {number}" for number in range(200)]
+    results: list[BatchResult] = []
+    async with client.generate_many(prompts, concurrency=8, size="8x8") as batch:
+        async for result in batch:
+            results.append(result)
+    assert len(results) == 200
+    assert sorted(result.index for result in results) == list(range(200))
+    assert all(result.prompt == prompts[result.index] for result in results)
+    responses = [result for result in results if result.ok]
+    assert len(responses) == 180
+    failed = [result for result in results if not result.ok]
+    assert all(isinstance(result.error, BadRequestError) for result in failed)
+    assert not any(result.may_have_been_billed for result in failed)
+    assert 1 < server.peak_in_flight <= 8
+    assert len(server.posts) == 200
+    assert batch.summary.responses == 180
+    assert batch.summary.compute_units == 180 * UNITS_8X8 == client.usage.compute_units
+
+
+def _lazy_prompts(count: int) -> Iterator[str]:
+    for number in range(count):
+        yield f"prompt {number}"
+
+
+async def test_a_million_prompts_are_read_lazily_and_a_break_stops_the_batch(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    tracemalloc.start()
+    try:
+        async with client.generate_many(
+            _lazy_prompts(1_000_000), concurrency=8, size="8x8"
+        ) as batch:
+            seen = 0
+            async for _ in batch:
+                seen += 1
+                if seen == 50:
+                    break
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # A million prompt strings held at once would take ~60 MB.
+    assert peak < 8 * 2**20, peak
+    assert 50 <= len(server.posts) <= 50 + 8
+    assert batch.summary.results == 50
+    await asyncio.sleep(0.05)  # nothing goes on in the background
+    assert len(server.posts) <= 50 + 8
+
+
+async def test_an_async_source_and_a_plain_async_for_with_aclose(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    async def prompts() -> AsyncIterator[str]:
+        for number in range(1000):
+            await asyncio.sleep(0)
+            yield f"prompt {number}"
+
+    batch = client.generate_many(prompts(), concurrency=3, size="8x8")
+    seen = [result async for result in _first(batch, 10)]
+    await batch.aclose()
+    assert len(seen) == 10
+    assert len(server.posts) <= 10 + 3
+
+
+async def _first(batch: AsyncIterator[BatchResult], count: int) -> AsyncIterator[BatchResult]:
+    async for result in batch:
+        yield result
+        count -= 1
+        if count == 0:
+            return
+
+
+async def test_cancelling_mid_batch_leaves_no_task_and_accounts_for_every_request(
+    client: AsyncImagesClient, server: FakeAtomaServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.enqueue(Reply(), Reply())  # two answers come back at once, the rest take long
+    server.enqueue(Reply(delay=60), times=100)
+    before = asyncio.all_tasks()
+    batch = client.generate_many([f"prompt {number}" for number in range(100)], concurrency=4)
+    received: list[BatchResult] = []
+
+    async def consume() -> None:
+        async with batch:
+            async for result in batch:
+                received.append(result)
+
+    consumer = asyncio.create_task(consume())
+    while len(server.posts) < 2 + 4:  # noqa: ASYNC110 - polling the server's record is the point
+        await asyncio.sleep(0.01)
+    with caplog.at_level(logging.WARNING, logger="atoma_images"):
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+    # Only the fake server's handlers, still waiting to answer, are left.
+    left = {task.get_coro().__qualname__ for task in asyncio.all_tasks() - before}
+    assert left <= {"RequestHandler.start", "RequestHandler._handle_request"}
+    summary = batch.summary
+    assert len(received) == 2
+    # Every request the server saw is a result handed out, or a call cancelled in flight.
+    assert len(server.posts) == 6
+    assert len(summary.cancelled_prompts) == 4
+    assert summary.maybe_billed_compute_units == 4 * 1024 * 1024
+    assert client.usage.maybe_billed_calls == 4
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "4 call(s) in flight were cancelled" in warnings[0].getMessage()
+
+
+async def test_a_429_slows_every_worker_down(server: FakeAtomaServer) -> None:
+    waited_by: list[str] = []
+
+    async def recording_sleep(seconds: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        waited_by.append(task.get_name())
+        await asyncio.sleep(0)
+
+    server.enqueue(Reply(status=429, headers={"Retry-After": "30"}))
+    retries = RetryPolicy(sleep=recording_sleep)
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url, retries=retries) as client:
+        prompts = [f"prompt {number}" for number in range(40)]
+        async with client.generate_many(prompts, concurrency=4, size="8x8") as batch:
+            results = [result async for result in batch]
+    assert all(result.ok for result in results)
+    assert len(server.posts) == 41  # one retry: no worker spent retries of its own
+    # The one call told to wait did, and so did every other worker, before its next request.
+    assert set(waited_by) == {f"atoma-images-batch-worker-{number}" for number in range(4)}
+
+
+async def test_a_batch_mixes_sizes_models_and_requests(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    items = [
+        "a fox",
+        {"prompt": "an owl", "size": "16x8", "n": 2},
+        ImageRequest(model=client.model, prompt="a boat", size="8x16"),
+        {"size": "8x8"},  # no prompt
+        {"prompt": "a kite", "colour": "red"},  # not an option
+        42,
+        {"prompt": "a cat", "size": "8X8"},
+    ]
+    async with client.generate_many(items, size="8x8") as batch:
+        results = {result.index: result async for result in batch}
+    bodies = [post.json() for post in server.posts]
+    sizes = {body["prompt"]: (body["size"], body["n"]) for body in bodies}
+    assert sizes == {"a fox": ("8x8", 1), "an owl": ("16x8", 2), "a boat": ("8x16", 1)}
+    assert results[1].response is not None
+    assert results[1].response.compute_units == 2 * 16 * 8
+    for index, field in [
+        (3, "prompts[3]"),
+        (4, "prompts[4]['colour']"),
+        (5, "prompts[5]"),
+        (6, "size"),
+    ]:
+        error = results[index].error
+        assert isinstance(error, InvalidRequestError), index
+        assert error.field == field
+    assert results[6].prompt == "a cat"
+
+
+async def test_budget_refusals_in_a_batch_are_results(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    budget = Budget(max_compute_units=3 * UNITS_8X8)
+    prompts = [f"prompt {number}" for number in range(10)]
+    async with client.generate_many(prompts, size="8x8", budget=budget) as batch:
+        results = [result async for result in batch]
+    assert sum(result.ok for result in results) == 3
+    assert sum(isinstance(result.error, BudgetExceededError) for result in results) == 7
+    assert len(server.posts) == 3
+
+
+async def test_a_failing_source_ends_the_batch_with_its_error(client: AsyncImagesClient) -> None:
+    def prompts() -> Iterator[str]:
+        yield "a fox"
+        raise OSError("disk gone")
+
+    async with client.generate_many(prompts(), concurrency=1, size="8x8") as batch:
+        first = await batch.next_result()
+        with pytest.raises(OSError, match="disk gone"):
+            await batch.next_result()
+    assert first is not None
+    assert first.prompt == "a fox"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "field"),
+    [
+        ({"prompts": "a fox"}, "prompts"),
+        ({"prompts": ["a fox"], "concurrency": 0}, "concurrency"),
+        ({"prompts": ["a fox"], "concurrency": True}, "concurrency"),
+        ({"prompts": ["a fox"], "colour": "red"}, "colour"),
+        ({"prompts": ["a fox"], "size": "big"}, "size"),
+        ({"prompts": ["a fox"], "on_progress": 3}, "on_progress"),
+    ],
+)
+async def test_bad_arguments_are_refused_before_anything_is_sent(
+    client: AsyncImagesClient, server: FakeAtomaServer, arguments: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        client.generate_many(**arguments)  # type: ignore[arg-type]
+    assert refused.value.field == field
+    assert server.posts == []
+
+
+def test_the_sync_client_iterates_reports_progress_and_closes_on_break(
+    threaded_server: FakeAtomaServer,
+) -> None:
+    progress: list[tuple[int, int | None, str]] = []
+
+    def on_progress(done: int, total: int | None) -> None:
+        progress.append((done, total, threading.current_thread().name))
+
+    with ImagesClient(API_KEY, base_url=threaded_server.base_url) as client:
+        prompts = [f"prompt {number}" for number in range(5)]
+        results = list(client.generate_many(prompts, size="8x8", on_progress=on_progress))
+        assert sorted(result.index for result in results) == list(range(5))
+        assert progress == [(n, 5, threading.current_thread().name) for n in range(1, 6)]
+
+        threaded_server.reset()
+        for _ in client.generate_many(_lazy_prompts(1_000_000), concurrency=2, size="8x8"):
+            break
+        assert len(threaded_server.posts) <= 1 + 2
+        assert client.usage.calls == 5 + len(threaded_server.posts)

@@ -1,0 +1,220 @@
+"""What calls cost: compute units on responses, the client's usage, and budgets."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from test_cli import cli
+
+from atoma_images import (
+    AmbiguousOutcomeError,
+    AsyncImagesClient,
+    BadRequestError,
+    Budget,
+    BudgetExceededError,
+    ImagesClient,
+    InvalidRequestError,
+    RetryPolicy,
+    Usage,
+)
+from atoma_images.__main__ import EXIT_CODES
+from atoma_images.testing import FakeAtomaServer, Reply
+
+from conftest import API_KEY
+
+NO_RETRIES = RetryPolicy(max_retries=0)
+UNITS_8X8 = 64  # n x W x H of one 8x8 image
+
+
+async def test_a_response_says_what_it_cost(client: AsyncImagesClient) -> None:
+    response = await client.generate("a fox", n=3, size="16x8")
+    assert response.compute_units == 3 * 16 * 8
+
+
+async def test_usage_counts_what_the_server_saw(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    assert client.usage == Usage()
+    await client.generate("a fox", n=2, size="8x8")
+    server.enqueue(Reply(status=400))
+    with pytest.raises(BadRequestError):
+        await client.generate("an owl", size="8x8", retries=NO_RETRIES)
+    server.enqueue(Reply(fault="drop"))
+    with pytest.raises(AmbiguousOutcomeError):
+        await client.generate("a boat", size="16x16", retries=NO_RETRIES)
+    with pytest.raises(InvalidRequestError):  # refused before sending: not a call
+        await client.generate("a kite", size="8X8")
+    assert client.usage == Usage(
+        calls=3,
+        images=2,
+        compute_units=2 * UNITS_8X8,
+        maybe_billed_calls=1,
+        maybe_billed_compute_units=16 * 16,
+        unbilled_failures=1,
+    )
+    assert client.usage.max_compute_units == 2 * UNITS_8X8 + 16 * 16
+    assert len(server.posts) == client.usage.calls
+
+
+async def test_100_concurrent_calls_against_a_budget_for_10(server: FakeAtomaServer) -> None:
+    budget = Budget(max_compute_units=10 * UNITS_8X8)
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url, budget=budget) as client:
+        outcomes = await asyncio.gather(
+            *(client.generate(f"prompt {i}", size="8x8") for i in range(100)),
+            return_exceptions=True,
+        )
+    refused = [o for o in outcomes if isinstance(o, BudgetExceededError)]
+    assert len(refused) == 90
+    assert len(outcomes) - len(refused) == 10
+    assert all(not error.may_have_been_billed for error in refused)
+    assert len(server.posts) == 10
+    assert budget.remaining == 0
+    assert client.usage.calls == 10
+    assert client.usage.compute_units == 10 * UNITS_8X8
+
+
+async def test_a_failure_that_was_not_billed_gives_its_reservation_back(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    budget = Budget(max_compute_units=UNITS_8X8)
+    server.enqueue(Reply(status=400))
+    with pytest.raises(BadRequestError):
+        await client.generate("a fox", size="8x8", budget=budget, retries=NO_RETRIES)
+    assert budget.remaining == UNITS_8X8
+    await client.generate("a fox", size="8x8", budget=budget)
+    assert budget.remaining == 0
+    assert len(server.posts) == 2
+
+
+async def test_an_ambiguous_failure_keeps_its_reservation(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    budget = Budget(max_compute_units=UNITS_8X8)
+    server.enqueue(Reply(fault="drop"))
+    with pytest.raises(AmbiguousOutcomeError):
+        await client.generate("a fox", size="8x8", budget=budget, retries=NO_RETRIES)
+    assert budget.remaining == 0
+    with pytest.raises(BudgetExceededError) as refused:
+        await client.generate("a fox", size="8x8", budget=budget)
+    assert (refused.value.asked, refused.value.left) == (UNITS_8X8, 0)
+    assert "64 compute units" in str(refused.value)
+    assert len(server.posts) == 1
+
+
+async def test_a_cancelled_call_keeps_its_reservation_and_counts_as_maybe_billed(
+    server: FakeAtomaServer,
+) -> None:
+    server.enqueue(Reply(delay=30))
+    budget = Budget(max_compute_units=UNITS_8X8)
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url, budget=budget) as client:
+        call = asyncio.create_task(client.generate("a fox", size="8x8"))
+        while not server.posts:  # noqa: ASYNC110 - polling the server's record is the point
+            await asyncio.sleep(0.01)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    assert budget.remaining == 0
+    assert client.usage.maybe_billed_calls == 1
+    assert client.usage.maybe_billed_compute_units == UNITS_8X8
+
+
+async def test_a_call_budget_and_the_client_budget_both_apply(server: FakeAtomaServer) -> None:
+    shared = Budget(max_compute_units=3 * UNITS_8X8)
+    alice = Budget(max_compute_units=2 * UNITS_8X8)
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url, budget=shared) as client:
+        await client.generate("a fox", size="8x8", budget=alice)
+        await client.generate("a fox", size="8x8", budget=alice)
+        with pytest.raises(BudgetExceededError):  # alice's is spent; the client's is not
+            await client.generate("a fox", size="8x8", budget=alice)
+        bob = Budget(max_compute_units=10**6)
+        await client.generate("an owl", size="8x8", budget=bob)
+        with pytest.raises(BudgetExceededError):  # now the client's is spent
+            await client.generate("an owl", size="8x8", budget=bob)
+    # A refusal by one budget leaves nothing reserved in the other.
+    assert (shared.remaining, alice.remaining, bob.used) == (0, 0, UNITS_8X8)
+    assert len(server.posts) == 3
+
+
+def test_the_budget_holds_across_threads(threaded_server: FakeAtomaServer) -> None:
+    budget = Budget(max_compute_units=5 * UNITS_8X8)
+    start = threading.Barrier(20)
+
+    def call(client: ImagesClient, number: int) -> str:
+        start.wait()
+        try:
+            client.generate(f"prompt {number}", size="8x8", budget=budget)
+        except BudgetExceededError:
+            return "refused"
+        return "done"
+
+    with (
+        ImagesClient(API_KEY, base_url=threaded_server.base_url) as client,
+        ThreadPoolExecutor(20) as pool,
+    ):
+        outcomes = list(pool.map(lambda number: call(client, number), range(20)))
+        usage = client.usage
+    assert outcomes.count("done") == 5
+    assert outcomes.count("refused") == 15
+    assert len(threaded_server.posts) == 5
+    assert usage.compute_units == 5 * UNITS_8X8
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "100", True])
+def test_a_budget_needs_a_whole_number_of_units(value: object) -> None:
+    with pytest.raises(InvalidRequestError, match="max_compute_units"):
+        Budget(max_compute_units=value)  # type: ignore[arg-type]
+
+
+async def test_a_budget_that_is_not_a_budget_is_refused(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    with pytest.raises(InvalidRequestError, match="budget"):
+        AsyncImagesClient(API_KEY, base_url=server.base_url, budget=100)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="budget"):
+        await client.generate("a fox", budget=100)  # type: ignore[arg-type]
+    assert server.posts == []
+
+
+def test_the_cli_caps_a_run_and_says_what_it_used(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\na boat\n")
+    done = cli(
+        *("--base-url", threaded_server.base_url, "--prompts-file", "prompts.txt"),
+        *("--size", "8x8", "--concurrency", "1", "--max-compute-units", str(2 * UNITS_8X8)),
+        cwd=tmp_path,
+    )
+    assert done.returncode == EXIT_CODES["balance"], done.stderr
+    assert len(done.stdout.splitlines()) == 2
+    assert len(threaded_server.posts) == 2
+    lines = done.stderr.splitlines()
+    assert lines[-1] == f"atoma-images: used {2 * UNITS_8X8:,} compute units"
+    (refusal,) = [line for line in lines if line.startswith("atoma-images: error")]
+    assert "budget exceeded" in refusal
+    assert "nothing was sent" in refusal
+
+
+def test_the_cli_says_what_may_have_been_billed(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    threaded_server.enqueue(Reply(fault="drop"))
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\n")
+    done = cli(
+        *("--base-url", threaded_server.base_url, "--prompts-file", "prompts.txt"),
+        *("--size", "8x8", "--concurrency", "1", "--max-retries", "0"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == EXIT_CODES["connection"], done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"atoma-images: used {UNITS_8X8} compute units; {UNITS_8X8} more may have been billed"
+    )
+
+
+def test_the_cli_refuses_a_negative_cap(tmp_path: Path) -> None:
+    done = cli("--fake", "a fox", "--max-compute-units", "-1", cwd=tmp_path, key=None)
+    assert done.returncode == EXIT_CODES["invalid input"]
+    assert "invalid --max-compute-units: got -1; allowed: an integer >= 0" in done.stderr
