@@ -36,6 +36,7 @@ import attrs
 from ._convert import invalid_response, parse_object, parse_response
 from ._errors import ExtraNotInstalledError, ResponseIntegrityError, ResponseValidationError
 from ._models import ImageRequest, ImagesResponse
+from ._usage import compute_units
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -54,7 +55,6 @@ __all__ = [
     "b64decode_text",
     "b64encode_text",
     "body_hash",
-    "compute_units",
     "decrypt",
     "derive_key",
     "encrypt",
@@ -174,11 +174,6 @@ async def generate_once(
     url = base_url / PATH
     answer = await post(url, sealed.body, seconds - (time.monotonic() - started), None)
     return sealed.open(answer.status, answer.headers, answer.body, url)
-
-
-def compute_units(request: ImageRequest) -> int:
-    """What the proxy charges for ``request``: one unit per pixel, ``n * W * H``."""
-    return request.n * request.width * request.height
 
 
 def lock_body(request: ImageRequest) -> bytes:
