@@ -147,7 +147,7 @@ def _table(text: str, header: str) -> list[str]:
     return table
 
 
-# The tables copied from README.md, which is their home; each docs page says so.
+# Tables with a home in the docs; where README.md shows one too, the two must agree.
 TABLES = [
     ("errors.md", "| class | status | when | may have been billed |"),
     ("errors.md", "| outcome | default |"),
@@ -156,8 +156,11 @@ TABLES = [
 
 
 @pytest.mark.parametrize(("page", "header"), TABLES, ids=[f"{p}:{h}" for p, h in TABLES])
-def test_tables_are_the_readmes(page: str, header: str) -> None:
-    assert _table((DOCS / page).read_text(), header) == _table(README, header)
+def test_tables_in_the_readme_are_the_docs(page: str, header: str) -> None:
+    home = _table((DOCS / page).read_text(), header)
+    assert len(home) > 3  # the table is there, with rows
+    copy = _table(README, header) if header in README.splitlines() else []
+    assert copy in ([], home)
 
 
 def _documented_names() -> set[str]:
