@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl as ssl_module
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -22,6 +22,7 @@ from ._convert import encode_request, parse_response
 from ._download import download_url, fetch_once
 from ._errors import InvalidRequestError
 from ._files import write_images
+from ._hooks import CallInfo, Hooks
 from ._models import DEFAULT_MODEL, GeneratedImage, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy, check_policy
 from ._session import SessionHolder
@@ -63,6 +64,8 @@ class AsyncImagesClient:
         ssl: TLS verification: True (the default), an `ssl.SSLContext`, or False to turn
             verification off (only for a server you trust on a network you trust).
         session: an `aiohttp.ClientSession` to use instead of the client's own.
+        hooks: `Hooks` told of every attempt, retry and call (after the built-in
+            `LoggingHooks`, which logs each retry at INFO).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class AsyncImagesClient:
         headers: Mapping[str, str] | None = None,
         ssl: ssl_module.SSLContext | bool = True,
         session: aiohttp.ClientSession | None = None,
+        hooks: Iterable[Hooks] | None = None,
     ) -> None:
         self._settings = settings = ClientSettings.from_arguments(
             api_key,
@@ -89,6 +93,7 @@ class AsyncImagesClient:
             max_response_bytes=max_response_bytes,
             headers=headers,
             ssl=ssl,
+            hooks=hooks,
         )
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise InvalidRequestError("session", session, "allowed: an aiohttp.ClientSession")
@@ -186,7 +191,8 @@ class AsyncImagesClient:
             )
             return parse_response(answer.status, answer.headers, answer.body, self._url)
 
-        return await policy.run(attempt)
+        call = CallInfo.of("generate", "POST", self._url, request)
+        return await policy.run(attempt, self._settings.hooks, call)
 
     async def _generate_confidential(
         self,
@@ -211,7 +217,9 @@ class AsyncImagesClient:
                 post, self._settings.base_url, request, plaintext, limits.attempt_seconds(remaining)
             )
 
-        return await policy.run(attempt)
+        url = self._settings.base_url / _confidential.PATH
+        call = CallInfo.of("generate_confidential", "POST", url, request)
+        return await policy.run(attempt, self._settings.hooks, call)
 
     async def download(
         self,
@@ -260,7 +268,8 @@ class AsyncImagesClient:
                 seconds=limits.attempt_seconds(remaining),
             )
 
-        return await policy.run(attempt)
+        call = CallInfo.of("download", "GET", url)
+        return await policy.run(attempt, self._settings.hooks, call)
 
     async def save_all(
         self,

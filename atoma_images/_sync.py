@@ -13,7 +13,7 @@ import ssl as ssl_module
 import threading
 import warnings
 import weakref
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -22,6 +22,7 @@ import aiohttp
 
 from ._client import DEFAULT_MAX_DOWNLOAD_BYTES, DEFAULT_MAX_RESPONSE_BYTES, AsyncImagesClient
 from ._errors import InvalidRequestError
+from ._hooks import Hooks
 from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse
 from ._portal import LoopThread
 from ._retry import RetryPolicy
@@ -48,6 +49,7 @@ class ImagesClient:
     Takes the same arguments as `AsyncImagesClient`, returns the same values and raises the
     same errors. It works where an event loop is already running (Jupyter) and from many
     threads at once. Close it with ``with`` or `close`; one left open is closed at exit.
+    Its ``hooks`` run on the client's own event loop thread.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class ImagesClient:
         headers: Mapping[str, str] | None = None,
         ssl: ssl_module.SSLContext | bool = True,
         session: aiohttp.ClientSession | None = None,
+        hooks: Iterable[Hooks] | None = None,
     ) -> None:
         if session is not None:
             # A session is bound to the loop it was made in; this client runs its own.
@@ -83,6 +86,7 @@ class ImagesClient:
             headers=headers,
             ssl=ssl,
             session=session,
+            hooks=hooks,
         )
         self._portal = LoopThread("atoma-images")
         self._lock = threading.Lock()
