@@ -191,8 +191,11 @@ class AsyncImagesClient:
             )
             return parse_response(answer.status, answer.headers, answer.body, self._url)
 
-        call = CallInfo.of("generate", "POST", self._url, request)
-        return await policy.run(attempt, self._settings.hooks, call)
+        return await policy.run(
+            attempt,
+            self._settings.hooks,
+            lambda: CallInfo.of("generate", "POST", self._url, request),
+        )
 
     async def _generate_confidential(
         self,
@@ -218,8 +221,11 @@ class AsyncImagesClient:
             )
 
         url = self._settings.base_url / _confidential.PATH
-        call = CallInfo.of("generate_confidential", "POST", url, request)
-        return await policy.run(attempt, self._settings.hooks, call)
+        return await policy.run(
+            attempt,
+            self._settings.hooks,
+            lambda: CallInfo.of("generate_confidential", "POST", url, request),
+        )
 
     async def download(
         self,
@@ -268,8 +274,9 @@ class AsyncImagesClient:
                 seconds=limits.attempt_seconds(remaining),
             )
 
-        call = CallInfo.of("download", "GET", url)
-        return await policy.run(attempt, self._settings.hooks, call)
+        return await policy.run(
+            attempt, self._settings.hooks, lambda: CallInfo.of("download", "GET", url)
+        )
 
     async def save_all(
         self,

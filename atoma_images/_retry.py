@@ -155,17 +155,16 @@ class RetryPolicy:
         self,
         attempt: Callable[[float], Awaitable[T]],
         hooks: HookSet = DEFAULT_HOOKS,
-        call: CallInfo | None = None,
+        describe: Callable[[], CallInfo] | None = None,
     ) -> T:
         """``await attempt(remaining)`` until it succeeds or the policy says stop.
 
         ``attempt`` may take at most ``remaining`` seconds (what is left of the deadline).
         The error that ends the call is re-raised as it is, carrying ``attempts``.
-        ``hooks`` hear of each attempt, retry and the call's end (see `Hooks`); ``call``
-        describes the call to them.
+        ``hooks`` hear of each attempt, retry and the call's end (see `Hooks`); ``describe``
+        makes the `CallInfo` they get, only if one of them listens.
         """
-        if call is None:
-            call = _UNNAMED_CALL
+        record = _CallRecord(hooks, describe or _unnamed_call)
         retrying = AsyncRetrying(
             # Each call has its own AsyncRetrying (tenacity keeps a call's state in it) and its
             # own server-error budget; the stateless strategies are the policy's, built once.
@@ -174,37 +173,31 @@ class RetryPolicy:
             retry=self._retry,
             # Under set_testing(True) the wait is decided as usual, and skipped.
             sleep=_skip_wait if _testing.on else self.sleep,
-            before_sleep=_RetryReporter(hooks, call),
+            before_sleep=record.retry_scheduled,
             reraise=True,
         )
-        # What the hooks are told of the call as a whole.
-        began, number, billed = time.monotonic(), 0, False
         try:
             async for try_ in retrying:
                 with try_:
                     state = try_.retry_state
-                    number = state.attempt_number
                     if hooks.attempt_started:
-                        emit(hooks.attempt_started, AttemptStarted(call=call, attempt=number))
+                        record.attempt_started(state.attempt_number)
                     started = time.monotonic()
                     try:
                         result = await attempt(self.deadline - (started - state.start_time))
                     except BaseException as error:  # cancellation too: hooks see every end
                         if isinstance(error, AtomaImagesError):
-                            error.attempts = number
-                        billed = billed or may_have_been_billed(call, error)
-                        if hooks.attempt_finished:
-                            _attempt_finished(hooks, call, number, started, error, None)
+                            error.attempts = state.attempt_number
+                        if hooks.attempt_finished or hooks.call_finished:
+                            record.attempt_finished(state, started, error, None)
                         raise
-                    billed = billed or call.billable
-                    if hooks.attempt_finished:
-                        _attempt_finished(hooks, call, number, started, None, result)
-                    if hooks.call_finished:
-                        _call_finished(hooks, call, number, began, billed, None, result)
+                    if hooks.attempt_finished or hooks.call_finished:
+                        record.attempt_finished(state, started, None, result)
+                        record.call_finished(None)
                     return result
         except BaseException as error:
             if hooks.call_finished:
-                _call_finished(hooks, call, number, began, billed, error, None)
+                record.call_finished(error)
             raise
         raise AssertionError("unreachable: tenacity returns the result or raises")
 
@@ -241,71 +234,66 @@ class _ServerErrorBudget(stop_base):
         return self.seen > self.allowed
 
 
-#: Describes a call run without a description (the policy used on its own, as in tests).
-_UNNAMED_CALL = CallInfo(operation="call", method="", url="")
+def _unnamed_call() -> CallInfo:
+    # A policy run on its own (as in tests) describes its call as nothing in particular.
+    return CallInfo(operation="call", method="", url="")
 
 
-def _attempt_finished(  # noqa: PLR0917 - private, called from run only
-    hooks: HookSet,
-    call: CallInfo,
-    number: int,
-    started: float,
-    error: BaseException | None,
-    result: object,
-) -> None:
-    status, name, request_id = outcome(error)
-    if error is None:
-        request_id = getattr(result, "request_id", None)
-    info = AttemptFinished(
-        call=call,
-        attempt=number,
-        duration=time.monotonic() - started,
-        status=status,
-        error=name,
-        may_have_been_billed=may_have_been_billed(call, error),
-        request_id=request_id,
-    )
-    emit(hooks.attempt_finished, info)
+class _CallRecord:
+    """What one call has told its hooks so far; builds their info objects.
 
+    Nothing here runs unless a hook listens: a call without hooks pays one truth test per
+    event. `retry_scheduled` is tenacity's ``before_sleep``.
+    """
 
-def _call_finished(  # noqa: PLR0917 - private, called from run only
-    hooks: HookSet,
-    call: CallInfo,
-    attempts: int,
-    began: float,
-    billed: bool,
-    error: BaseException | None,
-    result: object,
-) -> None:
-    status, name, request_id = outcome(error)
-    if error is None:
-        request_id = getattr(result, "request_id", None)
-    info = CallFinished(
-        call=call,
-        attempts=attempts,
-        duration=time.monotonic() - began,
-        status=status,
-        error=name,
-        may_have_been_billed=billed,
-        request_id=request_id,
-    )
-    emit(hooks.call_finished, info)
-
-
-class _RetryReporter:
-    """tenacity's ``before_sleep``: tells the hooks that a retry is scheduled, and why."""
-
-    def __init__(self, hooks: HookSet, call: CallInfo) -> None:
+    def __init__(self, hooks: HookSet, describe: Callable[[], CallInfo]) -> None:
         self.hooks = hooks
-        self.call = call
+        self.describe = describe
+        self._info: CallInfo | None = None
+        self.attempts = 0
+        self.began = 0.0
+        self.billed = False
+        self.status: int | None = None
+        self.request_id: str | None = None
 
-    def __call__(self, state: RetryCallState) -> None:
+    @property
+    def info(self) -> CallInfo:
+        if self._info is None:
+            self._info = self.describe()
+        return self._info
+
+    def attempt_started(self, number: int) -> None:
+        emit(self.hooks.attempt_started, AttemptStarted(call=self.info, attempt=number))
+
+    def attempt_finished(
+        self, state: RetryCallState, started: float, error: BaseException | None, result: object
+    ) -> None:
+        self.attempts, self.began = state.attempt_number, state.start_time
+        status, name, request_id = outcome(error)
+        if error is None:
+            request_id = getattr(result, "request_id", None)
+        billed = may_have_been_billed(self.info, error)
+        self.billed = self.billed or billed
+        self.status, self.request_id = status, request_id
+        if self.hooks.attempt_finished:
+            info = AttemptFinished(
+                call=self.info,
+                attempt=state.attempt_number,
+                duration=time.monotonic() - started,
+                status=status,
+                error=name,
+                may_have_been_billed=billed,
+                request_id=request_id,
+            )
+            emit(self.hooks.attempt_finished, info)
+
+    def retry_scheduled(self, state: RetryCallState) -> None:
         if not self.hooks.retry_scheduled:
             return
         error = state.outcome.exception() if state.outcome else None
         status, name, request_id = outcome(error)
         info = RetryScheduled(
-            call=self.call,
+            call=self.info,
             attempt=state.attempt_number,
             wait=state.upcoming_sleep,
             reason=f"status {status}" if status is not None else str(name),
@@ -314,6 +302,20 @@ class _RetryReporter:
             request_id=request_id,
         )
         emit(self.hooks.retry_scheduled, info)
+
+    def call_finished(self, error: BaseException | None) -> None:
+        if not self.hooks.call_finished:
+            return
+        info = CallFinished(
+            call=self.info,
+            attempts=self.attempts,
+            duration=time.monotonic() - self.began if self.attempts else 0.0,
+            status=self.status if error is not None else None,
+            error=None if error is None else type(error).__name__,
+            may_have_been_billed=self.billed,
+            request_id=self.request_id,
+        )
+        emit(self.hooks.call_finished, info)
 
 
 @attrs.define
