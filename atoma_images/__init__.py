@@ -43,6 +43,15 @@ from ._errors import (
     StackUnavailableError,
     UnprocessableEntityError,
 )
+from ._hooks import (
+    AttemptFinished,
+    AttemptStarted,
+    CallFinished,
+    CallInfo,
+    Hooks,
+    LoggingHooks,
+    RetryScheduled,
+)
 from ._models import GeneratedImage, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy
 from ._sync import ImagesClient
@@ -57,6 +66,8 @@ __all__ = [
     "AmbiguousTimeoutError",
     "AsyncImagesClient",
     "AtomaImagesError",
+    "AttemptFinished",
+    "AttemptStarted",
     "AuthenticationError",
     "BadGatewayError",
     "BadRequestError",
@@ -65,9 +76,12 @@ __all__ = [
     "BatchSummary",
     "Budget",
     "BudgetExceededError",
+    "CallFinished",
+    "CallInfo",
     "ExtraNotInstalledError",
     "GatewayTimeoutError",
     "GeneratedImage",
+    "Hooks",
     "ImageRequest",
     "ImagesClient",
     "ImagesResponse",
@@ -75,6 +89,7 @@ __all__ = [
     "InternalServerError",
     "InvalidRequestError",
     "LockedError",
+    "LoggingHooks",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
@@ -82,6 +97,7 @@ __all__ = [
     "ResponseIntegrityError",
     "ResponseValidationError",
     "RetryPolicy",
+    "RetryScheduled",
     "ServerError",
     "ServiceUnavailableError",
     "StackUnavailableError",

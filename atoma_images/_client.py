@@ -24,6 +24,7 @@ from ._convert import encode_request, parse_response
 from ._download import download_url, fetch_once
 from ._errors import InvalidRequestError
 from ._files import write_images
+from ._hooks import CallInfo, Hooks
 from ._models import DEFAULT_MODEL, GeneratedImage, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy, check_policy
 from ._session import SessionHolder
@@ -73,6 +74,8 @@ class AsyncImagesClient:
             verification off (only for a server you trust on a network you trust).
         session: an `aiohttp.ClientSession` to use instead of the client's own.
         budget: a `Budget` that caps the compute units of every call of this client.
+        hooks: `Hooks` told of every attempt, retry and call (after the built-in
+            `LoggingHooks`, which logs each retry at INFO).
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class AsyncImagesClient:
         ssl: ssl_module.SSLContext | bool = True,
         session: aiohttp.ClientSession | None = None,
         budget: Budget | None = None,
+        hooks: Iterable[Hooks] | None = None,
     ) -> None:
         self._settings = settings = ClientSettings.from_arguments(
             api_key,
@@ -100,6 +104,7 @@ class AsyncImagesClient:
             max_response_bytes=max_response_bytes,
             headers=headers,
             ssl=ssl,
+            hooks=hooks,
         )
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise InvalidRequestError("session", session, "allowed: an aiohttp.ClientSession")
@@ -220,7 +225,11 @@ class AsyncImagesClient:
             if confidential:
                 response = await self._generate_confidential(session, request, body, limits, policy)
             else:
-                response = await policy.run(attempt)
+                response = await policy.run(
+                    attempt,
+                    self._settings.hooks,
+                    lambda: CallInfo.of("generate", "POST", self._url, request),
+                )
         except BaseException as error:
             self._meter.failed(units, error)
             if not may_have_been_billed(error):
@@ -299,7 +308,12 @@ class AsyncImagesClient:
                 post, self._settings.base_url, request, plaintext, limits.attempt_seconds(remaining)
             )
 
-        return await policy.run(attempt)
+        url = self._settings.base_url / _confidential.PATH
+        return await policy.run(
+            attempt,
+            self._settings.hooks,
+            lambda: CallInfo.of("generate_confidential", "POST", url, request),
+        )
 
     async def download(
         self,
@@ -348,7 +362,9 @@ class AsyncImagesClient:
                 seconds=limits.attempt_seconds(remaining),
             )
 
-        return await policy.run(attempt)
+        return await policy.run(
+            attempt, self._settings.hooks, lambda: CallInfo.of("download", "GET", url)
+        )
 
     async def save_all(
         self,

@@ -18,6 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ._errors import InvalidRequestError
+from ._hooks import DEFAULT_HOOKS, HookSet
 from ._models import DEFAULT_MODEL, ImageRequest
 from ._retry import RetryPolicy, check_policy
 from ._timeout import Timeout
@@ -112,6 +113,10 @@ def _to_headers(value: object) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(headers)
 
 
+def _to_hooks(value: object) -> HookSet:
+    return HookSet.of(value)
+
+
 def _check_ssl(_: object, __: object, value: object) -> None:
     if not isinstance(value, (bool, ssl_module.SSLContext)):
         raise InvalidRequestError("ssl", value, "allowed: True, False or an ssl.SSLContext")
@@ -132,6 +137,7 @@ class ClientSettings:
     )
     headers: CIMultiDictProxy[str] = attrs.field(factory=dict, converter=_to_headers)
     ssl: ssl_module.SSLContext | bool = attrs.field(default=True, validator=_check_ssl)
+    hooks: HookSet = attrs.field(default=DEFAULT_HOOKS, converter=_to_hooks)
 
     @classmethod
     def from_arguments(

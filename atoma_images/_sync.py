@@ -23,6 +23,7 @@ import aiohttp
 from ._batch import Prompt, SyncBatch
 from ._client import DEFAULT_MAX_DOWNLOAD_BYTES, DEFAULT_MAX_RESPONSE_BYTES, AsyncImagesClient
 from ._errors import InvalidRequestError
+from ._hooks import Hooks
 from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse
 from ._portal import LoopThread
 from ._retry import RetryPolicy
@@ -50,6 +51,7 @@ class ImagesClient:
     Takes the same arguments as `AsyncImagesClient`, returns the same values and raises the
     same errors. It works where an event loop is already running (Jupyter) and from many
     threads at once. Close it with ``with`` or `close`; one left open is closed at exit.
+    Its ``hooks`` run on the client's own event loop thread.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class ImagesClient:
         ssl: ssl_module.SSLContext | bool = True,
         session: aiohttp.ClientSession | None = None,
         budget: Budget | None = None,
+        hooks: Iterable[Hooks] | None = None,
     ) -> None:
         if session is not None:
             # A session is bound to the loop it was made in; this client runs its own.
@@ -87,6 +90,7 @@ class ImagesClient:
             ssl=ssl,
             session=session,
             budget=budget,
+            hooks=hooks,
         )
         self._portal = LoopThread("atoma-images")
         self._lock = threading.Lock()

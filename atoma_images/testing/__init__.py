@@ -23,10 +23,24 @@ Scripted answers replace the next requests' normal handling, in order::
 (needs the ``confidential`` extra): ``POST /v1/nodes/lock`` answers with a real X25519 key,
 and ``POST /v1/confidential/images/generations`` decrypts the request, checks its hash and
 its lock, and answers encrypted. ``Reply(tamper=...)`` alters such an answer on its way.
+
+``set_testing(True)`` makes every client's retries skip their waits (the same attempts, no
+sleeping), for a test suite that exercises retrying code; ``with set_testing(True):`` turns
+it back off at the end. Off by default; the pytest plugin's fixtures turn it on.
 """
+
+from atoma_images._retry import TestingSetting, is_testing, set_testing
 
 from ._faults import Reply
 from ._png import make_png
 from ._server import FakeAtomaServer, RecordedRequest
 
-__all__ = ["FakeAtomaServer", "RecordedRequest", "Reply", "make_png"]
+__all__ = [
+    "FakeAtomaServer",
+    "RecordedRequest",
+    "Reply",
+    "TestingSetting",
+    "is_testing",
+    "make_png",
+    "set_testing",
+]

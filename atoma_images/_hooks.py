@@ -1,0 +1,270 @@
+"""Instrumentation: what a client tells your monitoring about each call, attempt and retry.
+
+A hook is an object of a `Hooks` subclass that overrides any of its four methods. The retry
+loop (`RetryPolicy.run`) calls them, in this order for a call that is retried once::
+
+    attempt_started(1) -> attempt_finished(1) -> retry_scheduled(1)
+    attempt_started(2) -> attempt_finished(2) -> call_finished
+
+Each method gets one frozen info object. None of them holds the API key, a header or a body:
+only the method, the URL without its query, the model, ``n``, ``size``, numbers, the status,
+the error's class name and the request id. A hook that raises is logged at WARNING (logger
+``atoma_images``) and ignored: instrumentation never breaks a call.
+
+Every client runs `LoggingHooks` (one INFO line per retry) before the hooks it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ._errors import APIStatusError, AtomaImagesError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from yarl import URL
+
+    from ._models import ImageRequest
+
+__all__ = [
+    "AttemptFinished",
+    "AttemptStarted",
+    "CallFinished",
+    "CallInfo",
+    "HookSet",
+    "Hooks",
+    "LoggingHooks",
+    "RetryScheduled",
+]
+
+logger = logging.getLogger("atoma_images")
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class CallInfo:
+    """One call of the client, as hooks see it (compared by identity: one object per call).
+
+    Attributes:
+        operation: ``"generate"``, ``"generate_confidential"`` or ``"download"``.
+        method: the HTTP method.
+        url: the URL without user, query or fragment (a signed download URL keeps its
+            signature in the query).
+        model: the model asked for (None for a download).
+        n: how many images were asked for (None for a download).
+        size: the size asked for, ``"WIDTHxHEIGHT"`` (None for a download).
+        billable: whether a success is billed (a generation); a download bills nothing.
+    """
+
+    operation: str
+    method: str
+    url: str
+    model: str | None = None
+    n: int | None = None
+    size: str | None = None
+    billable: bool = True
+
+    @classmethod
+    def of(
+        cls, operation: str, method: str, url: URL, request: ImageRequest | None = None
+    ) -> CallInfo:
+        """The info of a call to ``url``; a generation names its ``request``."""
+        if url.query_string or url.fragment or url.user is not None:
+            url = url.with_user(None).with_query(None).with_fragment(None)
+        if request is None:
+            return cls(operation=operation, method=method, url=str(url), billable=False)
+        return cls(
+            operation=operation,
+            method=method,
+            url=str(url),
+            model=request.model,
+            n=request.n,
+            size=request.size,
+        )
+
+
+@attrs.frozen(kw_only=True)
+class AttemptStarted:
+    """An attempt is about to be sent. Attempt 1 starts the call."""
+
+    call: CallInfo
+    attempt: int
+
+
+@attrs.frozen(kw_only=True)
+class AttemptFinished:
+    """An attempt ended, with an answer or an error.
+
+    Attributes:
+        duration: seconds the attempt took.
+        status: the HTTP status of an error answer (None for a success or a connection failure).
+        error: the class name of the error (None for a success).
+        may_have_been_billed: False only when this attempt cannot have been billed.
+        request_id: the server's ``x-request-id``, when it sent one.
+    """
+
+    call: CallInfo
+    attempt: int
+    duration: float
+    status: int | None
+    error: str | None
+    may_have_been_billed: bool
+    request_id: str | None
+
+
+@attrs.frozen(kw_only=True)
+class RetryScheduled:
+    """An attempt failed and another one follows after ``wait`` seconds.
+
+    Attributes:
+        attempt: the attempt that failed.
+        wait: seconds until the next attempt (the server's Retry-After, or backoff).
+        reason: why: ``"status 429"``, or the error's class name.
+        status: the HTTP status of the failed attempt, if it had one.
+        error: the class name of the error.
+        request_id: the server's ``x-request-id`` of the failed attempt, when it sent one.
+    """
+
+    call: CallInfo
+    attempt: int
+    wait: float
+    reason: str
+    status: int | None
+    error: str
+    request_id: str | None
+
+
+@attrs.frozen(kw_only=True)
+class CallFinished:
+    """The call is over: it returned, or raised the error it ends with.
+
+    Attributes:
+        attempts: how many attempts were made.
+        duration: seconds from the first attempt's start, waits included.
+        status: the HTTP status of an error answer that ended the call, else None.
+        error: the class name of the error that ended the call (None for a success).
+        may_have_been_billed: False only when no attempt of the call can have been billed.
+        request_id: the server's ``x-request-id`` of the last answer, when it sent one.
+    """
+
+    call: CallInfo
+    attempts: int
+    duration: float
+    status: int | None
+    error: str | None
+    may_have_been_billed: bool
+    request_id: str | None
+
+
+class Hooks:
+    """Base class of instrumentation hooks: override the methods you need.
+
+    Hooks run in the event loop (the client's own thread for `ImagesClient`), inside the
+    call: keep them quick and never block. What they raise is logged and ignored.
+    """
+
+    def attempt_started(self, info: AttemptStarted) -> None:
+        """An attempt is about to be sent."""
+
+    def attempt_finished(self, info: AttemptFinished) -> None:
+        """An attempt ended."""
+
+    def retry_scheduled(self, info: RetryScheduled) -> None:
+        """A failed attempt will be followed by another after ``info.wait`` seconds."""
+
+    def call_finished(self, info: CallFinished) -> None:
+        """The call returned or raised."""
+
+
+class LoggingHooks(Hooks):
+    """One INFO line per retry on the ``atoma_images`` logger. Every client runs it."""
+
+    def retry_scheduled(self, info: RetryScheduled) -> None:
+        logger.info(
+            "atoma-images: attempt %d failed (%s); retrying in %.2fs (request id %s)",
+            info.attempt,
+            info.reason,
+            info.wait,
+            info.request_id,
+        )
+
+
+_EVENTS = ("attempt_started", "attempt_finished", "retry_scheduled", "call_finished")
+
+
+@attrs.frozen
+class HookSet:
+    """The hooks of a client, sorted by event once, so that an event nobody listens to costs
+    one truth test. `LoggingHooks` comes first.
+    """
+
+    hooks: tuple[Hooks, ...]
+    attempt_started: tuple[Callable[[AttemptStarted], None], ...] = attrs.field(init=False)
+    attempt_finished: tuple[Callable[[AttemptFinished], None], ...] = attrs.field(init=False)
+    retry_scheduled: tuple[Callable[[RetryScheduled], None], ...] = attrs.field(init=False)
+    call_finished: tuple[Callable[[CallFinished], None], ...] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        for event in _EVENTS:
+            overridden = tuple(
+                getattr(hook, event)
+                for hook in self.hooks
+                if getattr(type(hook), event) is not getattr(Hooks, event)
+            )
+            object.__setattr__(self, event, overridden)  # frozen: attrs' way for derived fields
+
+    @classmethod
+    def of(cls, value: object) -> HookSet:
+        """The hook set for a client's ``hooks`` argument: None, or a list of `Hooks`."""
+        if value is None:
+            return DEFAULT_HOOKS
+        if isinstance(value, HookSet):
+            return value
+        if isinstance(value, (str, bytes, Hooks)) or not isinstance(value, Iterable):
+            raise InvalidRequestError("hooks", value, "allowed: a list of Hooks objects, or None")
+        hooks = tuple(value)
+        for hook in hooks:
+            if not isinstance(hook, Hooks):
+                raise InvalidRequestError(
+                    "hooks", hook, "allowed: instances of a subclass of atoma_images.Hooks"
+                )
+        return cls((LoggingHooks(), *hooks))
+
+    @property
+    def extra(self) -> tuple[Hooks, ...]:
+        """The hooks the client was given (without the default logging)."""
+        return self.hooks[1:]
+
+
+DEFAULT_HOOKS = HookSet((LoggingHooks(),))
+
+
+def emit(callbacks: tuple[Callable[[Any], None], ...], info: object) -> None:
+    """Call each hook with ``info``; one that raises is logged and the rest still run."""
+    for callback in callbacks:
+        try:
+            callback(info)
+        except Exception:
+            logger.warning("atoma-images: instrumentation hook %r failed", callback, exc_info=True)
+
+
+def outcome(error: BaseException | None) -> tuple[int | None, str | None, str | None]:
+    """(status, error class name, request id) of an attempt's error; all None for success."""
+    if error is None:
+        return None, None, None
+    status = error.status if isinstance(error, APIStatusError) else None
+    return status, type(error).__name__, getattr(error, "request_id", None)
+
+
+def may_have_been_billed(call: CallInfo, error: BaseException | None) -> bool:
+    """Whether an attempt of ``call`` that ended with ``error`` (None: success) may be billed.
+
+    Cancellation is not our error: whether the request had reached the server is unknown.
+    """
+    if not call.billable:
+        return False
+    if error is None or not isinstance(error, AtomaImagesError):
+        return True
+    return error.may_have_been_billed
