@@ -12,7 +12,6 @@ import email.utils
 import functools
 import html
 import json
-import math
 import time
 from collections.abc import Mapping
 from json.encoder import encode_basestring as _quote  # C: a str as a JSON string literal
@@ -456,31 +455,37 @@ def _without_tags(text: str) -> str:
     return "".join(pieces)
 
 
+# The longest wait a server can name, in seconds: RFC 9111 (section 1.2.2) has a cache
+# treat a delta-seconds too large to count as 2**31, and so does this client.
+_LONGEST_DELAY = float(2**31)
+
+
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After``, or None.
+
+    ``Retry-After`` is delta-seconds, digits only, or an HTTP-date (RFC 9110, section
+    10.2.3): not float()'s ``1e3``, ``inf``, ``1_000`` or `` 5 ``. ``retry-after-ms`` (an
+    OpenAI convention) is digits with an optional fraction. No value is longer than 2**31 s.
+    """
     millis = headers.get("retry-after-ms")
     if millis is not None:
-        seconds = _as_seconds(millis)
-        if seconds is not None:
-            return seconds / 1000
+        whole, dot, fraction = millis.partition(".")
+        if _digits(whole) and (not dot or _digits(fraction)):
+            return min(float(millis) / 1000, _LONGEST_DELAY)
     value = headers.get("retry-after")
     if value is None:
         return None
-    seconds = _as_seconds(value)
-    if seconds is not None:
-        return seconds
+    if _digits(value):
+        return min(float(value), _LONGEST_DELAY)  # float: no digit limit; too many is inf
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:  # an HTTP date is GMT even when it says -0000
         when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, when.timestamp() - time.time())
 
 
-def _as_seconds(value: str) -> float | None:
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+def _digits(text: str) -> bool:
+    # isdigit() alone also takes '²' and Arabic-Indic digits.
+    return text.isascii() and text.isdigit()

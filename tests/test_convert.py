@@ -332,22 +332,49 @@ def test_redirect_is_reported_with_its_location() -> None:
     assert "base_url" in str(error)
 
 
-def test_retry_after_in_all_its_forms() -> None:
-    def seconds(**headers: str) -> float | None:
-        return parse_retry_after(CIMultiDict({k.replace("_", "-"): v for k, v in headers.items()}))
+def seconds(**headers: str) -> float | None:
+    return parse_retry_after(CIMultiDict({k.replace("_", "-"): v for k, v in headers.items()}))
 
+
+def test_retry_after_in_all_its_forms() -> None:
     assert seconds(retry_after="2") == 2.0
-    assert seconds(retry_after="1.5") == 1.5
+    assert seconds(retry_after="0") == 0.0
+    assert seconds(retry_after="0120") == 120.0
     assert seconds(retry_after_ms="250") == 0.25
+    assert seconds(retry_after_ms="1500.5") == 1.5005
     assert seconds(retry_after_ms="250", retry_after="9") == 0.25
     assert seconds(retry_after_ms="nonsense", retry_after="9") == 9.0
-    assert seconds(retry_after="-1") is None
-    assert seconds(retry_after="inf") is None
-    assert seconds(retry_after="soon") is None
     assert seconds() is None
     in_a_minute = formatdate(time.time() + 60, usegmt=True)
     assert 55 < (seconds(retry_after=in_a_minute) or 0) <= 60
     assert seconds(retry_after=formatdate(time.time() - 60, usegmt=True)) == 0.0
+    # The two obsolete forms an HTTP-date may take (RFC 9110, section 5.6.7), both past.
+    assert seconds(retry_after="Sunday, 06-Nov-94 08:49:37 GMT") == 0.0
+    assert seconds(retry_after="Sun Nov  6 08:49:37 1994") == 0.0
     error = error_from_response(429, CIMultiDict({"Retry-After": "7"}), b"")
     assert isinstance(error, RateLimitError)
     assert error.retry_after == 7.0
+
+
+# What float() reads and RFC 9110 does not: delta-seconds is 1*DIGIT, nothing else.
+NOT_DELTA_SECONDS = [
+    "1.5", "-1", "+5", " 5 ", "5 ", "1_000", "1e3", "1E3", "inf", "Infinity", "nan", "0x10",
+    "\u0663", "\u00b2", "\uff15", "5s", "", "soon",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", NOT_DELTA_SECONDS)
+def test_retry_after_is_digits_or_a_date_and_nothing_else(value: str) -> None:
+    assert seconds(retry_after=value) is None
+    # retry-after-ms allows a fraction, and nothing else either.
+    if value != "1.5":
+        assert seconds(retry_after_ms=value, retry_after="3") == 3.0
+    for almost in ("5.", ".5", "1.2.3", "1,5", "1.5e3"):
+        assert seconds(retry_after_ms=almost, retry_after="3") == 3.0
+
+
+def test_a_delay_too_long_to_count_is_the_longest_delay() -> None:
+    # As RFC 9111 (section 1.2.2) has caches treat a delta-seconds that overflows.
+    assert seconds(retry_after="9" * 400) == 2**31
+    assert seconds(retry_after_ms="9" * 400) == 2**31
+    assert seconds(retry_after="4294967296") == 2**31
