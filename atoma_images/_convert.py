@@ -1,8 +1,12 @@
-"""The package's one cattrs converter, and the network-free edges of a call.
+"""The package's one cattrs converter, its one JSON parser, and the network-free edges of a call.
 
 `encode_request` turns an `ImageRequest` into body bytes; `parse_response` turns
 (status, headers, body bytes) into an `ImagesResponse` or raises the typed error. Neither
 touches a socket, so both are tested without one.
+
+Everything here reads what a server sent, so everything is bounded: `load_json` refuses
+nesting deeper than an answer can hold, and error pages are scanned with searches that
+only move forward.
 """
 
 from __future__ import annotations
@@ -12,32 +16,137 @@ import email.utils
 import functools
 import html
 import json
+import math
 import time
 from collections.abc import Mapping
 from json.encoder import encode_basestring as _quote  # C: a str as a JSON string literal
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import attrs
 
-from . import _json
 from ._errors import APIStatusError, ResponseValidationError, status_error_class
-from ._models import OPTIONAL_FIELDS, GeneratedImage, ImageRequest, ImagesResponse
+from ._models import (
+    OPTIONAL_FIELDS,
+    GeneratedImage,
+    ImageRequest,
+    ImagesResponse,
+    utf8_encodable,
+)
+
+try:
+    import orjson
+except ImportError:  # without the speedups extra, the standard library parses everything
+    orjson = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     import cattrs
 
 __all__ = [
+    "JSON_BACKEND",
     "converter",
     "encode_request",
     "error_from_response",
     "invalid_response",
+    "load_json",
     "parse_object",
     "parse_response",
+    "parse_retry_after",
 ]
 
 T = TypeVar("T")
 
 _EXCERPT = 200
+
+#: The JSON parser in use, chosen once at import: "orjson" when the ``speedups`` extra is
+#: installed, else "json". Both accept and refuse the same bodies (see `load_json`).
+JSON_BACKEND = "json" if orjson is None else "orjson"
+
+# An images answer nests three deep (answer, data, image); 32 leaves room for whatever an
+# extra key holds, and stays far below where either parser gives up (json at about 1000
+# minus the caller's stack depth with a RecursionError, orjson at 1024), so both refuse
+# the same bodies, and nothing built from an answer is too deep to print or compare.
+MAX_JSON_DEPTH = 32
+
+
+def load_json(body: bytes, backend: str = JSON_BACKEND) -> Any:
+    """The value of a UTF-8 JSON body (RFC 8259); the one JSON parser of the package.
+
+    ``backend`` ("json" or "orjson") is for tests, which run both. They agree on every
+    body: json is told to refuse what orjson refuses (NaN and Infinity, numbers beyond a
+    double, lone surrogates) and to read an integer beyond 64 bits as a float, as orjson
+    does; nesting beyond `MAX_JSON_DEPTH` is refused whichever parser noticed it first.
+
+    Raises:
+        ValueError: the body is not JSON, or nests deeper than an answer can; the message
+            says which, readably.
+    """
+    try:
+        if backend == "orjson":
+            value = orjson.loads(body)
+        else:
+            value = json.loads(
+                body.decode("utf-8"),  # strictly: no BOM, no UTF-16, no encoded surrogates
+                parse_int=_json_int,
+                parse_float=_json_float,
+                parse_constant=_json_constant,
+            )
+    except RecursionError:
+        raise ValueError(_too_deep()) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError and ours alike
+        raise ValueError(f"the body is not JSON ({exc})") from exc
+    _check_tree(value)
+    return value
+
+
+def _json_int(text: str) -> int | float:
+    # orjson reads an integer beyond 64 bits as a float, as JavaScript does; reading it the
+    # same way also keeps Python's limit on long int() conversions out of the way.
+    if len(text) <= 20:
+        number = int(text)
+        if -(2**63) <= number < 2**64:
+            return number
+    return _json_float(text)
+
+
+def _json_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"the number {text[:20]}... is beyond the range of a double")
+    return number
+
+
+def _json_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _too_deep() -> str:
+    return f"the body nests deeper than {MAX_JSON_DEPTH} levels"
+
+
+def _check_tree(value: Any) -> None:
+    """Refuse nesting beyond MAX_JSON_DEPTH, and strings that are not Unicode text.
+
+    A level at a time, without recursion.
+    """
+    level, depth = [value], 0
+    while level:
+        depth += 1
+        inner: list[Any] = []
+        for node in level:
+            kind = type(node)
+            if kind is str:
+                # json makes a str of an escaped lone surrogate; orjson refuses it.
+                if not utf8_encodable(node):
+                    raise ValueError(
+                        "the body is not JSON (a \\u escape stands for a lone surrogate)"
+                    )
+            elif kind is dict or kind is list:
+                if depth > MAX_JSON_DEPTH:
+                    raise ValueError(_too_deep())
+                inner += node  # a dict's keys, then its values
+                if kind is dict:
+                    inner += node.values()
+        level = inner
 
 
 class _Mismatch(TypeError):
@@ -225,9 +334,9 @@ def parse_object(
 
 def _load_object(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
     try:
-        obj = _json.loads(body)  # UTF-8, as JSON on the web is (RFC 8259)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
-        raise invalid_response(f"the body is not JSON ({exc})", status, headers, body) from exc
+        obj = load_json(body)
+    except ValueError as exc:
+        raise invalid_response(str(exc), status, headers, body) from exc
     if type(obj) is not dict:
         raise invalid_response(
             f"expected a JSON object, got {type(obj).__name__}", status, headers, body
@@ -282,7 +391,7 @@ def error_from_response(
 ) -> APIStatusError:
     """The typed error for an error status; copes with JSON, plain-text, HTML and empty bodies."""
     text = body.decode("utf-8", "replace")
-    code, message = _error_details(text)
+    code, message = _error_details(body, text)
     if 300 <= status < 400:
         # Redirects are not followed: a paid POST and its key go only where they were sent.
         message = (
@@ -302,15 +411,15 @@ def error_from_response(
     )
 
 
-def _error_details(text: str) -> tuple[str | None, str]:
+def _error_details(body: bytes, text: str) -> tuple[str | None, str]:
     stripped = text.strip()
     if not stripped:
         return None, "the server sent no error details (empty body)"
     if stripped[0] in "{[":
         try:
-            obj = json.loads(stripped)
+            obj = load_json(body)
         except ValueError:
-            pass
+            pass  # shown as text below
         else:
             found = _from_json(obj)
             if found is not None:

@@ -36,8 +36,9 @@ _PROMPT_ALLOWED = f"a non-empty string of at most {MAX_PROMPT_CHARS} characters"
 _SIZE_ALLOWED = "'WIDTHxHEIGHT' with a lowercase x and two positive integers, such as '1024x1024'"
 
 
-def _encodable(value: str) -> bool:
-    # A lone surrogate cannot travel as UTF-8 JSON; ASCII (the usual case) always can.
+def utf8_encodable(value: str) -> bool:
+    """False for a str holding a lone surrogate, which UTF-8 (and so JSON) cannot carry."""
+    # ASCII, the usual case, always can; isascii() is O(1).
     if value.isascii():
         return True
     try:
@@ -56,7 +57,7 @@ def _reject_text(field: str, value: object, allowed: str, limit: int | None = No
         raise InvalidRequestError(
             field, value, f"allowed: {allowed} (this one has {len(value)} characters)"
         )
-    if not _encodable(value):
+    if not utf8_encodable(value):
         raise InvalidRequestError(
             field, value, "allowed: text that can be encoded as UTF-8 (no lone surrogates)"
         )
@@ -77,7 +78,7 @@ def _check_size(value: object) -> None:
 def _check_optional_text(field: str, value: object) -> None:
     if type(value) is not str:
         raise InvalidRequestError(field, value, "allowed: a string or None")
-    if not _encodable(value):
+    if not utf8_encodable(value):
         raise InvalidRequestError(
             field, value, "allowed: text that can be encoded as UTF-8 (no lone surrogates)"
         )
@@ -105,14 +106,14 @@ class ImageRequest:
         # One pass over every field, in order (one call rather than a validator per field:
         # this runs on every generate()).
         model, prompt, n = self.model, self.prompt, self.n
-        if type(model) is not str or not model or model.isspace() or not _encodable(model):
+        if type(model) is not str or not model or model.isspace() or not utf8_encodable(model):
             _reject_text("model", model, _MODEL_ALLOWED)
         if (
             type(prompt) is not str
             or not prompt
             or len(prompt) > MAX_PROMPT_CHARS
             or prompt.isspace()
-            or not (prompt.isascii() or _encodable(prompt))
+            or not (prompt.isascii() or utf8_encodable(prompt))
         ):
             _reject_text("prompt", prompt, _PROMPT_ALLOWED, MAX_PROMPT_CHARS)
         # bool is an int subclass; n=True is a mistake, not a request for one image.

@@ -138,6 +138,11 @@ def test_large_base64_is_kept_as_the_same_string_the_parser_made() -> None:
         (b"not json", ["not JSON"]),
         (b"<html><body>Oops</body></html>", ["not JSON", "<html>"]),
         (b"\xff\xfe\x00", ["not JSON"]),
+        (b'\xef\xbb\xbf{"created": 1, "data": []}', ["not JSON", "BOM"]),
+        (b'{"created": 1, "data": [], "x": NaN}', ["not JSON", "NaN"]),
+        (b'{"created": 1e400, "data": []}', ["not JSON"]),
+        (b'{"created": 1, "data": [{"url": "\\ud800"}]}', ["not JSON"]),
+        (b'{"created": 1, "data": [' + b"[" * 500 + b"]" * 500 + b"]}", ["deeper than 32"]),
         (b"[]", ["JSON object"]),
         (b'"text"', ["JSON object"]),
         (b"{}", ["created: required field missing", "data: required field missing"]),
@@ -177,6 +182,32 @@ def test_malformed_success_bodies_name_the_path(body: bytes, phrases: list[str])
     assert error.request_id == "r9"
     assert error.body_excerpt == body[:200].decode("utf-8", "replace")
     assert error.may_have_been_billed
+
+
+# Deeper than json's recursion limit and orjson's depth limit, under the structure bound.
+DEEP = [
+    b"[" * 60_000 + b"]" * 60_000,
+    b'{"a":' * 30_000 + b"1" + b"}" * 30_000,
+    b'{"error": {"message": ' + b"[" * 60_000 + b"]" * 60_000 + b"}}",
+]
+
+
+@pytest.mark.parametrize("body", DEEP)
+def test_deep_nesting_is_a_validation_error_for_a_success(body: bytes) -> None:
+    with pytest.raises(ResponseValidationError, match=r"deeper than|depth limit") as info:
+        parse_response(200, CIMultiDict({"x-request-id": "r"}), body)
+    assert info.value.request_id == "r"
+
+
+@pytest.mark.parametrize("status", [400, 429, 500, 502])
+@pytest.mark.parametrize("body", DEEP)
+def test_deep_nesting_is_the_status_error_for_an_error_status(status: int, body: bytes) -> None:
+    with pytest.raises(APIStatusError) as info:
+        parse_response(status, NO_HEADERS, body)
+    error = info.value
+    assert error.status == status
+    assert error.message == " ".join(body.decode().split())[:200]  # shown as the text it is
+    assert len(str(error)) < 400
 
 
 STATUS_CASES = [
