@@ -201,8 +201,8 @@ def converter() -> cattrs.Converter:
         GeneratedImage, conv, extra=override(struct_hook=_passthrough)
     )
 
-    # A well-formed answer never gets here: parse_response builds it directly. These hooks
-    # are for the rest, and name every problem (data[0].url: expected a string ...).
+    # These hooks are the one place an answer is checked; each problem is named by its
+    # path (data[0].url: expected a string ...).
 
     def structure_item(obj: Any, _: Any) -> GeneratedImage:
         if type(obj) is not dict:
@@ -244,7 +244,6 @@ def converter() -> cattrs.Converter:
 
 
 _RESPONSE_KEYS = frozenset({"created", "data"})
-_IMAGE_KEYS = frozenset({"url", "b64_json", "revised_prompt"})
 
 
 def encode_request(request: ImageRequest) -> bytes:
@@ -278,45 +277,20 @@ def parse_response(
     if not 200 <= status < 300:
         raise error_from_response(status, headers, body, None if url is None else str(url))
     obj = _load_object(status, headers, body)
-    extra = {key: value for key, value in obj.items() if key not in _RESPONSE_KEYS}
-    request_id = headers.get("x-request-id")
-    created, data = obj.get("created"), obj.get("data")
-    # Every call comes this way: a well-formed answer is built directly, with the same
-    # strict checks as the converter's (type() is: True is not an int).
-    if type(created) is int and type(data) is list:
-        images = _well_formed_images(data)
-        if images is not None:
-            return ImagesResponse(
-                created=created, data=images, extra=extra, request_id=request_id, headers=headers
-            )
-    # Anything else goes through the converter, which finds and names every problem.
     fields = {key: obj[key] for key in _RESPONSE_KEYS if key in obj}
+    extra = {key: value for key, value in obj.items() if key not in _RESPONSE_KEYS}
     try:
         return converter().structure(
-            {**fields, "extra": extra, "request_id": request_id, "headers": headers},
+            {
+                **fields,
+                "extra": extra,
+                "request_id": headers.get("x-request-id"),
+                "headers": headers,
+            },
             ImagesResponse,
         )
     except Exception as exc:  # cattrs reports every problem found, grouped
         raise _invalid_fields(exc, status, headers, body) from exc
-
-
-def _well_formed_images(data: list[Any]) -> tuple[GeneratedImage, ...] | None:
-    """The images of ``data`` when every item is well-formed, else None."""
-    images = []
-    for item in data:
-        if type(item) is not dict:
-            return None
-        url, b64, revised = item.get("url"), item.get("b64_json"), item.get("revised_prompt")
-        if not (
-            (url is None or type(url) is str)
-            and (b64 is None or type(b64) is str)
-            and (revised is None or type(revised) is str)
-            and (url is not None or b64 is not None)
-        ):
-            return None
-        extra = {key: value for key, value in item.items() if key not in _IMAGE_KEYS}
-        images.append(GeneratedImage(url=url, b64_json=b64, revised_prompt=revised, extra=extra))
-    return tuple(images)
 
 
 def parse_object(

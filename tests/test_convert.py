@@ -17,7 +17,6 @@ from atoma_images import (
     BadGatewayError,
     BadRequestError,
     ImageRequest,
-    ImagesResponse,
     InsufficientBalanceError,
     InternalServerError,
     LockedError,
@@ -32,7 +31,6 @@ from atoma_images import (
     UnprocessableEntityError,
 )
 from atoma_images._convert import (
-    converter,
     encode_request,
     error_from_response,
     parse_response,
@@ -101,27 +99,6 @@ def test_parse_accepts_every_image_form_and_keeps_unknown_keys() -> None:
     assert response.extra == {"signature": "sig", "response_hash": "hash"}
     assert response.request_id == "req-1"
     assert response.headers["x-request-id"] == "req-1"
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        [],
-        [{"url": "https://x/1.png"}],
-        [{"b64_json": "aGk=", "revised_prompt": None, "seed": 1}, {"url": "u", "b64_json": None}],
-    ],
-)
-def test_the_direct_path_builds_what_the_converter_builds(data: list[object]) -> None:
-    # parse_response builds a well-formed answer itself; the converter is the reference.
-    body = {"created": 5, "data": data, "signature": "s"}
-    headers = CIMultiDict({"X-Request-Id": "r"})
-    direct = parse_response(200, headers, json.dumps(body).encode())
-    fields = {"created": 5, "data": data, "extra": {"signature": "s"}, "request_id": "r"}
-    assert direct == converter().structure({**fields, "headers": headers}, ImagesResponse)
-    assert [image.extra for image in direct.images] == [
-        {k: v for k, v in item.items() if k not in ("url", "b64_json", "revised_prompt")}
-        for item in data  # type: ignore[attr-defined]
-    ]
 
 
 def test_large_base64_is_kept_as_the_same_string_the_parser_made() -> None:
