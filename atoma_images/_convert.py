@@ -4,9 +4,9 @@
 (status, headers, body bytes) into an `ImagesResponse` or raises the typed error. Neither
 touches a socket, so both are tested without one.
 
-Everything here reads what a server sent, so everything is bounded: `load_json` refuses
-nesting deeper than an answer can hold, and error pages are scanned with searches that
-only move forward.
+Everything here reads what a server sent, so everything is bounded: `load_json` refuses a
+body that would become more objects or deeper nesting than an answer can hold before
+building it, and error pages are scanned with searches that only move forward.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import attrs
 
 from ._errors import APIStatusError, ResponseValidationError, status_error_class
 from ._models import (
+    MAX_IMAGES,
     OPTIONAL_FIELDS,
     GeneratedImage,
     ImageRequest,
@@ -61,6 +62,15 @@ _EXCERPT = 200
 #: installed, else "json". Both accept and refuse the same bodies (see `load_json`).
 JSON_BACKEND = "json" if orjson is None else "orjson"
 
+# Every JSON value but the outermost comes right after a '[' (an array's first item), a
+# '{' (an object's first key) or a ',' (any later one), and each key is such a value's
+# twin; so a body with S of these bytes makes at most 2*S + 1 objects, whatever it holds
+# (bytes inside strings only make S an overestimate). An images answer holds a few dozen:
+# ten images of three or four keys, a comma in each data URI, and the commas of a revised
+# prompt. 65536 leaves room for any of that and caps what a hostile body can make at about
+# 130,000 small objects (under 10 MB, tens of ms). Counting is C-speed: about 1 ms for a
+# 1.4 MB image, 0.2 s for the 100 MB of ten large ones.
+MAX_JSON_STRUCTURE = 2**16
 # An images answer nests three deep (answer, data, image); 32 leaves room for whatever an
 # extra key holds, and stays far below where either parser gives up (json at about 1000
 # minus the caller's stack depth with a RecursionError, orjson at 1024), so both refuse
@@ -77,9 +87,15 @@ def load_json(body: bytes, backend: str = JSON_BACKEND) -> Any:
     does; nesting beyond `MAX_JSON_DEPTH` is refused whichever parser noticed it first.
 
     Raises:
-        ValueError: the body is not JSON, or nests deeper than an answer can; the message
+        ValueError: the body is not JSON, or holds more than an answer can; the message
             says which, readably.
     """
+    structure = body.count(b"[") + body.count(b"{") + body.count(b",")
+    if structure > MAX_JSON_STRUCTURE:
+        raise ValueError(
+            f"the body has {structure} of '[', '{{' and ',', more than the "
+            f"{MAX_JSON_STRUCTURE} any answer needs; it was not parsed"
+        )
     try:
         if backend == "orjson":
             value = orjson.loads(body)
@@ -126,7 +142,7 @@ def _too_deep() -> str:
 def _check_tree(value: Any) -> None:
     """Refuse nesting beyond MAX_JSON_DEPTH, and strings that are not Unicode text.
 
-    A level at a time, without recursion.
+    A level at a time, without recursion: at most 2*MAX_JSON_STRUCTURE + 1 nodes.
     """
     level, depth = [value], 0
     while level:
@@ -216,6 +232,10 @@ def converter() -> cattrs.Converter:
     def structure_images(obj: Any, _: Any) -> tuple[GeneratedImage, ...]:
         if type(obj) is not list:  # cattrs would take a string as a tuple of characters
             raise _Mismatch(f"expected a list, got {type(obj).__name__} {_short(obj)}")
+        # A request asks for at most MAX_IMAGES; checked first, so that a hostile list
+        # costs one error, not one per item.
+        if len(obj) > MAX_IMAGES:
+            raise _Mismatch(f"expected at most {MAX_IMAGES} images, got {len(obj)} items")
         # Every item is tried, and each failure is noted with its index so that
         # transform_error can name it as data[i].
         images, errors = [], []

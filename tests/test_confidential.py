@@ -363,6 +363,7 @@ async def test_an_undecodable_sealed_answer_is_an_integrity_error(
 
 
 DEEP = b"[" * 60_000 + b"]" * 60_000
+MANY = b"[" + b"[]," * 100_000 + b"[]]"
 
 
 @needs_cryptography
@@ -370,6 +371,7 @@ DEEP = b"[" * 60_000 + b"]" * 60_000
     ("body", "words"),
     [
         (b'{"public_key": ' + DEEP + b"}", "deeper than|depth limit"),
+        (b'{"node_small_id": ' + MANY + b"}", "more than the 65536"),
         (b"\xef\xbb\xbf{}", "not JSON"),
     ],
 )
@@ -387,7 +389,7 @@ def test_a_hostile_answer_inside_a_well_sealed_one_is_a_validation_error() -> No
     from atoma_images._confidential import SealedRequest, b64encode_text, encrypt
 
     key, nonce = b"k" * 32, b"n" * 12
-    for plaintext, words in ((DEEP, "deeper than|depth limit"),):
+    for plaintext, words in ((DEEP, "deeper than|depth limit"), (MANY, "more than the 65536")):
         answer = {"ciphertext": b64encode_text(encrypt(key, nonce, plaintext))}
         body = json.dumps({**answer, "nonce": b64encode_text(nonce)}).encode()
         with pytest.raises(ResponseValidationError, match=words):

@@ -101,6 +101,14 @@ def test_parse_accepts_every_image_form_and_keeps_unknown_keys() -> None:
     assert response.headers["x-request-id"] == "req-1"
 
 
+def test_an_answer_with_more_images_than_a_request_can_ask_for_is_refused() -> None:
+    ten = {"created": 1, "data": [{"url": f"u{i}"} for i in range(10)]}
+    assert len(parse_response(200, NO_HEADERS, json.dumps(ten).encode()).images) == 10
+    eleven = {"created": 1, "data": [{"url": f"u{i}"} for i in range(11)]}
+    with pytest.raises(ResponseValidationError, match=r"data: expected at most 10 images, got 11"):
+        parse_response(200, NO_HEADERS, json.dumps(eleven).encode())
+
+
 def test_large_base64_is_kept_as_the_same_string_the_parser_made() -> None:
     payload = "A" * 2_000_000
     response = parse_response(
@@ -120,6 +128,7 @@ def test_large_base64_is_kept_as_the_same_string_the_parser_made() -> None:
         (b'{"created": 1e400, "data": []}', ["not JSON"]),
         (b'{"created": 1, "data": [{"url": "\\ud800"}]}', ["not JSON"]),
         (b'{"created": 1, "data": [' + b"[" * 500 + b"]" * 500 + b"]}", ["deeper than 32"]),
+        (b'{"created": 1, "data": [' + b"[]," * 70_000 + b"[]]}", ["more than the 65536"]),
         (b"[]", ["JSON object"]),
         (b'"text"', ["JSON object"]),
         (b"{}", ["created: required field missing", "data: required field missing"]),

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from atoma_images._convert import (
     JSON_BACKEND,
     MAX_JSON_DEPTH,
+    MAX_JSON_STRUCTURE,
     load_json,
 )
 
@@ -154,6 +155,7 @@ ERRORS = {
     "nesting 1000 deep": (b"[" * 1000 + b"]" * 1000, "deeper than"),
     "nesting 1025 deep": (b"[" * 1025 + b"]" * 1025, "deeper than|depth limit"),
     "nesting 50000 deep, unclosed": (b"[" * 50_000, "deeper than|depth limit"),
+    "too many items": (b"[" + b"[]," * MAX_JSON_STRUCTURE + b"[]]", "was not parsed"),
 }
 
 
@@ -165,6 +167,17 @@ def test_each_backend_refuses_the_same_bodies_readably(backend: str, name: str) 
     assert kind == "error", message
     assert any(words in message for words in phrase.split("|")), message
     same_outcome(body)
+
+
+def test_the_structure_bound_is_exact_at_its_edge() -> None:
+    # MAX_JSON_STRUCTURE '[', '{' and ',' in all (strings included) parse; one more does not.
+    at_limit = b"[" + b"1," * (MAX_JSON_STRUCTURE - 1) + b"1]"
+    assert same_outcome(at_limit)[0] == "value"
+    assert same_outcome(b"[" + b"1," * MAX_JSON_STRUCTURE + b"1]")[0] == "error"
+    in_a_string = b'["' + b"," * MAX_JSON_STRUCTURE + b'"]'
+    kind, message = same_outcome(in_a_string)
+    assert kind == "error"
+    assert f"{MAX_JSON_STRUCTURE + 1} of" in message
 
 
 json_values = st.recursive(
