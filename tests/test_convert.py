@@ -31,6 +31,7 @@ from atoma_images import (
     UnprocessableEntityError,
 )
 from atoma_images._convert import (
+    converter,
     encode_request,
     error_from_response,
     parse_response,
@@ -62,6 +63,21 @@ def test_request_body_always_has_n_and_size_and_never_null() -> None:
         "response_format": "url",
         "style": "s",
         "user": "u",
+    }
+
+
+def test_request_body_is_the_converters_dict_as_compact_json() -> None:
+    request = ImageRequest(model="m", prompt='a "fox"', n=2, size="8x8", user="u")
+    assert encode_request(request) == (
+        b'{"model":"m","prompt":"a \\"fox\\"","n":2,"size":"8x8","user":"u"}'
+    )
+    assert json.loads(encode_request(request)) == converter().unstructure(request)
+    # The defaults the proxy requires are sent even when left as they are.
+    assert converter().unstructure(ImageRequest(model="m", prompt="p")) == {
+        "model": "m",
+        "prompt": "p",
+        "n": 1,
+        "size": "1024x1024",
     }
 
 
