@@ -8,14 +8,21 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
 from ._errors import InvalidRequestError, ResponseValidationError
 from ._files import write_images
 
-__all__ = ["DEFAULT_MODEL", "GeneratedImage", "ImageRequest", "ImagesResponse"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "MAX_IMAGES",
+    "GeneratedImage",
+    "ImageRequest",
+    "ImagesResponse",
+    "ResponseFormat",
+]
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
 MAX_PROMPT_CHARS = 1000
@@ -26,14 +33,9 @@ _SIZE = re.compile(r"([1-9][0-9]{0,9})x([1-9][0-9]{0,9})", re.ASCII)
 _EMPTY: Mapping[str, Any] = {}
 
 
-#: The request fields that are sent only when set.
-OPTIONAL_FIELDS = ("quality", "response_format", "style", "user")
-
-# The checks run on every call: the valid path is one short chain of cheap tests, and
-# the reason for a rejection is worked out only when there is one.
-_MODEL_ALLOWED = "a non-empty model name string"
-_PROMPT_ALLOWED = f"a non-empty string of at most {MAX_PROMPT_CHARS} characters"
 _SIZE_ALLOWED = "'WIDTHxHEIGHT' with a lowercase x and two positive integers, such as '1024x1024'"
+_RESPONSE_FORMATS = ("url", "b64_json")
+_UTF8_ALLOWED = "allowed: text that can be encoded as UTF-8 (no lone surrogates)"
 
 
 def utf8_encodable(value: str) -> bool:
@@ -48,40 +50,56 @@ def utf8_encodable(value: str) -> bool:
     return True
 
 
-def _reject_text(field: str, value: object, allowed: str, limit: int | None = None) -> None:
-    if type(value) is not str:
-        raise InvalidRequestError(field, value, f"allowed: {allowed}")
-    if not value or value.isspace():
-        raise InvalidRequestError(field, value, f"allowed: {allowed} (this one is empty)")
-    if limit is not None and len(value) > limit:
+def _text(allowed: str, limit: int | None = None) -> Any:
+    """An attrs validator for a required, non-blank string of at most ``limit`` characters."""
+
+    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        field = attribute.name
+        if type(value) is not str:
+            raise InvalidRequestError(field, value, f"allowed: {allowed}")
+        if not value or value.isspace():
+            raise InvalidRequestError(field, value, f"allowed: {allowed} (this one is empty)")
+        if limit is not None and len(value) > limit:
+            raise InvalidRequestError(
+                field, value, f"allowed: {allowed} (this one has {len(value)} characters)"
+            )
+        if not utf8_encodable(value):
+            raise InvalidRequestError(field, value, _UTF8_ALLOWED)
+
+    return check
+
+
+def _check_n(_: object, attribute: attrs.Attribute[int], value: object) -> None:
+    # bool is an int subclass; n=True is a mistake, not a request for one image.
+    if type(value) is not int or not 1 <= value <= MAX_IMAGES:
         raise InvalidRequestError(
-            field, value, f"allowed: {allowed} (this one has {len(value)} characters)"
-        )
-    if not utf8_encodable(value):
-        raise InvalidRequestError(
-            field, value, "allowed: text that can be encoded as UTF-8 (no lone surrogates)"
+            attribute.name, value, f"allowed: an integer from 1 to {MAX_IMAGES}"
         )
 
 
-# Sizes that passed the check: a service asks for the same few sizes over and over.
-_CHECKED_SIZES: set[str] = set()
-
-
-def _check_size(value: object) -> None:
+def _check_size(_: object, attribute: attrs.Attribute[str], value: object) -> None:
     match = _SIZE.fullmatch(value) if type(value) is str else None
     if match is None or max(int(match[1]), int(match[2])) > _MAX_SIDE:
-        raise InvalidRequestError("size", value, f"allowed: {_SIZE_ALLOWED}")
-    if len(_CHECKED_SIZES) < 256:
-        _CHECKED_SIZES.add(match[0])
+        raise InvalidRequestError(attribute.name, value, f"allowed: {_SIZE_ALLOWED}")
 
 
-def _check_optional_text(field: str, value: object) -> None:
+def _check_optional_text(_: object, attribute: attrs.Attribute[str | None], value: object) -> None:
+    if value is None:
+        return
     if type(value) is not str:
-        raise InvalidRequestError(field, value, "allowed: a string or None")
+        raise InvalidRequestError(attribute.name, value, "allowed: a string or None")
     if not utf8_encodable(value):
-        raise InvalidRequestError(
-            field, value, "allowed: text that can be encoded as UTF-8 (no lone surrogates)"
-        )
+        raise InvalidRequestError(attribute.name, value, _UTF8_ALLOWED)
+
+
+def _check_response_format(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    # type() first: an unhashable value must be refused, not raise TypeError in `in`.
+    if value is not None and (type(value) is not str or value not in _RESPONSE_FORMATS):
+        raise InvalidRequestError(attribute.name, value, "allowed: 'url', 'b64_json' or None")
+
+
+#: What ``response_format`` may be: ``"url"``, ``"b64_json"``, or None for the server's default.
+ResponseFormat = Literal["url", "b64_json"]
 
 
 @attrs.frozen(kw_only=True)
@@ -93,45 +111,20 @@ class ImageRequest:
     left out of the body when they are None.
     """
 
-    model: str
-    prompt: str
-    n: int = 1
-    size: str = "1024x1024"
-    quality: str | None = None
-    response_format: str | None = None
-    style: str | None = None
-    user: str | None = None
-
-    def __attrs_post_init__(self) -> None:
-        # One pass over every field, in order (one call rather than a validator per field:
-        # this runs on every generate()).
-        model, prompt, n = self.model, self.prompt, self.n
-        if type(model) is not str or not model or model.isspace() or not utf8_encodable(model):
-            _reject_text("model", model, _MODEL_ALLOWED)
-        if (
-            type(prompt) is not str
-            or not prompt
-            or len(prompt) > MAX_PROMPT_CHARS
-            or prompt.isspace()
-            or not (prompt.isascii() or utf8_encodable(prompt))
-        ):
-            _reject_text("prompt", prompt, _PROMPT_ALLOWED, MAX_PROMPT_CHARS)
-        # bool is an int subclass; n=True is a mistake, not a request for one image.
-        if type(n) is not int or not 1 <= n <= MAX_IMAGES:
-            raise InvalidRequestError("n", n, f"allowed: an integer from 1 to {MAX_IMAGES}")
-        size = self.size
-        if type(size) is not str or size not in _CHECKED_SIZES:
-            _check_size(size)
-        if not (
-            self.quality is None
-            and self.response_format is None
-            and self.style is None
-            and self.user is None
-        ):
-            for field in OPTIONAL_FIELDS:
-                value = getattr(self, field)
-                if value is not None:
-                    _check_optional_text(field, value)
+    model: str = attrs.field(validator=_text("a non-empty model name string"))
+    prompt: str = attrs.field(
+        validator=_text(
+            f"a non-empty string of at most {MAX_PROMPT_CHARS} characters", MAX_PROMPT_CHARS
+        )
+    )
+    n: int = attrs.field(default=1, validator=_check_n)
+    size: str = attrs.field(default="1024x1024", validator=_check_size)
+    quality: str | None = attrs.field(default=None, validator=_check_optional_text)
+    response_format: ResponseFormat | None = attrs.field(
+        default=None, validator=_check_response_format
+    )
+    style: str | None = attrs.field(default=None, validator=_check_optional_text)
+    user: str | None = attrs.field(default=None, validator=_check_optional_text)
 
     @property
     def width(self) -> int:

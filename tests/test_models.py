@@ -4,6 +4,7 @@ import base64
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from atoma_images import (
@@ -55,7 +56,11 @@ INVALID = [
     ("quality", 1, "string or None"),
     ("style", ["vivid"], "string or None"),
     ("user", b"u", "string or None"),
-    ("response_format", 0, "string or None"),
+    ("response_format", 0, "'url', 'b64_json' or None"),
+    ("response_format", "png", "'url', 'b64_json' or None"),
+    ("response_format", "URL", "'url', 'b64_json' or None"),
+    ("response_format", "data_uri", "'url', 'b64_json' or None"),
+    ("response_format", ["url"], "'url', 'b64_json' or None"),  # unhashable: no TypeError
     ("user", "\udfff", "UTF-8"),
 ]
 
@@ -80,6 +85,23 @@ def test_valid_request_keeps_defaults_and_exposes_dimensions() -> None:
     assert (request.n, request.width, request.height) == (1, 640, 480)
     assert ImageRequest(**VALID).size == "1024x1024"
     assert ImageRequest(**{**VALID, "prompt": "é" * 1000, "n": 10}).n == 10
+
+
+def test_every_field_is_checked_by_its_own_attrs_validator() -> None:
+    # One style, as Timeout and RetryPolicy: a validator per field, no post-init check.
+    assert all(field.validator is not None for field in attrs.fields(ImageRequest))
+    assert not hasattr(ImageRequest, "__attrs_post_init__")
+    request = ImageRequest(**VALID)
+    object.__setattr__(request, "n", 0)  # past the frozen class, to re-run its checks
+    with pytest.raises(InvalidRequestError, match="invalid n"):
+        attrs.validate(request)
+
+
+@pytest.mark.parametrize("response_format", ["url", "b64_json", None])
+def test_response_format_is_url_or_b64_json_or_left_out(response_format: Any) -> None:
+    assert ImageRequest(**VALID, response_format=response_format).response_format == (
+        response_format
+    )
 
 
 def test_decode_bare_base64_data_uri_and_wrapped_lines() -> None:
