@@ -31,6 +31,7 @@ MAX_IMAGES = 10
 _MAX_SIDE = 2**32 - 1
 _SIZE = re.compile(r"([1-9][0-9]{0,9})x([1-9][0-9]{0,9})", re.ASCII)
 _EMPTY: Mapping[str, Any] = {}
+_WHITESPACE = b" \t\n\r\x0b\x0c"
 
 
 _SIZE_ALLOWED = "'WIDTHxHEIGHT' with a lowercase x and two positive integers, such as '1024x1024'"
@@ -141,6 +142,26 @@ def _short_base64(value: str | None) -> str:
     return f"'{value[:24]}…' ({len(value)} chars)"
 
 
+def _data_uri_payload(uri: str) -> str:
+    """The base64 payload of a ``data:`` URI (RFC 2397) that holds an image.
+
+    The scheme, the media type and ``;base64`` are case-insensitive; a URI without a media
+    type means ``text/plain``, which is not an image either.
+    """
+    header, comma, payload = uri.partition(",")
+    # data:[<media type>][;<parameter>]*;base64,<data>: only the first and last parts matter.
+    if not comma or header.rpartition(";")[2].lower() != "base64":
+        raise ResponseValidationError(
+            f"b64_json is a data URI without base64 content: {header[:60]!r}"
+        )
+    media_type = header[5:].partition(";")[0].lower() or "text/plain"
+    if not media_type.startswith("image/"):
+        raise ResponseValidationError(
+            f"b64_json is a data URI of {media_type[:60]!r}, not of an image"
+        )
+    return payload
+
+
 @attrs.frozen(kw_only=True)
 class GeneratedImage:
     """One image of a response: a URL, base64 data, or both.
@@ -156,11 +177,11 @@ class GeneratedImage:
     extra: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
 
     def decode(self) -> bytes:
-        """The image bytes, from bare base64 or a ``data:...;base64,`` URI.
+        """The image bytes, from bare base64 or a ``data:image/...;base64,`` URI.
 
         Raises:
-            ResponseValidationError: the image has no base64 data (only a URL), or the data
-                is not valid base64.
+            ResponseValidationError: the image has no base64 data (only a URL), is a data URI
+                of something other than an image, or is not valid base64.
         """
         data = self.b64_json
         if data is None:
@@ -168,20 +189,17 @@ class GeneratedImage:
                 f"this image has no base64 data, only a URL ({self.url!r}); download it with "
                 "client.download(image), or ask for response_format='b64_json'"
             )
-        if data.startswith("data:"):
-            header, comma, payload = data.partition(",")
-            if not comma or not header.endswith(";base64"):
-                raise ResponseValidationError(
-                    f"b64_json is a data URI without base64 content: {header[:60]!r}"
-                )
-            data = payload
+        if data[:5].lower() == "data:":
+            data = _data_uri_payload(data)
         try:
             return base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
             pass
         # Some servers wrap lines or drop the padding; accept that, but nothing else.
-        cleaned = "".join(data.split())
-        cleaned += "=" * (-len(cleaned) % 4)
+        # One C-speed copy without whitespace (str.split would make a string per word of a
+        # hostile payload); a non-ASCII character becomes "?", which base64 refuses.
+        cleaned = data.encode("ascii", "replace").translate(None, _WHITESPACE)
+        cleaned += b"=" * (-len(cleaned) % 4)
         try:
             return base64.b64decode(cleaned, validate=True)
         except (binascii.Error, ValueError) as exc:

@@ -115,7 +115,46 @@ def test_decode_bare_base64_data_uri_and_wrapped_lines() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["not base64 at all!", "data:image/png,rawbytes", "data:image/png;base64", "a"]
+    "uri",
+    [
+        "DATA:image/PNG;BASE64,{}",
+        "Data:Image/Png;Base64,{}",
+        "data:image/png;charset=binary;base64,{}",
+        "data:image/webp;base64,{}",
+    ],
+)
+def test_decode_reads_a_data_uri_whatever_its_case(uri: str) -> None:
+    # RFC 2397: the scheme, the media type and ";base64" are case-insensitive.
+    png = make_png(4, 4, "case")
+    assert GeneratedImage(b64_json=uri.format(base64.b64encode(png).decode())).decode() == png
+
+
+@pytest.mark.parametrize(
+    ("uri", "media_type"),
+    [
+        ("data:text/html;base64,PGgxPg==", "'text/html'"),
+        ("DATA:Application/JSON;BASE64,e30=", "'application/json'"),
+        ("data:;base64,aGk=", "'text/plain'"),  # RFC 2397's default media type
+        ("data:imagepng;base64,aGk=", "'imagepng'"),
+    ],
+)
+def test_decode_refuses_a_data_uri_of_something_else_than_an_image(
+    uri: str, media_type: str
+) -> None:
+    with pytest.raises(ResponseValidationError, match=f"data URI of {media_type}, not of an image"):
+        GeneratedImage(b64_json=uri).decode()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not base64 at all!",
+        "data:image/png,rawbytes",
+        "data:image/png;base64",
+        "data:image/png;base64;x,aGk=",
+        "a",
+        "aGk=\u00e9",
+    ],
 )
 def test_decode_rejects_invalid_base64_clearly(bad: str) -> None:
     with pytest.raises(ResponseValidationError, match="base64"):
