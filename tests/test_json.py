@@ -12,12 +12,14 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from atoma_images import _convert
 from atoma_images._convert import (
     JSON_BACKEND,
     MAX_JSON_DEPTH,
@@ -62,17 +64,23 @@ def test_the_backend_in_use_is_orjson_exactly_when_it_is_installed() -> None:
 
 
 def test_without_orjson_the_standard_library_parses() -> None:
-    # A fresh interpreter where `import orjson` fails, as it does without the extra.
+    # A fresh interpreter where `import orjson` fails, as it does without the extra, run
+    # where it imports this copy of the package.
     script = (
         "import sys; sys.modules['orjson'] = None\n"
-        "from atoma_images._convert import JSON_BACKEND, parse_response\n"
+        "from atoma_images._convert import JSON_BACKEND, parse_response, __file__ as where\n"
         'answer = parse_response(200, {}, b\'{"created": 1, "data": [{"url": "u"}]}\')\n'
-        "print(JSON_BACKEND, answer.images[0].url)\n"
+        "print(JSON_BACKEND, answer.images[0].url, where)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-c", script],
+        cwd=Path(_convert.__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
-    assert result.stdout.split() == ["json", "u"]
+    assert result.stdout.split() == ["json", "u", _convert.__file__]
 
 
 # name: (body, what json.loads(body) gives, or what load_json gives instead)
