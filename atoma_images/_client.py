@@ -25,7 +25,7 @@ from ._download import download_url, fetch_once
 from ._errors import InvalidRequestError
 from ._files import write_images
 from ._hooks import CallInfo, Hooks
-from ._models import DEFAULT_MODEL, GeneratedImage, ImageRequest, ImagesResponse
+from ._models import DEFAULT_MODEL, GeneratedImage, ImageRequest, ImagesResponse, ResponseFormat
 from ._retry import RetryPolicy, check_policy
 from ._session import SessionHolder
 from ._settings import (
@@ -154,7 +154,7 @@ class AsyncImagesClient:
         n: int = 1,
         size: str = "1024x1024",
         quality: str | None = None,
-        response_format: str | None = None,
+        response_format: ResponseFormat | None = None,
         style: str | None = None,
         user: str | None = None,
         timeout: Timeout | float | None = None,

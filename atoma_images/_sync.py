@@ -24,7 +24,7 @@ from ._batch import Prompt, SyncBatch
 from ._client import DEFAULT_MAX_DOWNLOAD_BYTES, DEFAULT_MAX_RESPONSE_BYTES, AsyncImagesClient
 from ._errors import InvalidRequestError
 from ._hooks import Hooks
-from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse
+from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse, ResponseFormat
 from ._portal import LoopThread
 from ._retry import RetryPolicy
 from ._timeout import Timeout
@@ -116,7 +116,7 @@ class ImagesClient:
         n: int = 1,
         size: str = "1024x1024",
         quality: str | None = None,
-        response_format: str | None = None,
+        response_format: ResponseFormat | None = None,
         style: str | None = None,
         user: str | None = None,
         timeout: Timeout | float | None = None,

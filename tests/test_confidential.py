@@ -362,6 +362,40 @@ async def test_an_undecodable_sealed_answer_is_an_integrity_error(
             await client.generate("a red fox", size="32x32", confidential=True)
 
 
+DEEP = b"[" * 60_000 + b"]" * 60_000
+MANY = b"[" + b"[]," * 100_000 + b"[]]"
+
+
+@needs_cryptography
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"public_key": ' + DEEP + b"}", "deeper than|depth limit"),
+        (b'{"node_small_id": ' + MANY + b"}", "more than the 65536"),
+        (b"\xef\xbb\xbf{}", "not JSON"),
+    ],
+)
+def test_a_hostile_lock_or_sealed_answer_is_a_validation_error(body: bytes, words: str) -> None:
+    from atoma_images._confidential import SealedRequest, parse_lock
+
+    with pytest.raises(ResponseValidationError, match=words):
+        parse_lock(200, {}, body, None)
+    with pytest.raises(ResponseValidationError, match=words):
+        SealedRequest(body=b"", key=b"k" * 32).open(200, {}, body, None)
+
+
+@needs_cryptography
+def test_a_hostile_answer_inside_a_well_sealed_one_is_a_validation_error() -> None:
+    from atoma_images._confidential import SealedRequest, b64encode_text, encrypt
+
+    key, nonce = b"k" * 32, b"n" * 12
+    for plaintext, words in ((DEEP, "deeper than|depth limit"), (MANY, "more than the 65536")):
+        answer = {"ciphertext": b64encode_text(encrypt(key, nonce, plaintext))}
+        body = json.dumps({**answer, "nonce": b64encode_text(nonce)}).encode()
+        with pytest.raises(ResponseValidationError, match=words):
+            SealedRequest(body=b"", key=key).open(200, {}, body, None)
+
+
 async def test_confidential_must_be_a_bool(
     client: AsyncImagesClient, node: FakeAtomaServer
 ) -> None:

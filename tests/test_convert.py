@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import html
 import json
+import re
 import time
 from email.utils import formatdate
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from atoma_images import (
@@ -13,7 +17,6 @@ from atoma_images import (
     BadGatewayError,
     BadRequestError,
     ImageRequest,
-    ImagesResponse,
     InsufficientBalanceError,
     InternalServerError,
     LockedError,
@@ -63,6 +66,21 @@ def test_request_body_always_has_n_and_size_and_never_null() -> None:
     }
 
 
+def test_request_body_is_the_converters_dict_as_compact_json() -> None:
+    request = ImageRequest(model="m", prompt='a "fox"', n=2, size="8x8", user="u")
+    assert encode_request(request) == (
+        b'{"model":"m","prompt":"a \\"fox\\"","n":2,"size":"8x8","user":"u"}'
+    )
+    assert json.loads(encode_request(request)) == converter().unstructure(request)
+    # The defaults the proxy requires are sent even when left as they are.
+    assert converter().unstructure(ImageRequest(model="m", prompt="p")) == {
+        "model": "m",
+        "prompt": "p",
+        "n": 1,
+        "size": "1024x1024",
+    }
+
+
 def test_request_body_keeps_unicode_as_utf8() -> None:
     body = encode_request(ImageRequest(model="m", prompt="ein Fuchs 🦊 im Schnee"))
     assert "🦊".encode() in body
@@ -99,25 +117,12 @@ def test_parse_accepts_every_image_form_and_keeps_unknown_keys() -> None:
     assert response.headers["x-request-id"] == "req-1"
 
 
-@pytest.mark.parametrize(
-    "data",
-    [
-        [],
-        [{"url": "https://x/1.png"}],
-        [{"b64_json": "aGk=", "revised_prompt": None, "seed": 1}, {"url": "u", "b64_json": None}],
-    ],
-)
-def test_the_direct_path_builds_what_the_converter_builds(data: list[object]) -> None:
-    # parse_response builds a well-formed answer itself; the converter is the reference.
-    body = {"created": 5, "data": data, "signature": "s"}
-    headers = CIMultiDict({"X-Request-Id": "r"})
-    direct = parse_response(200, headers, json.dumps(body).encode())
-    fields = {"created": 5, "data": data, "extra": {"signature": "s"}, "request_id": "r"}
-    assert direct == converter().structure({**fields, "headers": headers}, ImagesResponse)
-    assert [image.extra for image in direct.images] == [
-        {k: v for k, v in item.items() if k not in ("url", "b64_json", "revised_prompt")}
-        for item in data  # type: ignore[attr-defined]
-    ]
+def test_an_answer_with_more_images_than_a_request_can_ask_for_is_refused() -> None:
+    ten = {"created": 1, "data": [{"url": f"u{i}"} for i in range(10)]}
+    assert len(parse_response(200, NO_HEADERS, json.dumps(ten).encode()).images) == 10
+    eleven = {"created": 1, "data": [{"url": f"u{i}"} for i in range(11)]}
+    with pytest.raises(ResponseValidationError, match=r"data: expected at most 10 images, got 11"):
+        parse_response(200, NO_HEADERS, json.dumps(eleven).encode())
 
 
 def test_large_base64_is_kept_as_the_same_string_the_parser_made() -> None:
@@ -134,6 +139,12 @@ def test_large_base64_is_kept_as_the_same_string_the_parser_made() -> None:
         (b"not json", ["not JSON"]),
         (b"<html><body>Oops</body></html>", ["not JSON", "<html>"]),
         (b"\xff\xfe\x00", ["not JSON"]),
+        (b'\xef\xbb\xbf{"created": 1, "data": []}', ["not JSON", "BOM"]),
+        (b'{"created": 1, "data": [], "x": NaN}', ["not JSON", "NaN"]),
+        (b'{"created": 1e400, "data": []}', ["not JSON"]),
+        (b'{"created": 1, "data": [{"url": "\\ud800"}]}', ["not JSON"]),
+        (b'{"created": 1, "data": [' + b"[" * 500 + b"]" * 500 + b"]}", ["deeper than 32"]),
+        (b'{"created": 1, "data": [' + b"[]," * 70_000 + b"[]]}", ["more than the 65536"]),
         (b"[]", ["JSON object"]),
         (b'"text"', ["JSON object"]),
         (b"{}", ["created: required field missing", "data: required field missing"]),
@@ -173,6 +184,32 @@ def test_malformed_success_bodies_name_the_path(body: bytes, phrases: list[str])
     assert error.request_id == "r9"
     assert error.body_excerpt == body[:200].decode("utf-8", "replace")
     assert error.may_have_been_billed
+
+
+# Deeper than json's recursion limit and orjson's depth limit, under the structure bound.
+DEEP = [
+    b"[" * 60_000 + b"]" * 60_000,
+    b'{"a":' * 30_000 + b"1" + b"}" * 30_000,
+    b'{"error": {"message": ' + b"[" * 60_000 + b"]" * 60_000 + b"}}",
+]
+
+
+@pytest.mark.parametrize("body", DEEP)
+def test_deep_nesting_is_a_validation_error_for_a_success(body: bytes) -> None:
+    with pytest.raises(ResponseValidationError, match=r"deeper than|depth limit") as info:
+        parse_response(200, CIMultiDict({"x-request-id": "r"}), body)
+    assert info.value.request_id == "r"
+
+
+@pytest.mark.parametrize("status", [400, 429, 500, 502])
+@pytest.mark.parametrize("body", DEEP)
+def test_deep_nesting_is_the_status_error_for_an_error_status(status: int, body: bytes) -> None:
+    with pytest.raises(APIStatusError) as info:
+        parse_response(status, NO_HEADERS, body)
+    error = info.value
+    assert error.status == status
+    assert error.message == " ".join(body.decode().split())[:200]  # shown as the text it is
+    assert len(str(error)) < 400
 
 
 STATUS_CASES = [
@@ -258,6 +295,61 @@ def test_non_json_error_bodies_give_the_same_classes_readably(
     assert len(str(error)) < 400
 
 
+@pytest.mark.parametrize(
+    ("page", "message"),
+    [
+        ("<html><TITLE lang=en>Bad &amp; gone</Title><p>body</p>", "Bad & gone"),
+        ("<title>never closed<p>some text</p>", "never closed some text"),
+        ("<title <p>text", "text"),
+        ("<p>a</p><SCRIPT type=x>hidden()</script ><p>b</p>", "a b"),
+        ("<style>p {}</style\n>x<style>q</STYLE>y", "x y"),
+        ("<scripts>seen</scripts>", "seen"),
+        ("<p>a<script>never closed</p>", "a never closed"),
+        ("<p>x</p><script>", "x"),
+        ("<b>a < b</b> and c > d", "a and c > d"),
+        ("<p>\n\t spread   out \r\n</p>", "spread out"),
+        ("<html><body></body></html>", "(HTML page)"),
+        ("<p>&#" + "1" * 5000 + ";</p>", "&#" + "1" * 198),  # int() refuses: shown as is
+        ("<p>" + " " * 70_000 + "too far</p>", "(HTML page)"),  # only the first 64 KiB
+    ],
+)
+def test_html_error_pages_give_their_title_or_their_text(page: str, message: str) -> None:
+    error = error_from_response(502, NO_HEADERS, page.encode())
+    assert isinstance(error, BadGatewayError)
+    assert error.message == message
+
+
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
+_SCRIPT = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+
+
+def regex_summary(page: str) -> str:
+    """What the error message was when regexes read the page (quadratic: small pages only)."""
+    title = _TITLE.search(page)
+    shown = title.group(1) if title else _TAG.sub(" ", _SCRIPT.sub(" ", page))
+    return " ".join(html.unescape(shown).split())[:200] or "(HTML page)"
+
+
+HTML_PIECES = st.sampled_from([
+    "<", ">", "/", " ", "\n", "\t", "x", "-", "_", "1", "&amp;", "&", "<p>", "</p>",
+    "script", "SCRIPT", "style", "Style", "title", "TITLE", "<scripts>", "</ScRiPt\n>",
+    "<script>", "</script>", "</script >", "<style>", "</style>", "<title>", "</title>",
+])  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(HTML_PIECES, max_size=30).map("".join))
+def test_html_pages_are_summed_up_as_the_regexes_did(page: str) -> None:
+    # The linear scans find what the regexes found, on ASCII pages. (On others they may
+    # differ where the regexes used Unicode rules: \b after <scripté, \s for U+001C.)
+    stripped = page.strip()
+    if not stripped.startswith("<"):
+        return
+    error = error_from_response(502, NO_HEADERS, stripped.encode())
+    assert error.message == regex_summary(stripped)
+
+
 def test_huge_error_message_is_shortened_in_str_but_kept_in_body() -> None:
     text = "x" * 10_000
     error = error_from_response(500, NO_HEADERS, json.dumps({"error": {"message": text}}).encode())
@@ -273,22 +365,49 @@ def test_redirect_is_reported_with_its_location() -> None:
     assert "base_url" in str(error)
 
 
-def test_retry_after_in_all_its_forms() -> None:
-    def seconds(**headers: str) -> float | None:
-        return parse_retry_after(CIMultiDict({k.replace("_", "-"): v for k, v in headers.items()}))
+def seconds(**headers: str) -> float | None:
+    return parse_retry_after(CIMultiDict({k.replace("_", "-"): v for k, v in headers.items()}))
 
+
+def test_retry_after_in_all_its_forms() -> None:
     assert seconds(retry_after="2") == 2.0
-    assert seconds(retry_after="1.5") == 1.5
+    assert seconds(retry_after="0") == 0.0
+    assert seconds(retry_after="0120") == 120.0
     assert seconds(retry_after_ms="250") == 0.25
+    assert seconds(retry_after_ms="1500.5") == 1.5005
     assert seconds(retry_after_ms="250", retry_after="9") == 0.25
     assert seconds(retry_after_ms="nonsense", retry_after="9") == 9.0
-    assert seconds(retry_after="-1") is None
-    assert seconds(retry_after="inf") is None
-    assert seconds(retry_after="soon") is None
     assert seconds() is None
     in_a_minute = formatdate(time.time() + 60, usegmt=True)
     assert 55 < (seconds(retry_after=in_a_minute) or 0) <= 60
     assert seconds(retry_after=formatdate(time.time() - 60, usegmt=True)) == 0.0
+    # The two obsolete forms an HTTP-date may take (RFC 9110, section 5.6.7), both past.
+    assert seconds(retry_after="Sunday, 06-Nov-94 08:49:37 GMT") == 0.0
+    assert seconds(retry_after="Sun Nov  6 08:49:37 1994") == 0.0
     error = error_from_response(429, CIMultiDict({"Retry-After": "7"}), b"")
     assert isinstance(error, RateLimitError)
     assert error.retry_after == 7.0
+
+
+# What float() reads and RFC 9110 does not: delta-seconds is 1*DIGIT, nothing else.
+NOT_DELTA_SECONDS = [
+    "1.5", "-1", "+5", " 5 ", "5 ", "1_000", "1e3", "1E3", "inf", "Infinity", "nan", "0x10",
+    "\u0663", "\u00b2", "\uff15", "5s", "", "soon",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", NOT_DELTA_SECONDS)
+def test_retry_after_is_digits_or_a_date_and_nothing_else(value: str) -> None:
+    assert seconds(retry_after=value) is None
+    # retry-after-ms allows a fraction, and nothing else either.
+    if value != "1.5":
+        assert seconds(retry_after_ms=value, retry_after="3") == 3.0
+    for almost in ("5.", ".5", "1.2.3", "1,5", "1.5e3"):
+        assert seconds(retry_after_ms=almost, retry_after="3") == 3.0
+
+
+def test_a_delay_too_long_to_count_is_the_longest_delay() -> None:
+    # As RFC 9111 (section 1.2.2) has caches treat a delta-seconds that overflows.
+    assert seconds(retry_after="9" * 400) == 2**31
+    assert seconds(retry_after_ms="9" * 400) == 2**31
+    assert seconds(retry_after="4294967296") == 2**31

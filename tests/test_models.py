@@ -4,6 +4,7 @@ import base64
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from atoma_images import (
@@ -55,7 +56,11 @@ INVALID = [
     ("quality", 1, "string or None"),
     ("style", ["vivid"], "string or None"),
     ("user", b"u", "string or None"),
-    ("response_format", 0, "string or None"),
+    ("response_format", 0, "'url', 'b64_json' or None"),
+    ("response_format", "png", "'url', 'b64_json' or None"),
+    ("response_format", "URL", "'url', 'b64_json' or None"),
+    ("response_format", "data_uri", "'url', 'b64_json' or None"),
+    ("response_format", ["url"], "'url', 'b64_json' or None"),  # unhashable: no TypeError
     ("user", "\udfff", "UTF-8"),
 ]
 
@@ -82,6 +87,23 @@ def test_valid_request_keeps_defaults_and_exposes_dimensions() -> None:
     assert ImageRequest(**{**VALID, "prompt": "é" * 1000, "n": 10}).n == 10
 
 
+def test_every_field_is_checked_by_its_own_attrs_validator() -> None:
+    # One style, as Timeout and RetryPolicy: a validator per field, no post-init check.
+    assert all(field.validator is not None for field in attrs.fields(ImageRequest))
+    assert not hasattr(ImageRequest, "__attrs_post_init__")
+    request = ImageRequest(**VALID)
+    object.__setattr__(request, "n", 0)  # past the frozen class, to re-run its checks
+    with pytest.raises(InvalidRequestError, match="invalid n"):
+        attrs.validate(request)
+
+
+@pytest.mark.parametrize("response_format", ["url", "b64_json", None])
+def test_response_format_is_url_or_b64_json_or_left_out(response_format: Any) -> None:
+    assert ImageRequest(**VALID, response_format=response_format).response_format == (
+        response_format
+    )
+
+
 def test_decode_bare_base64_data_uri_and_wrapped_lines() -> None:
     png = make_png(5, 3, "x")
     bare = base64.b64encode(png).decode()
@@ -93,7 +115,46 @@ def test_decode_bare_base64_data_uri_and_wrapped_lines() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["not base64 at all!", "data:image/png,rawbytes", "data:image/png;base64", "a"]
+    "uri",
+    [
+        "DATA:image/PNG;BASE64,{}",
+        "Data:Image/Png;Base64,{}",
+        "data:image/png;charset=binary;base64,{}",
+        "data:image/webp;base64,{}",
+    ],
+)
+def test_decode_reads_a_data_uri_whatever_its_case(uri: str) -> None:
+    # RFC 2397: the scheme, the media type and ";base64" are case-insensitive.
+    png = make_png(4, 4, "case")
+    assert GeneratedImage(b64_json=uri.format(base64.b64encode(png).decode())).decode() == png
+
+
+@pytest.mark.parametrize(
+    ("uri", "media_type"),
+    [
+        ("data:text/html;base64,PGgxPg==", "'text/html'"),
+        ("DATA:Application/JSON;BASE64,e30=", "'application/json'"),
+        ("data:;base64,aGk=", "'text/plain'"),  # RFC 2397's default media type
+        ("data:imagepng;base64,aGk=", "'imagepng'"),
+    ],
+)
+def test_decode_refuses_a_data_uri_of_something_else_than_an_image(
+    uri: str, media_type: str
+) -> None:
+    with pytest.raises(ResponseValidationError, match=f"data URI of {media_type}, not of an image"):
+        GeneratedImage(b64_json=uri).decode()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not base64 at all!",
+        "data:image/png,rawbytes",
+        "data:image/png;base64",
+        "data:image/png;base64;x,aGk=",
+        "a",
+        "aGk=\u00e9",
+    ],
 )
 def test_decode_rejects_invalid_base64_clearly(bad: str) -> None:
     with pytest.raises(ResponseValidationError, match="base64"):
