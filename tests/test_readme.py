@@ -39,8 +39,9 @@ def test_ci_also_runs_the_slow_tests_the_default_run_leaves_out(
     assert ["-m", "not slow"] in [addopts[i : i + 2] for i in range(len(addopts))]
     assert ".venv/bin/python -m pytest -m slow" in CI.splitlines()
     collect_slow = ["--collect-only", "-q", "-p", "no:cacheprovider", "-m", "slow"]
+    files = ["tests/test_benchmark.py", "tests/test_reliability.py"]
     listed = subprocess.run(
-        [sys.executable, "-m", "pytest", *collect_slow],
+        [sys.executable, "-m", "pytest", *collect_slow, *files],
         cwd=ROOT,
         capture_output=True,
         text=True,
