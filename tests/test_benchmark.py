@@ -1,4 +1,7 @@
-"""The benchmark script runs (tiny counts); its numbers are never asserted here."""
+"""The benchmark script runs (tiny counts); its numbers are never asserted here.
+
+It starts several fresh interpreters, so it is `slow`: deselected by default, run by CI.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_run_prints_its_table() -> None:
     done = subprocess.run(
         [sys.executable, str(BENCH), "--quick"],

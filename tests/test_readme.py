@@ -32,6 +32,31 @@ def test_ci_runs_the_readme_commands_verbatim(command: str) -> None:
     assert command in CI.splitlines()
 
 
+def test_ci_also_runs_the_slow_tests_the_default_run_leaves_out(
+    pytestconfig: pytest.Config,
+) -> None:
+    addopts = pytestconfig.getini("addopts")
+    assert ["-m", "not slow"] in [addopts[i : i + 2] for i in range(len(addopts))]
+    assert ".venv/bin/python -m pytest -m slow" in CI.splitlines()
+    collect_slow = ["--collect-only", "-q", "-p", "no:cacheprovider", "-m", "slow"]
+    files = ["tests/test_benchmark.py", "tests/test_reliability.py"]
+    listed = subprocess.run(
+        [sys.executable, "-m", "pytest", *collect_slow, *files],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    slow = {line for line in listed.stdout.splitlines() if "::" in line}
+    assert slow >= {
+        "tests/test_benchmark.py::test_benchmark_smoke_run_prints_its_table",
+        "tests/test_reliability.py::test_a_thousand_calls_cancelled_at_random_moments",
+        "tests/test_reliability.py::test_sustained_load_without_errors_or_leaks",
+    }
+
+
 @pytest.mark.parametrize(
     "code", PYTHON_BLOCKS, ids=[f"block{i}" for i in range(len(PYTHON_BLOCKS))]
 )

@@ -1,8 +1,9 @@
 """Cancellation at any moment and sustained load leave nothing behind.
 
-    ATOMA_IMAGES_LOAD_CALLS=20000 pytest tests/test_reliability.py    # the full load count
+    ATOMA_IMAGES_LOAD_CALLS=20000 pytest -m slow tests/test_reliability.py    # the full load count
 
-The load test runs 20,000 calls unless ATOMA_IMAGES_LOAD_CALLS says otherwise.
+The load test runs 20,000 calls unless ATOMA_IMAGES_LOAD_CALLS says otherwise. Both tests are
+`slow`: deselected by default, run by CI.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+
+import pytest
 
 from atoma_images import (
     AsyncImagesClient,
@@ -20,6 +23,8 @@ from atoma_images import (
 from atoma_images.testing import FakeAtomaServer, Reply
 
 from conftest import API_KEY
+
+pytestmark = pytest.mark.slow
 
 POOL = 8
 
