@@ -393,6 +393,10 @@ def error_from_response(
             f"the server redirected to {headers.get('location')!r}; atoma-images does not "
             "follow redirects for generation requests, so set base_url to the final address"
         )
+    elif status == 404 and code is None and url is not None:
+        # Not Atoma's own 404 (that one has a code): the path is wrong, most often a base_url
+        # without its /v1.
+        message += f" ({url} answered 404; base_url must be the API root, ending in /v1)"
     cls = status_error_class(status, code)
     return cls(
         status=status,

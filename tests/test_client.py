@@ -470,3 +470,22 @@ async def test_proxy_credentials_from_the_environment_reach_the_proxy(
     await proxy.wait_closed()
     assert seen[0].startswith(b"POST http://images.invalid/v1/images/generations ")
     assert b"Proxy-Authorization: Basic c29tZW9uZTpwYTU1" in seen[0]  # someone:pa55
+
+
+async def test_a_base_url_without_v1_gets_a_404_that_names_the_url_and_the_fix() -> None:
+    async with FakeAtomaServer() as server:
+        root = server.base_url.removesuffix("/v1")
+        async with AsyncImagesClient(API_KEY, base_url=root, retries=NO_RETRIES) as images:
+            with pytest.raises(NotFoundError) as info:
+                await images.generate("fox", size="8x8")
+    assert f"{root}/images/generations answered 404" in str(info.value)
+    assert "ending in /v1" in str(info.value)
+
+
+async def test_atomas_own_404_keeps_its_message(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    server.enqueue(Reply(status=404))  # the envelope with code NOT_FOUND: a node, not a path
+    with pytest.raises(NotFoundError) as info:
+        await client.generate("fox", size="8x8")
+    assert "/v1" not in info.value.message
