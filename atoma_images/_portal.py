@@ -2,127 +2,150 @@
 
 An aiohttp session belongs to one loop, so synchronous callers cannot use ``asyncio.run()``
 per call (a new loop each time) nor run a loop of their own where one is already running
-(Jupyter). They hand each coroutine to this one long-lived loop instead.
+(Jupyter). They hand each coroutine to this one long-lived loop instead, with
+`asyncio.run_coroutine_threadsafe`.
+
+The portal's life is explicit, as httpx keeps its client's: NOT_STARTED until the first call
+starts the thread, RUNNING, then CLOSED, which is final: nothing restarts a thread after
+`LoopThread.stop`. The state changes, and every call is scheduled, under one lock, so a call
+racing `stop` either was scheduled before the loop stopped (and is cancelled and unwound with
+it) or sees CLOSED.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import enum
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["LoopThread"]
+__all__ = ["CLOSED_MESSAGE", "LoopThread", "PortalState"]
 
 T = TypeVar("T")
 
-# How long a cancelled call may take to unwind (release its connection) before we give up
+CLOSED_MESSAGE = "the client is closed; create a new one"
+_CANCELLED_MESSAGE = "the call was cancelled: the client was closed while it ran"
+# How long a cancelled call may take to unwind (release its connection) before we stop
 # waiting for it; unwinding is local work, so this is never reached in practice.
 _UNWIND_SECONDS = 10.0
 
 
+class PortalState(enum.Enum):
+    NOT_STARTED = 1
+    RUNNING = 2
+    CLOSED = 3
+
+
 class LoopThread:
-    """Starts its loop on first use; `stop` ends it. Safe to use from many threads at once."""
+    """Starts its loop on first use; `stop` ends it for good. Safe from many threads at once."""
 
     def __init__(self, name: str) -> None:
         self._name = name
         self._lock = threading.Lock()
+        self._state = PortalState.NOT_STARTED
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
     @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _start(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                started = threading.Event()
-                thread = threading.Thread(
-                    target=self._serve, args=(loop, started), name=self._name, daemon=True
-                )
-                thread.start()
-                started.wait()
-                self._loop, self._thread = loop, thread
-            return self._loop
-
-    @staticmethod
-    def _serve(loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
-        asyncio.set_event_loop(loop)
-        loop.call_soon(started.set)
-        try:
-            loop.run_forever()
-            # Whatever is still running is cancelled and allowed to unwind.
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        finally:
-            loop.close()
+    def state(self) -> PortalState:
+        return self._state
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the loop thread and wait for its result.
 
-        If the waiting thread is interrupted (Ctrl-C), the coroutine is cancelled and this
-        waits until it has unwound, so no request is left running, then re-raises.
+        If the waiting thread is interrupted (Ctrl-C), the call is cancelled: one the loop had
+        not started yet never starts (so a request not yet sent is never sent), one under way
+        is cancelled and waited for until it has unwound (its connection released). Then the
+        interruption is raised again.
         """
-        loop = self._start()
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError(
-                "a synchronous call was made from the client's own event loop; await the "
-                "async client there instead"
-            )
-        done = threading.Event()
-        tasks: list[asyncio.Task[T]] = []
+        abandoned = threading.Event()  # set by the caller: the call must not start
+        unwound = threading.Event()  # set on the loop: the call has ended, however
 
-        def launch() -> None:
-            task = loop.create_task(coro)
-            task.add_done_callback(lambda _: done.set())
-            tasks.append(task)
-
-        loop.call_soon_threadsafe(launch)
-        try:
-            done.wait()  # interruptible: Ctrl-C lands here
-        except BaseException:
-            # Callbacks run in order, so launch() has run by the time this one does.
-            loop.call_soon_threadsafe(tasks[0].cancel)
-            done.wait(_UNWIND_SECONDS)
-            raise
-        if tasks[0].cancelled():  # the loop was stopped (the client closed) mid-call
-            raise RuntimeError("the call was cancelled: the client was closed while it ran")
-        return tasks[0].result()
-
-    def stop(self) -> None:
-        """Stop the loop (cancelling what still runs) and join its thread. Safe to repeat."""
-        with self._lock:
-            loop, thread = self._loop, self._thread
-            self._loop = self._thread = None
-        if loop is None or thread is None:
-            return
-        if thread is threading.current_thread():
-            loop.stop()
-            return
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-
-    def stop_after(self, coro: Coroutine[Any, Any, object]) -> None:
-        """Run ``coro`` on the loop, then stop it, without waiting (for finalisers)."""
-        with self._lock:
-            loop = self._loop
-            self._loop = self._thread = None
-        if loop is None:
-            coro.close()
-            return
-
-        async def last() -> None:
+        async def unless_abandoned() -> T:
             try:
-                await coro
+                if abandoned.is_set():
+                    raise asyncio.CancelledError
+                return await coro
             finally:
-                loop.stop()
+                coro.close()  # a no-op once it ran; never "was never awaited"
+                unwound.set()
 
-        with contextlib.suppress(RuntimeError):  # the loop is already closed
-            loop.call_soon_threadsafe(loop.create_task, last())
+        with self._lock:
+            if threading.current_thread() is self._thread:
+                coro.close()
+                raise RuntimeError(
+                    "a synchronous call was made from the client's own event loop; await the "
+                    "async client there instead"
+                )
+            loop = self._running_loop(coro)
+            future = asyncio.run_coroutine_threadsafe(unless_abandoned(), loop)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:  # stop() cancelled it
+            raise RuntimeError(_CANCELLED_MESSAGE) from None
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C): cancel the call, and wait until it is over.
+            abandoned.set()
+            future.cancel()
+            unwound.wait(_UNWIND_SECONDS)
+            raise
+
+    def _running_loop(self, coro: Coroutine[Any, Any, Any]) -> asyncio.AbstractEventLoop:
+        """The loop, started on the first call; called with the lock held."""
+        if self._state is PortalState.CLOSED:
+            coro.close()
+            raise RuntimeError(CLOSED_MESSAGE)
+        if self._state is PortalState.NOT_STARTED:
+            loop = asyncio.new_event_loop()
+            started = threading.Event()
+            thread = threading.Thread(
+                target=_serve, args=(loop, started), name=self._name, daemon=True
+            )
+            thread.start()
+            started.wait()
+            self._loop, self._thread, self._state = loop, thread, PortalState.RUNNING
+        assert self._loop is not None
+        return self._loop
+
+    def stop(self, last: Coroutine[Any, Any, object] | None = None, *, wait: bool = True) -> None:
+        """Close the portal for good: cancel what still runs, run ``last``, end the thread.
+
+        ``last`` (closing the client's session, say) runs after every running call has been
+        cancelled and has unwound. With ``wait=False`` (for a finaliser, which must not block)
+        this returns at once and the thread ends by itself. Safe to repeat.
+        """
+        with self._lock:
+            state, self._state = self._state, PortalState.CLOSED
+            loop, thread = self._loop, self._thread
+        if state is not PortalState.RUNNING or loop is None or thread is None:
+            if last is not None:
+                last.close()
+            return
+        stopped = asyncio.run_coroutine_threadsafe(_cancel_all_then(last), loop)
+        stopped.add_done_callback(lambda _: loop.call_soon_threadsafe(loop.stop))
+        if wait and thread is not threading.current_thread():
+            thread.join()
+
+
+async def _cancel_all_then(last: Coroutine[Any, Any, object] | None) -> None:
+    this = asyncio.current_task()
+    running = [task for task in asyncio.all_tasks() if task is not this]
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+    if last is not None:
+        with contextlib.suppress(Exception):  # closing is best effort; the loop ends anyway
+            await last
+
+
+def _serve(loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
+    asyncio.set_event_loop(loop)
+    loop.call_soon(started.set)
+    try:
+        loop.run_forever()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import os
 import ssl as ssl_module
-import threading
 import warnings
 import weakref
 from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Mapping
@@ -25,7 +24,7 @@ from ._client import DEFAULT_MAX_DOWNLOAD_BYTES, DEFAULT_MAX_RESPONSE_BYTES, Asy
 from ._errors import InvalidRequestError
 from ._hooks import Hooks
 from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse, ResponseFormat
-from ._portal import LoopThread
+from ._portal import LoopThread, PortalState
 from ._retry import RetryPolicy
 from ._timeout import Timeout
 from ._usage import Budget, Usage
@@ -43,6 +42,31 @@ _open_clients: weakref.WeakSet[ImagesClient] = weakref.WeakSet()
 def _close_open_clients() -> None:
     for client in list(_open_clients):
         client.close()
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_CTRL_C = """\
+Blocks until the call is over. Ctrl-C while it waits cancels the call and raises
+KeyboardInterrupt: a request the client's loop had not started is never sent, one under way
+is cancelled and its connection released. The client stays usable."""
+
+
+def _blocking_twin_of(async_method: Callable[..., Any]) -> Callable[[F], F]:
+    """Give a blocking method its async twin's docstring, from that one source.
+
+    The twin's summary comes first, then what Ctrl-C does, then the twin's arguments, return
+    value and errors (help(), IPython's ``?`` and Jupyter show them all).
+    """
+
+    def attach(method: F) -> F:
+        summary, _, rest = (async_method.__doc__ or "").partition("\n\n")
+        indent = rest[: len(rest) - len(rest.lstrip(" "))]
+        ctrl_c = "\n".join(indent + line for line in _CTRL_C.splitlines())
+        method.__doc__ = "\n\n".join(part for part in (summary, ctrl_c, rest) if part)
+        return method
+
+    return attach
 
 
 class ImagesClient:
@@ -93,8 +117,6 @@ class ImagesClient:
             hooks=hooks,
         )
         self._portal = LoopThread("atoma-images")
-        self._lock = threading.Lock()
-        self._closed = False
         _open_clients.add(self)
 
     def __repr__(self) -> str:
@@ -108,6 +130,19 @@ class ImagesClient:
     def model(self) -> str:
         return self._client.model
 
+    @property
+    def timeout(self) -> Timeout:
+        return self._client.timeout
+
+    @property
+    def retries(self) -> RetryPolicy:
+        return self._client.retries
+
+    @property
+    def budget(self) -> Budget | None:
+        return self._client.budget
+
+    @_blocking_twin_of(AsyncImagesClient.generate)
     def generate(
         self,
         prompt: str,
@@ -124,11 +159,8 @@ class ImagesClient:
         confidential: bool = False,
         budget: Budget | None = None,
     ) -> ImagesResponse:
-        """Generate ``n`` images for ``prompt``; see `AsyncImagesClient.generate`.
-
-        Ctrl-C during the call cancels the request (its connection is released) and
-        re-raises KeyboardInterrupt; the client stays usable.
-        """
+        # The docstring is AsyncImagesClient.generate's (_blocking_twin_of), for help() too.
+        """Generate ``n`` images for ``prompt``; see `AsyncImagesClient.generate`."""
         return self._run(
             self._client.generate(
                 prompt,
@@ -146,6 +178,7 @@ class ImagesClient:
             )
         )
 
+    @_blocking_twin_of(AsyncImagesClient.download)
     def download(
         self,
         image: GeneratedImage | str,
@@ -156,6 +189,7 @@ class ImagesClient:
         """The bytes of an image; see `AsyncImagesClient.download`."""
         return self._run(self._client.download(image, max_bytes=max_bytes, timeout=timeout))
 
+    @_blocking_twin_of(AsyncImagesClient.save_all)
     def save_all(
         self,
         response: ImagesResponse,
@@ -166,21 +200,13 @@ class ImagesClient:
         return self._run(self._client.save_all(response, directory, stem))
 
     def _run(self, call: Coroutine[Any, Any, T]) -> T:
-        if self._closed:
-            call.close()
-            raise RuntimeError(f"{self!r} is closed; create a new client")
-        return self._portal.run(call)
+        return self._portal.run(call)  # a RuntimeError once the client is closed
 
     def close(self) -> None:
-        """Close the session, stop the loop and join its thread. Safe to repeat."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        """Close the client for good: cancel calls still running, close the session, stop
+        the loop and join its thread. Safe to repeat."""
         _open_clients.discard(self)
-        if self._portal.running:
-            self._portal.run(self._client.aclose())
-        self._portal.stop()
+        self._portal.stop(self._client.aclose())
 
     def __enter__(self) -> ImagesClient:
         return self
@@ -194,9 +220,9 @@ class ImagesClient:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_closed", True):
+        portal = getattr(self, "_portal", None)  # absent if __init__ raised
+        if portal is None or portal.state is PortalState.CLOSED:
             return
-        self._closed = True
         warnings.warn(
             f"unclosed {self!r}: use 'with ImagesClient(...)' or client.close()",
             ResourceWarning,
@@ -204,8 +230,8 @@ class ImagesClient:
             source=self,
         )
         # Never wait here (a finaliser that joins a thread can hang): the loop closes the
-        # session and stops on its own.
-        self._portal.stop_after(self._client.aclose())
+        # session and ends by itself.
+        portal.stop(self._client.aclose(), wait=False)
 
     @property
     def usage(self) -> Usage:

@@ -2,15 +2,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
+import pydoc
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import CodeType, FrameType
+from typing import TypeVar
 
 import pytest
 
@@ -28,6 +30,17 @@ from atoma_images.testing import FakeAtomaServer, Reply
 from conftest import API_KEY
 from pngcheck import png_size
 
+T = TypeVar("T")
+
+
+PORTAL_THREAD = "atoma-images"
+CLOSED = "is closed; create a new"
+CLOSED_WHILE_RUNNING = "the call was cancelled: the client was closed while it ran"
+
+
+def portal_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == PORTAL_THREAD]
+
 
 @pytest.fixture
 def sync_client(threaded_server: FakeAtomaServer) -> Iterator[ImagesClient]:
@@ -35,9 +48,52 @@ def sync_client(threaded_server: FakeAtomaServer) -> Iterator[ImagesClient]:
         yield images
 
 
+def async_methods() -> list[str]:
+    """The public coroutine methods of AsyncImagesClient; each has a blocking twin."""
+    return [
+        name
+        for name, _ in inspect.getmembers(AsyncImagesClient, inspect.iscoroutinefunction)
+        if not name.startswith("_")
+    ]
+
+
+def paragraphs(doc: str | None) -> list[str]:
+    assert doc is not None
+    return inspect.cleandoc(doc).split("\n\n")
+
+
 def test_same_signatures_as_the_async_client() -> None:
     assert inspect.signature(ImagesClient.__init__) == inspect.signature(AsyncImagesClient.__init__)
-    assert inspect.signature(ImagesClient.generate) == inspect.signature(AsyncImagesClient.generate)
+    assert async_methods() == ["aclose", "download", "generate", "save_all"]
+    for name in async_methods():
+        twin = "close" if name == "aclose" else name
+        assert inspect.signature(getattr(ImagesClient, twin)) == inspect.signature(
+            getattr(AsyncImagesClient, name)
+        ), name
+    for name, member in inspect.getmembers(AsyncImagesClient, inspect.isdatadescriptor):
+        if not name.startswith("_"):
+            assert isinstance(member, property)
+            assert isinstance(getattr(ImagesClient, name), property), name
+
+
+@pytest.mark.parametrize("name", ["download", "generate", "save_all"])
+def test_each_blocking_method_carries_its_async_twins_docstring(name: str) -> None:
+    async_doc = paragraphs(getattr(AsyncImagesClient, name).__doc__)
+    sync_doc = paragraphs(getattr(ImagesClient, name).__doc__)
+    (ctrl_c,) = [paragraph for paragraph in sync_doc if "Ctrl-C" in paragraph]
+    assert "KeyboardInterrupt" in ctrl_c
+    assert "never sent" in ctrl_c
+    assert [paragraph for paragraph in sync_doc if paragraph is not ctrl_c] == async_doc
+    sections = [i for i, p in enumerate(sync_doc) if p.startswith(("Args:", "Raises:"))]
+    assert sync_doc.index(ctrl_c) < min(sections, default=len(sync_doc))  # before "Args:"
+
+
+def test_help_shows_the_arguments_of_generate() -> None:
+    shown = pydoc.render_doc(ImagesClient.generate, renderer=pydoc.plaintext)
+    assert "prompt: what to draw" in shown
+    assert "confidential: encrypt the request" in shown
+    assert "Raises:" in shown
+    assert "Ctrl-C" in shown
 
 
 def test_one_line_to_a_png(sync_client: ImagesClient, tmp_path: Path) -> None:
@@ -104,39 +160,136 @@ def test_timeout_cancels_and_the_client_stays_usable(
     assert sync_client.generate("fast", size="8x8").images
 
 
-@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals")
-def test_ctrl_c_cancels_the_request_and_the_next_call_works(
+# -- Ctrl-C ----------------------------------------------------------------------------------
+# Ctrl-C is SIGINT delivered to the main thread. These tests send it when the main thread is
+# provably blocked waiting for its call (its stack, read with sys._current_frames), never
+# after a guessed delay.
+
+MAIN_THREAD_ONLY = pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="signals are handled in the main thread only",
+)
+GENERATE = ImagesClient.generate.__code__
+WAIT = threading.Condition.wait.__code__
+
+
+def main_stack() -> list[FrameType]:
+    """The main thread's frames, innermost first."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    stack = []
+    while frame is not None:
+        stack.append(frame)
+        frame = frame.f_back
+    return stack
+
+
+def main_blocked_in(code: CodeType) -> FrameType | None:
+    """The main thread's innermost frame if it is blocked in a wait inside ``code``."""
+    stack = main_stack()
+    if stack and stack[0].f_code is WAIT and any(frame.f_code is code for frame in stack):
+        return stack[0]
+    return None
+
+
+def main_inside(code: CodeType) -> bool:
+    return any(frame.f_code is code for frame in main_stack())
+
+
+def until(condition: Callable[[], T | None], what: str) -> T:
+    """Poll ``condition`` until it holds (a truthy value); fail after 10 s."""
+    deadline = time.monotonic() + 10
+    while not (found := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.001)
+    return found
+
+
+def ctrl_c() -> None:
+    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+
+async def running_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
+
+
+async def other_tasks() -> int:
+    return len(asyncio.all_tasks()) - 1
+
+
+@MAIN_THREAD_ONLY
+def test_ctrl_c_while_the_loop_is_busy_raises_it_and_sends_nothing(
     threaded_server: FakeAtomaServer,
 ) -> None:
-    threaded_server.enqueue(Reply(delay=5))
+    problems: list[BaseException] = []
+
+    def hold_the_loop() -> None:
+        # Runs on the client's loop thread: the call below cannot start before this returns.
+        try:
+            waiting = until(lambda: main_blocked_in(GENERATE), "the call waits")
+            ctrl_c()
+            # Hold on until the caller has dealt with Ctrl-C: it left the call, or it waits
+            # anew (for the call to unwind).
+            until(
+                lambda: (
+                    not main_inside(GENERATE) or main_blocked_in(GENERATE) not in (None, waiting)
+                ),
+                "the caller handled Ctrl-C",
+            )
+        except BaseException as exc:  # pragma: no cover - reported below
+            problems.append(exc)
+
+    with ImagesClient(API_KEY, base_url=threaded_server.base_url) as images:
+        images._portal.run(running_loop()).call_soon_threadsafe(hold_the_loop)
+        with pytest.raises(KeyboardInterrupt):
+            images.generate("interrupted before it was sent", size="8x8")
+        assert images._portal.run(other_tasks()) == 0
+        assert threaded_server.posts == []
+        assert images.generate("next", size="8x8").images  # the client stays usable
+    assert problems == []
+    assert [post.json()["prompt"] for post in threaded_server.posts] == ["next"]
+
+
+@MAIN_THREAD_ONLY
+def test_ctrl_c_cancels_a_request_under_way_and_the_next_call_works(
+    threaded_server: FakeAtomaServer,
+) -> None:
+    threaded_server.enqueue(Reply(delay=30))
+    problems: list[BaseException] = []
+
+    def interrupt_once_sent() -> None:
+        try:
+            until(lambda: threaded_server.posts and main_blocked_in(GENERATE), "the POST is in")
+            ctrl_c()
+        except BaseException as exc:  # pragma: no cover - reported below
+            problems.append(exc)
+
     with ImagesClient(API_KEY, base_url=threaded_server.base_url, max_connections=1) as images:
-        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
+        interrupter = threading.Thread(target=interrupt_once_sent)
+        interrupter.start()
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
             images.generate("interrupted", size="8x8")
-        assert time.monotonic() - started < 4  # did not wait for the 5 s answer
+        assert time.monotonic() - started < 20  # did not wait for the 30 s answer
+        interrupter.join()
         # Nothing is left running on the client's loop...
-        assert images._portal.run(_other_tasks()) == 0
+        assert images._portal.run(other_tasks()) == 0
         # ...and its only connection was released: the next call goes through.
         assert images.generate("next", size="8x8").images
+    assert problems == []
     assert len(threaded_server.posts) == 2
-
-
-async def _other_tasks() -> int:
-    return len(asyncio.all_tasks()) - 1
 
 
 def test_close_is_idempotent_and_final(threaded_server: FakeAtomaServer) -> None:
     images = ImagesClient(API_KEY, base_url=threaded_server.base_url)
     images.generate("fox", size="8x8")
-    thread = images._portal._thread
+    (thread,) = portal_threads()
     images.close()
     images.close()
-    assert thread is not None
     assert not thread.is_alive()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(RuntimeError, match=CLOSED):
         images.generate("fox", size="8x8")
+    assert portal_threads() == []
 
 
 def test_unclosed_client_warns_and_cleans_up_without_hanging(
@@ -146,8 +299,7 @@ def test_unclosed_client_warns_and_cleans_up_without_hanging(
 
     images = ImagesClient(API_KEY, base_url=threaded_server.base_url)
     images.generate("fox", size="8x8")
-    thread = images._portal._thread
-    assert thread is not None
+    (thread,) = portal_threads()
     with pytest.warns(ResourceWarning, match="unclosed <ImagesClient"):  # noqa: PT031
         del images
         gc.collect()
@@ -191,27 +343,95 @@ def test_script_that_never_closes_exits_promptly_and_quietly() -> None:
     assert time.monotonic() - started < 15
 
 
-def test_closing_during_a_retry_wait_gives_a_clear_error(
-    threaded_server: FakeAtomaServer,
-) -> None:
-    threaded_server.enqueue(Reply(status=503, headers={"Retry-After": "30"}))
-    outcome: list[BaseException] = []
-    images = ImagesClient(API_KEY, base_url=threaded_server.base_url)
-
+def call_in_thread(images: ImagesClient, outcome: list[object]) -> threading.Thread:
     def call() -> None:
         try:
-            images.generate("waits 30 s before its retry", size="8x8")
+            outcome.append(images.generate("cut short", size="8x8"))
         except BaseException as exc:
             outcome.append(exc)
 
-    worker = threading.Thread(target=call)
-    worker.start()
-    while not threaded_server.posts:
-        time.sleep(0.01)
-    time.sleep(0.1)  # now in the retry wait
+    thread = threading.Thread(target=call)
+    thread.start()
+    return thread
+
+
+def test_closing_during_a_retry_wait_gives_a_clear_error(
+    threaded_server: FakeAtomaServer,
+) -> None:
+    threaded_server.enqueue(Reply(status=503, headers={"Retry-After": "1"}))
+    waiting = threading.Event()
+
+    async def sleep_until_closed(seconds: float) -> None:
+        waiting.set()
+        await asyncio.Event().wait()
+
+    images = ImagesClient(
+        API_KEY, base_url=threaded_server.base_url, retries=RetryPolicy(sleep=sleep_until_closed)
+    )
+    outcome: list[object] = []
+    worker = call_in_thread(images, outcome)
+    assert waiting.wait(10)
     images.close()
     worker.join(10)
     assert not worker.is_alive()
     (error,) = outcome
     assert isinstance(error, RuntimeError)
-    assert "client was closed" in str(error)
+    assert str(error) == CLOSED_WHILE_RUNNING
+    assert len(threaded_server.posts) == 1
+
+
+def test_closing_during_a_request_cancels_it_before_the_session_closes(
+    threaded_server: FakeAtomaServer,
+) -> None:
+    threaded_server.enqueue(Reply(delay=30))
+    images = ImagesClient(API_KEY, base_url=threaded_server.base_url)
+    outcome: list[object] = []
+    worker = call_in_thread(images, outcome)
+    until(lambda: threaded_server.posts, "the POST is in")
+    images.close()
+    worker.join(10)
+    (error,) = outcome
+    # Not an APIConnectionError from a session closed under the request.
+    assert isinstance(error, RuntimeError)
+    assert str(error) == CLOSED_WHILE_RUNNING
+    assert portal_threads() == []
+
+
+def close_while_eight_threads_call(server: FakeAtomaServer) -> list[BaseException]:
+    """Close a client while 8 threads call it over and over; each thread's final error."""
+    images = ImagesClient(API_KEY, base_url=server.base_url)
+    errors: list[BaseException] = []
+    ready = threading.Barrier(9)
+
+    def hammer() -> None:
+        ready.wait()
+        while True:
+            try:
+                images.generate("race", size="8x8")
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    enough = len(server.posts) + 16
+    until(lambda: len(server.posts) >= enough, "calls are under way")
+    images.close()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    return errors
+
+
+def test_calls_racing_close_complete_or_fail_clearly_and_leave_no_thread(
+    threaded_server: FakeAtomaServer,
+) -> None:
+    for _ in range(20):
+        errors = close_while_eight_threads_call(threaded_server)
+        assert len(errors) == 8
+        for error in errors:
+            assert isinstance(error, RuntimeError), repr(error)
+            assert CLOSED in str(error) or str(error) == CLOSED_WHILE_RUNNING
+        assert portal_threads() == []
