@@ -35,7 +35,7 @@ from ._models import (
 try:
     import orjson
 except ImportError:  # without the speedups extra, the standard library parses everything
-    orjson = None  # type: ignore[assignment]
+    orjson = None  # type: ignore[assignment, unused-ignore]  # typed only when installed
 
 if TYPE_CHECKING:
     import cattrs
