@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._errors import APIStatusError, AtomaImagesError, InvalidRequestError
+from ._errors import APIStatusError, InvalidRequestError
+from ._usage import may_have_been_billed as error_may_have_been_billed
 
 if TYPE_CHECKING:
     from yarl import URL
@@ -265,6 +266,4 @@ def may_have_been_billed(call: CallInfo, error: BaseException | None) -> bool:
     """
     if not call.billable:
         return False
-    if error is None or not isinstance(error, AtomaImagesError):
-        return True
-    return error.may_have_been_billed
+    return error is None or error_may_have_been_billed(error)
