@@ -106,7 +106,9 @@ def test_forgetting_to_await_fails_clearly(run: pytest.Pytester) -> None:
 
 
 def test_the_entry_point_names_the_plugin() -> None:
-    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    assert '[project.entry-points.pytest11]\natoma_images = "atoma_images.pytest_plugin"' in (
-        pyproject
-    )
+    # What pytest itself reads: the installed distribution's entry points (from a clone, a
+    # wheel or an sdist alike), not the source tree's pyproject.toml.
+    from importlib.metadata import entry_points
+
+    plugins = {e.name: e.value for e in entry_points(group="pytest11")}
+    assert plugins.get("atoma_images") == "atoma_images.pytest_plugin"
