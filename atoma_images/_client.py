@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl as ssl_module
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -36,7 +37,7 @@ from ._settings import (
 )
 from ._timeout import Timeout
 from ._transport import Answer, Proxy, environment_proxy, send
-from ._usage import Budget, Usage, UsageMeter, compute_units, may_have_been_billed, reserve
+from ._usage import Budget, Usage, UsageMeter, check_budget, compute_units, reserve
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -44,12 +45,6 @@ __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
     "AsyncImagesClient",
 ]
-
-
-def _check_budget(budget: object) -> Budget | None:
-    if budget is not None and not isinstance(budget, Budget):
-        raise InvalidRequestError("budget", budget, "allowed: a Budget or None")
-    return budget
 
 
 class AsyncImagesClient:
@@ -105,6 +100,7 @@ class AsyncImagesClient:
             headers=headers,
             ssl=ssl,
             hooks=hooks,
+            budget=budget,
         )
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise InvalidRequestError("session", session, "allowed: an aiohttp.ClientSession")
@@ -115,7 +111,6 @@ class AsyncImagesClient:
         # Our own session honours the proxy variables (read once for the API, here, so a bad
         # one is an error now); a session passed in keeps its own proxy settings.
         self._proxy = environment_proxy(self._url) if self._sessions.owns_session else None
-        self._budget = _check_budget(budget)
         self._meter = UsageMeter()
 
     def __repr__(self) -> str:
@@ -139,7 +134,7 @@ class AsyncImagesClient:
 
     @property
     def budget(self) -> Budget | None:
-        return self._budget
+        return self._settings.budget
 
     @property
     def usage(self) -> Usage:
@@ -217,27 +212,25 @@ class AsyncImagesClient:
             )
             return parse_response(answer.status, answer.headers, answer.body, self._url)
 
-        # The cost is reserved in every budget before anything is sent, and given back only
-        # if the call cannot have been billed; the usage is counted here, once per call.
+        # The cost is reserved in every budget before anything is sent (or BudgetExceededError).
         units = compute_units(request)
-        reserved = reserve(units, _check_budget(budget), self._budget)
-        try:
-            if confidential:
-                response = await self._generate_confidential(session, request, body, limits, policy)
-            else:
-                response = await policy.run(
-                    attempt,
-                    self._settings.hooks,
-                    lambda: CallInfo.of("generate", "POST", self._url, request),
-                )
-        except BaseException as error:
-            self._meter.failed(units, error)
-            if not may_have_been_billed(error):
-                for each in reserved:
-                    each.release(units)
-            raise
-        self._meter.succeeded(units, len(response.data))
-        return attrs.evolve(response, compute_units=units)
+        reserved = reserve(units, check_budget(budget), self.budget)
+        if confidential:
+            from . import _confidential  # noqa: PLC0415 - cryptography costs import time
+
+            def post(
+                url: URL, body: bytes, seconds: float, max_bytes: int | None
+            ) -> Awaitable[Answer]:
+                timeout = limits.for_attempt(seconds)
+                return self._send(session, "POST", url, body, timeout, max_bytes)
+
+            call = _confidential.generate(
+                post, self._settings.base_url, request, body, limits, policy, self._settings.hooks
+            )
+        else:
+            describe = partial(CallInfo.of, "generate", "POST", self._url, request)
+            call = policy.run(attempt, self._settings.hooks, describe)
+        return await self._meter.settle(call, units, reserved)
 
     def generate_many(
         self,
@@ -283,36 +276,6 @@ class AsyncImagesClient:
             concurrency=concurrency,
             on_progress=on_progress,
             options=generate_options,
-        )
-
-    async def _generate_confidential(
-        self,
-        session: aiohttp.ClientSession,
-        request: ImageRequest,
-        plaintext: bytes,
-        limits: Timeout,
-        policy: RetryPolicy,
-    ) -> ImagesResponse:
-        # Imported on first use: hashlib and cryptography cost import time nobody else pays.
-        from . import _confidential  # noqa: PLC0415
-
-        _confidential.require()
-
-        async def post(url: URL, body: bytes, seconds: float, max_bytes: int | None) -> Answer:
-            return await self._send(
-                session, "POST", url, body, limits.for_attempt(seconds), max_bytes
-            )
-
-        async def attempt(remaining: float) -> ImagesResponse:
-            return await _confidential.generate_once(
-                post, self._settings.base_url, request, plaintext, limits.attempt_seconds(remaining)
-            )
-
-        url = self._settings.base_url / _confidential.PATH
-        return await policy.run(
-            attempt,
-            self._settings.hooks,
-            lambda: CallInfo.of("generate_confidential", "POST", url, request),
         )
 
     async def download(

@@ -35,6 +35,7 @@ import attrs
 
 from ._convert import invalid_response, parse_object, parse_response
 from ._errors import ExtraNotInstalledError, ResponseIntegrityError, ResponseValidationError
+from ._hooks import CallInfo
 from ._models import ImageRequest, ImagesResponse
 from ._usage import compute_units
 
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from yarl import URL
 
+    from ._hooks import HookSet
+    from ._retry import RetryPolicy
+    from ._timeout import Timeout
     from ._transport import Answer
 
     #: Sends one POST: (url, body, seconds it may take, largest body or None for the default).
@@ -58,6 +62,7 @@ __all__ = [
     "decrypt",
     "derive_key",
     "encrypt",
+    "generate",
     "generate_once",
     "lock_body",
     "new_private_key",
@@ -155,6 +160,31 @@ def b64decode_text(text: str) -> bytes | None:
 
 #: The lock answer is a few small fields; more than this of it is not read.
 _MAX_LOCK_ANSWER = 2**20
+
+
+async def generate(  # noqa: PLR0917 - the parts of one confidential call, in order
+    post: Post,
+    base_url: URL,
+    request: ImageRequest,
+    plaintext: bytes,
+    limits: Timeout,
+    policy: RetryPolicy,
+    hooks: HookSet,
+) -> ImagesResponse:
+    """A confidential call: `generate_once` in the policy's attempt loop.
+
+    Raises `ExtraNotInstalledError` (nothing sent) without the ``confidential`` extra.
+    """
+    require()
+
+    async def attempt(remaining: float) -> ImagesResponse:
+        seconds = limits.attempt_seconds(remaining)
+        return await generate_once(post, base_url, request, plaintext, seconds)
+
+    url = base_url / PATH
+    return await policy.run(
+        attempt, hooks, lambda: CallInfo.of("generate_confidential", "POST", url, request)
+    )
 
 
 async def generate_once(

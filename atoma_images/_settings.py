@@ -22,6 +22,7 @@ from ._hooks import DEFAULT_HOOKS, HookSet
 from ._models import DEFAULT_MODEL, ImageRequest
 from ._retry import RetryPolicy, check_policy
 from ._timeout import Timeout
+from ._usage import Budget, check_budget
 from ._version import user_agent
 
 __all__ = [
@@ -138,6 +139,7 @@ class ClientSettings:
     headers: CIMultiDictProxy[str] = attrs.field(factory=dict, converter=_to_headers)
     ssl: ssl_module.SSLContext | bool = attrs.field(default=True, validator=_check_ssl)
     hooks: HookSet = attrs.field(default=DEFAULT_HOOKS, converter=_to_hooks)
+    budget: Budget | None = attrs.field(default=None, validator=lambda _, __, v: check_budget(v))
 
     @classmethod
     def from_arguments(

@@ -13,11 +13,12 @@ spend more than the budget, even if every one of them succeeds.
 from __future__ import annotations
 
 import threading
+from collections.abc import Awaitable, Sequence
 
 import attrs
 
 from ._errors import AtomaImagesError, BudgetExceededError, InvalidRequestError
-from ._models import ImageRequest
+from ._models import ImageRequest, ImagesResponse
 
 __all__ = ["Budget", "Usage", "UsageMeter", "compute_units", "may_have_been_billed", "reserve"]
 
@@ -88,6 +89,13 @@ class Budget:
             self._used -= units
 
 
+def check_budget(budget: object) -> Budget | None:
+    """``budget`` if it is a `Budget` or None, else `InvalidRequestError` (client or call)."""
+    if budget is not None and not isinstance(budget, Budget):
+        raise InvalidRequestError("budget", budget, "allowed: a Budget or None")
+    return budget
+
+
 def reserve(units: int, *budgets: Budget | None) -> list[Budget]:
     """Reserve ``units`` in every budget given (each once), or in none.
 
@@ -150,6 +158,22 @@ class UsageMeter:
     @property
     def usage(self) -> Usage:
         return self._usage
+
+    async def settle(
+        self, call: Awaitable[ImagesResponse], units: int, reserved: Sequence[Budget]
+    ) -> ImagesResponse:
+        """Await a call whose ``units`` are ``reserved``; count it, and give them back only if
+        it cannot have been billed. The response says what it cost."""
+        try:
+            response = await call
+        except BaseException as error:
+            self.failed(units, error)
+            if not may_have_been_billed(error):
+                for budget in reserved:
+                    budget.release(units)
+            raise
+        self.succeeded(units, len(response.data))
+        return attrs.evolve(response, compute_units=units)
 
     def succeeded(self, units: int, images: int) -> None:
         self._add(calls=1, images=images, compute_units=units)
