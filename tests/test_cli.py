@@ -607,6 +607,22 @@ async def test_a_paid_image_whose_download_fails_is_reported_billed(tmp_path: Pa
 # -- Ctrl-C ---------------------------------------------------------------------------------------
 
 
+def interrupt_once_posted(
+    process: subprocess.Popen[str], server: FakeAtomaServer, posts: int
+) -> tuple[str, str]:
+    """Ctrl-C the CLI once the server has received ``posts`` requests; its stdout and stderr."""
+    try:
+        deadline = time.monotonic() + 60
+        while len(server.posts) < posts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(server.posts) == posts
+        process.send_signal(signal.SIGINT)
+        return process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_ctrl_c_counts_only_finished_prompts_and_says_what_may_be_billed(
     threaded_server: FakeAtomaServer, tmp_path: Path
 ) -> None:
@@ -622,18 +638,9 @@ def test_ctrl_c_counts_only_finished_prompts_and_says_what_may_be_billed(
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        assert process.stderr is not None
-        assert process.stderr.readline() == "1/3 done\n"
-        deadline = time.monotonic() + 60
-        while len(threaded_server.posts) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(threaded_server.posts) == 3
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-        process.wait()
+    assert process.stderr is not None
+    assert process.stderr.readline() == "1/3 done\n"
+    out, err = interrupt_once_posted(process, threaded_server, 3)
     assert process.returncode == EXIT_CODES["interrupted"]
     assert len(out.splitlines()) == 1  # the one image that came back is saved
     assert err.splitlines() == [
@@ -654,16 +661,7 @@ def test_ctrl_c_of_one_prompt_says_it_may_be_billed(
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        deadline = time.monotonic() + 60
-        while not threaded_server.posts and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(threaded_server.posts) == 1
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-        process.wait()
+    out, err = interrupt_once_posted(process, threaded_server, 1)
     assert process.returncode == EXIT_CODES["interrupted"]
     assert out == ""
     assert err.splitlines() == [
