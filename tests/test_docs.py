@@ -184,6 +184,7 @@ def test_reference_documents_every_public_name_once() -> None:
     importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None,
     reason="the docs extra is not installed: pip install -e '.[docs]'",
 )
+@pytest.mark.slow  # CI runs it, and builds the site in a stage of its own too
 def test_site_builds_strict_with_every_public_name(tmp_path: Path) -> None:
     site = tmp_path / "site"
     done = subprocess.run(

@@ -80,6 +80,7 @@ def test_testing_is_off_without_the_fixtures():
 """
 
 
+@pytest.mark.slow  # a pytest run in a subprocess each; CI runs them
 def test_each_fixture_sync_and_async(run: pytest.Pytester) -> None:
     run.makepyfile(test_user=USER_TESTS)
     result = _run(run, "-W", "error::ResourceWarning")
@@ -89,6 +90,7 @@ def test_each_fixture_sync_and_async(run: pytest.Pytester) -> None:
     assert "ResourceWarning" not in text
 
 
+@pytest.mark.slow
 def test_forgetting_to_await_fails_clearly(run: pytest.Pytester) -> None:
     run.makepyfile(
         test_user="""
