@@ -24,13 +24,14 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from . import _confidential
 from ._batch import BatchResult
@@ -57,6 +58,8 @@ from ._version import package_version
 from .testing import FakeAtomaServer
 
 __all__ = ["EXIT_CODES", "main"]
+
+T = TypeVar("T")
 
 #: Exit codes, by what went wrong (documented in README.md).
 EXIT_CODES = {
@@ -574,6 +577,37 @@ def _echo(prompt: str | None, args: argparse.Namespace) -> str:
     return f' ("{prompt if len(prompt) <= 40 else prompt[:39] + "…"}")'
 
 
+async def cancelled_by_ctrl_c(run: Coroutine[Any, Any, T]) -> T:
+    """``await run``, with Ctrl-C cancelling it, then raised as KeyboardInterrupt.
+
+    asyncio.run does this itself from Python 3.11 on; on 3.10 a Ctrl-C raises KeyboardInterrupt
+    wherever the loop happens to be (between an ``async with``'s enter and exit, say), which
+    can leave the loop unable to unwind the batch. A cancellation unwinds it cleanly.
+    """
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    pressed = False
+
+    def on_ctrl_c() -> None:
+        nonlocal pressed
+        pressed = True
+        if task is not None:
+            task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
+        return await run
+    try:
+        return await run
+    except asyncio.CancelledError:
+        if pressed:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -591,7 +625,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CODES["invalid input"]
     progress = Progress(sys.stderr, len(prompts))
     try:
-        return asyncio.run(generate_all(args, prompts, progress, sys.stdout, sys.stderr))
+        return asyncio.run(
+            cancelled_by_ctrl_c(generate_all(args, prompts, progress, sys.stdout, sys.stderr))
+        )
     except KeyboardInterrupt:
         progress.clear()
         emit(sys.stderr, progress.interrupted())
