@@ -207,9 +207,15 @@ def _error_for(exc: BaseException, method: str, url: URL) -> AtomaImagesError:
 def _without_secrets(exc: BaseException) -> BaseException:
     """``exc`` for use as a cause, without the secrets aiohttp keeps in its errors.
 
-    A response error keeps the request's headers (the key); a connector error keeps the
-    connection key, which holds the proxy's credentials. Both are rebuilt without them.
+    A response error keeps the request's headers (the key): it is rebuilt without them. A
+    connector error keeps the connection key, which holds the proxy's credentials when a
+    session passed in reads them from the environment: the OS error underneath it
+    (``os_error``, which our message names too) stands in for it.
     """
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return exc.certificate_error
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return exc.os_error
     safe: BaseException
     if isinstance(exc, aiohttp.ClientResponseError):
         info = exc.request_info
@@ -223,9 +229,6 @@ def _without_secrets(exc: BaseException) -> BaseException:
             message=exc.message,
             headers=exc.headers,
         )
-    elif isinstance(exc, aiohttp.ClientConnectorError) and getattr(exc.args[0], "proxy_auth", None):
-        # args is (connection key, the OS or certificate error) for every connector error.
-        safe = type(exc)(exc.args[0]._replace(proxy_auth=None), exc.args[1])
     else:
         return exc
     safe.__cause__ = exc.__cause__  # what went wrong underneath, which holds no secret

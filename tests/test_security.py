@@ -7,6 +7,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 import pytest
 import trustme
 from aiohttp import web
@@ -239,8 +240,12 @@ async def test_download_redirect_loops_are_cut_short() -> None:
     assert info.value.attempts == 1
 
 
-async def test_a_proxy_password_is_in_no_exception_chain(monkeypatch: pytest.MonkeyPatch) -> None:
-    # aiohttp's connector errors keep the connection key, which holds the proxy's credentials.
+@pytest.mark.parametrize("own_session", [True, False], ids=["own session", "session passed in"])
+async def test_a_proxy_password_is_in_no_exception_chain(
+    monkeypatch: pytest.MonkeyPatch, own_session: bool
+) -> None:
+    # aiohttp's connector errors keep the connection key, which holds the proxy's credentials
+    # when a session passed in reads them from the environment (trust_env=True).
     password = "pr0xy-S3CRET"
 
     async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -254,12 +259,18 @@ async def test_a_proxy_password_is_in_no_exception_chain(monkeypatch: pytest.Mon
     monkeypatch.setenv("HTTPS_PROXY", f"http://user:{password}@127.0.0.1:{port}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
+    session = None if own_session else aiohttp.ClientSession(trust_env=True)
     async with AsyncImagesClient(
-        SECRET, base_url="https://127.0.0.1:9/v1", retries=RetryPolicy(max_retries=0)
+        SECRET,
+        base_url="https://127.0.0.1:9/v1",
+        retries=RetryPolicy(max_retries=0),
+        session=session,
     ) as images:
         texts = [repr(images._proxy)]
         with pytest.raises(AtomaImagesError) as info:
             await asyncio.wait_for(images.generate("a fox", size="8x8"), 10)
+    if session is not None:
+        await session.close()
     server.close()
     await server.wait_closed()
     texts += every_text_of(info.value)

@@ -115,16 +115,23 @@ async def test_pool_wait_is_a_timeout_before_sending(server: FakeAtomaServer) ->
 
 def test_the_package_uses_no_private_internals_of_its_dependencies() -> None:
     # A private attribute can change in any patch release, and a read timeout that silently
-    # stops firing costs users a paid call hanging for ever. Only public API, then.
+    # stops firing costs users a paid call hanging for ever. Only public API, then: no private
+    # module of a dependency, and no private attribute of any object but our own.
     import pathlib
     import re
 
     import atoma_images
 
     private = re.compile(
-        r"aiohttp\.(client_proto|client_reqrep|connector|helpers|_(?!_)\w+)|\._factory\b"
-        r"|_reschedule_timeout|ResponseHandler|tenacity\._|cattrs\._|attr\._"
-        r"|\b(session|connector|response|protocol|request)\._[a-z]\w*"
+        # a private module of a dependency, imported or named
+        r"\b(aiohttp|tenacity|cattrs|attrs?|yarl|multidict)\.(client_proto|client_reqrep"
+        r"|connector|helpers|_(?!_)\w+)"
+        r"|\bfrom (aiohttp|tenacity|cattrs|attrs?|yarl|multidict) import .*\b(_[a-z]\w*"
+        r"|client_proto|client_reqrep|connector|helpers)\b"
+        # a private attribute of anything but our own objects (self, cls), read or by name
+        r"|\b(?!self\b|cls\b|atoma_images\b)[A-Za-z]\w*\._[a-z]\w*|[\])]\._[a-z]"
+        r"|getattr\((?!self\b)[^,]+, \"_[a-z]"
+        r"|_reschedule_timeout|ResponseHandler"
     )
     package = pathlib.Path(atoma_images.__file__).parent
     found = [
