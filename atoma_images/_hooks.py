@@ -17,6 +17,7 @@ Every client runs `LoggingHooks` (one INFO line per retry) before the hooks it i
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from ._errors import APIStatusError, InvalidRequestError
 from ._usage import may_have_been_billed as error_may_have_been_billed
 
 if TYPE_CHECKING:
+    from tenacity import RetryCallState
     from yarl import URL
 
     from ._models import ImageRequest
@@ -35,10 +37,12 @@ __all__ = [
     "AttemptStarted",
     "CallFinished",
     "CallInfo",
+    "CallRecord",
     "HookSet",
     "Hooks",
     "LoggingHooks",
     "RetryScheduled",
+    "unnamed_call",
 ]
 
 logger = logging.getLogger("atoma_images")
@@ -267,3 +271,87 @@ def may_have_been_billed(call: CallInfo, error: BaseException | None) -> bool:
     if not call.billable:
         return False
     return error is None or error_may_have_been_billed(error)
+
+
+def unnamed_call() -> CallInfo:
+    # A policy run on its own (as in tests) describes its call as nothing in particular.
+    return CallInfo(operation="call", method="", url="")
+
+
+class CallRecord:
+    """What one call has told its hooks so far; builds their info objects.
+
+    Nothing here runs unless a hook listens: a call without hooks pays one truth test per
+    event. `retry_scheduled` is tenacity's ``before_sleep``.
+    """
+
+    def __init__(self, hooks: HookSet, describe: Callable[[], CallInfo]) -> None:
+        self.hooks = hooks
+        self.describe = describe
+        self._info: CallInfo | None = None
+        self.attempts = 0
+        self.began = 0.0
+        self.billed = False
+        self.status: int | None = None
+        self.request_id: str | None = None
+
+    @property
+    def info(self) -> CallInfo:
+        if self._info is None:
+            self._info = self.describe()
+        return self._info
+
+    def attempt_started(self, number: int) -> None:
+        emit(self.hooks.attempt_started, AttemptStarted(call=self.info, attempt=number))
+
+    def attempt_finished(
+        self, state: RetryCallState, started: float, error: BaseException | None, result: object
+    ) -> None:
+        self.attempts, self.began = state.attempt_number, state.start_time
+        status, name, request_id = outcome(error)
+        if error is None:
+            request_id = getattr(result, "request_id", None)
+        billed = may_have_been_billed(self.info, error)
+        self.billed = self.billed or billed
+        self.status, self.request_id = status, request_id
+        if self.hooks.attempt_finished:
+            info = AttemptFinished(
+                call=self.info,
+                attempt=state.attempt_number,
+                duration=time.monotonic() - started,
+                status=status,
+                error=name,
+                may_have_been_billed=billed,
+                request_id=request_id,
+            )
+            emit(self.hooks.attempt_finished, info)
+
+    def retry_scheduled(self, state: RetryCallState) -> None:
+        if not self.hooks.retry_scheduled:
+            return
+        error = state.outcome.exception() if state.outcome else None
+        status, name, request_id = outcome(error)
+        info = RetryScheduled(
+            call=self.info,
+            attempt=state.attempt_number,
+            wait=state.upcoming_sleep,
+            reason=f"status {status}" if status is not None else str(name),
+            status=status,
+            error=str(name),
+            request_id=request_id,
+        )
+        emit(self.hooks.retry_scheduled, info)
+
+    def call_finished(self, error: BaseException | None) -> None:
+        if not self.hooks.call_finished:
+            return
+        info = CallFinished(
+            call=self.info,
+            attempts=self.attempts,
+            duration=time.monotonic() - self.began if self.attempts else 0.0,
+            status=self.status if error is not None else None,
+            error=None if error is None else type(error).__name__,
+            may_have_been_billed=self.billed,
+            request_id=self.request_id,
+        )
+        emit(self.hooks.call_finished, info)

@@ -39,24 +39,14 @@ from ._errors import (
     InvalidRequestError,
     ResponseValidationError,
 )
-from ._hooks import (
-    DEFAULT_HOOKS,
-    AttemptFinished,
-    AttemptStarted,
-    CallFinished,
-    CallInfo,
-    HookSet,
-    RetryScheduled,
-    emit,
-    may_have_been_billed,
-    outcome,
-)
+from ._hooks import DEFAULT_HOOKS, CallInfo, CallRecord, HookSet, unnamed_call
+from ._testing_switch import waiting_with
 from ._timeout import MIN_ATTEMPT, seconds_validator
 
 if TYPE_CHECKING:
     from tenacity import RetryCallState
 
-__all__ = ["RetryPolicy", "TestingSetting", "check_policy", "is_testing", "set_testing"]
+__all__ = ["RetryPolicy", "check_policy"]
 
 T = TypeVar("T")
 
@@ -166,7 +156,7 @@ class RetryPolicy:
         ``hooks`` hear of each attempt, retry and the call's end (see `Hooks`); ``describe``
         makes the `CallInfo` they get, only if one of them listens.
         """
-        record = _CallRecord(hooks, describe or _unnamed_call)
+        record = CallRecord(hooks, describe or unnamed_call)
         retrying = AsyncRetrying(
             # Each call has its own AsyncRetrying (tenacity keeps a call's state in it) and its
             # own server-error budget; the stateless strategies are the policy's, built once.
@@ -174,7 +164,7 @@ class RetryPolicy:
             wait=self._wait,
             retry=self._retry,
             # Under set_testing(True) the wait is decided as usual, and skipped.
-            sleep=_skip_wait if _testing.on else self.sleep,
+            sleep=waiting_with(self.sleep),
             before_sleep=record.retry_scheduled,
             reraise=True,
         )
@@ -222,148 +212,19 @@ class _RetryAfterOrBackoff(wait_base):
 class _ServerErrorBudget(stop_base):
     """A stop condition: the call has used up its retries after a 500, 502 or 504.
 
-    tenacity consults the stop once per failure it would retry, so this counts each one.
+    It notes the numbers of the attempts that failed so, so the answer is the same however
+    often tenacity asks about one attempt.
     """
 
     def __init__(self, allowed: int) -> None:
         self.allowed = allowed
-        self.seen = 0
+        self.failed_attempts: set[int] = set()
 
     def __call__(self, state: RetryCallState) -> bool:
         error = state.outcome.exception() if state.outcome else None
         if isinstance(error, APIStatusError) and error.status in SERVER_ERROR_STATUSES:
-            self.seen += 1
-        return self.seen > self.allowed
-
-
-def _unnamed_call() -> CallInfo:
-    # A policy run on its own (as in tests) describes its call as nothing in particular.
-    return CallInfo(operation="call", method="", url="")
-
-
-class _CallRecord:
-    """What one call has told its hooks so far; builds their info objects.
-
-    Nothing here runs unless a hook listens: a call without hooks pays one truth test per
-    event. `retry_scheduled` is tenacity's ``before_sleep``.
-    """
-
-    def __init__(self, hooks: HookSet, describe: Callable[[], CallInfo]) -> None:
-        self.hooks = hooks
-        self.describe = describe
-        self._info: CallInfo | None = None
-        self.attempts = 0
-        self.began = 0.0
-        self.billed = False
-        self.status: int | None = None
-        self.request_id: str | None = None
-
-    @property
-    def info(self) -> CallInfo:
-        if self._info is None:
-            self._info = self.describe()
-        return self._info
-
-    def attempt_started(self, number: int) -> None:
-        emit(self.hooks.attempt_started, AttemptStarted(call=self.info, attempt=number))
-
-    def attempt_finished(
-        self, state: RetryCallState, started: float, error: BaseException | None, result: object
-    ) -> None:
-        self.attempts, self.began = state.attempt_number, state.start_time
-        status, name, request_id = outcome(error)
-        if error is None:
-            request_id = getattr(result, "request_id", None)
-        billed = may_have_been_billed(self.info, error)
-        self.billed = self.billed or billed
-        self.status, self.request_id = status, request_id
-        if self.hooks.attempt_finished:
-            info = AttemptFinished(
-                call=self.info,
-                attempt=state.attempt_number,
-                duration=time.monotonic() - started,
-                status=status,
-                error=name,
-                may_have_been_billed=billed,
-                request_id=request_id,
-            )
-            emit(self.hooks.attempt_finished, info)
-
-    def retry_scheduled(self, state: RetryCallState) -> None:
-        if not self.hooks.retry_scheduled:
-            return
-        error = state.outcome.exception() if state.outcome else None
-        status, name, request_id = outcome(error)
-        info = RetryScheduled(
-            call=self.info,
-            attempt=state.attempt_number,
-            wait=state.upcoming_sleep,
-            reason=f"status {status}" if status is not None else str(name),
-            status=status,
-            error=str(name),
-            request_id=request_id,
-        )
-        emit(self.hooks.retry_scheduled, info)
-
-    def call_finished(self, error: BaseException | None) -> None:
-        if not self.hooks.call_finished:
-            return
-        info = CallFinished(
-            call=self.info,
-            attempts=self.attempts,
-            duration=time.monotonic() - self.began if self.attempts else 0.0,
-            status=self.status if error is not None else None,
-            error=None if error is None else type(error).__name__,
-            may_have_been_billed=self.billed,
-            request_id=self.request_id,
-        )
-        emit(self.hooks.call_finished, info)
-
-
-@attrs.define
-class _Testing:
-    """Whether retries skip their waits (`set_testing`): one switch for the process."""
-
-    on: bool = False
-
-
-_testing = _Testing()
-
-
-@attrs.frozen
-class TestingSetting:
-    """Returned by `set_testing`: as a context manager, it restores the previous setting."""
-
-    previous: bool
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        _testing.on = self.previous
-
-
-def set_testing(on: bool) -> TestingSetting:
-    """Make every retry policy skip its waits (True), or wait again (False).
-
-    The number of attempts and every decision stay as they are; only the sleeping is left
-    out. It applies to every client in the process, on every thread. Use it as a statement,
-    or as ``with set_testing(True):`` to restore the previous setting at the end.
-    """
-    if type(on) is not bool:
-        raise InvalidRequestError("set_testing", on, "allowed: True or False")
-    setting = TestingSetting(_testing.on)
-    _testing.on = on
-    return setting
-
-
-def is_testing() -> bool:
-    """Whether `set_testing` has turned waiting off."""
-    return _testing.on
-
-
-async def _skip_wait(_: float) -> None:
-    await asyncio.sleep(0)  # still yield to the loop, as a real wait would
+            self.failed_attempts.add(state.attempt_number)
+        return len(self.failed_attempts) > self.allowed
 
 
 def check_policy(value: object) -> RetryPolicy:

@@ -105,6 +105,23 @@ async def test_server_error_budget_is_separate_from_the_total(
     assert len(server.posts) == 3
 
 
+def test_server_error_budget_answers_the_same_however_often_it_is_asked() -> None:
+    # tenacity asks its stop once per failure today; nothing documented promises it, so the
+    # budget counts attempts by number rather than questions.
+    from tenacity import RetryCallState
+
+    from atoma_images._retry import _ServerErrorBudget
+
+    budget = _ServerErrorBudget(allowed=1)
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    for number in (1, 2):
+        state.attempt_number = number
+        error = InternalServerError(status=500, code=None, message="boom", body="", headers={})
+        state.set_exception((InternalServerError, error, None))
+        answers = {budget(state) for _ in range(3)}
+        assert answers == {number > 1}
+
+
 @pytest.mark.parametrize("status", [408, 423, 425, 429, 503])
 async def test_not_now_statuses_are_retried(
     client: AsyncImagesClient, server: FakeAtomaServer, status: int

@@ -29,7 +29,7 @@ sleeping), for a test suite that exercises retrying code; ``with set_testing(Tru
 it back off at the end. Off by default; the pytest plugin's fixtures turn it on.
 """
 
-from atoma_images._retry import TestingSetting, is_testing, set_testing
+from atoma_images._testing_switch import TestingSetting, is_testing, set_testing
 
 from ._faults import Reply
 from ._png import make_png
