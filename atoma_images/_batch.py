@@ -39,7 +39,7 @@ import attrs
 from ._errors import AtomaImagesError, InvalidRequestError
 from ._models import ImageRequest, ImagesResponse
 from ._retry import check_policy
-from ._usage import compute_units
+from ._usage import UsageMeter
 
 if TYPE_CHECKING:
     from ._client import AsyncImagesClient
@@ -176,7 +176,8 @@ class Batch:
                 )
         self._client = client
         self._options = dict(options)
-        policy = check_policy(self._options.get("retries", client.retries))
+        retries = self._options.get("retries")
+        policy = client.retries if retries is None else check_policy(retries)
         self._gate = _Gate(policy.sleep)
         self._policy = attrs.evolve(policy, sleep=self._gate.sleep)
         # Checked once here, so a bad size is one error and not one per prompt.
@@ -199,8 +200,7 @@ class Batch:
         self._pull_lock = asyncio.Lock()
         self._results: asyncio.Queue[BatchResult | _Failed | object] = asyncio.Queue()
         self._counts = {"results": 0, "responses": 0, "errors": 0}
-        self._compute_units = 0
-        self._maybe_billed_compute_units = 0
+        self._meter = UsageMeter()  # what the batch's calls cost, counted as the client counts
         self._cancelled: list[str] = []
         self._unclaimed: list[BatchResult] = []
 
@@ -212,10 +212,11 @@ class Batch:
     @property
     def summary(self) -> BatchSummary:
         """How far the batch got and what it cost, so far."""
+        usage = self._meter.usage
         return BatchSummary(
             **self._counts,
-            compute_units=self._compute_units,
-            maybe_billed_compute_units=self._maybe_billed_compute_units,
+            compute_units=usage.compute_units,
+            maybe_billed_compute_units=usage.maybe_billed_compute_units,
             cancelled_prompts=tuple(self._cancelled),
             unclaimed=tuple(self._unclaimed),
         )
@@ -233,8 +234,18 @@ class Batch:
     ) -> None:
         await self.aclose()
 
-    def __aiter__(self) -> Batch:
-        return self
+    def __aiter__(self) -> AsyncIterator[BatchResult]:
+        # An async generator: when a plain ``async for`` is left early (break, an exception,
+        # cancellation) and the generator is dropped, asyncio closes it (PEP 525's finalizer
+        # hook), and so the batch: what is in flight is cancelled even without ``async with``.
+        return self._results_until_closed()
+
+    async def _results_until_closed(self) -> AsyncIterator[BatchResult]:
+        try:
+            while (result := await self.next_result()) is not None:
+                yield result
+        finally:
+            await self.aclose()
 
     async def __anext__(self) -> BatchResult:
         result = await self.next_result()
@@ -285,7 +296,7 @@ class Batch:
                 "atoma-images: batch closed early: %d call(s) in flight were cancelled after "
                 "their request may have been sent; up to %d compute units may have been billed",
                 len(self._cancelled),
-                self._maybe_billed_compute_units,
+                self._meter.usage.maybe_billed_compute_units,
             )
 
     # -- the workers' side ---------------------------------------------------------------
@@ -328,28 +339,13 @@ class Batch:
             request, call = self._request(index, item)
         except InvalidRequestError as error:
             return BatchResult(index=index, prompt=_prompt_of(item), error=error)
-        units = compute_units(request)
         try:
-            response = await self._client.generate(
-                request.prompt,
-                model=request.model,
-                n=request.n,
-                size=request.size,
-                quality=request.quality,
-                response_format=request.response_format,
-                style=request.style,
-                user=request.user,
-                **call,
-            )
+            response = await self._client._generate_request(request, **call, meters=(self._meter,))
         except AtomaImagesError as error:
-            if error.may_have_been_billed:
-                self._maybe_billed_compute_units += units
             return BatchResult(index=index, prompt=request.prompt, error=error)
         except asyncio.CancelledError:
             self._cancelled.append(request.prompt)
-            self._maybe_billed_compute_units += units
             raise
-        self._compute_units += response.compute_units
         return BatchResult(index=index, prompt=request.prompt, response=response)
 
     def _request(self, index: int, item: object) -> tuple[ImageRequest, dict[str, Any]]:

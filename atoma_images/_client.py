@@ -37,7 +37,7 @@ from ._settings import (
 )
 from ._timeout import Timeout
 from ._transport import Answer, Proxy, environment_proxy, send
-from ._usage import Budget, Usage, UsageMeter, check_budget, compute_units, reserve
+from ._usage import Budget, CallCost, Usage, UsageMeter, check_budget, compute_units, settle
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -199,6 +199,24 @@ class AsyncImagesClient:
             style=style,
             user=user,
         )
+        return await self._generate_request(
+            request, timeout=timeout, retries=retries, confidential=confidential, budget=budget
+        )
+
+    async def _generate_request(
+        self,
+        request: ImageRequest,
+        *,
+        timeout: Timeout | float | None = None,
+        retries: RetryPolicy | None = None,
+        confidential: bool = False,
+        budget: Budget | None = None,
+        meters: tuple[UsageMeter, ...] = (),
+    ) -> ImagesResponse:
+        """`generate` for a request already built (`Batch` builds one per prompt).
+
+        ``meters`` count the call besides the client's own (a batch's).
+        """
         body = encode_request(request)
         limits = self._limits(timeout)
         policy = self._policy(retries)
@@ -213,8 +231,7 @@ class AsyncImagesClient:
             return parse_response(answer.status, answer.headers, answer.body, self._url)
 
         # The cost is reserved in every budget before anything is sent (or BudgetExceededError).
-        units = compute_units(request)
-        reserved = reserve(units, check_budget(budget), self.budget)
+        cost = CallCost.reserve(compute_units(request), check_budget(budget), self.budget)
         if confidential:
             from . import _confidential  # noqa: PLC0415 - cryptography costs import time
 
@@ -225,12 +242,19 @@ class AsyncImagesClient:
                 return self._send(session, "POST", url, body, timeout, max_bytes)
 
             call = _confidential.generate(
-                post, self._settings.base_url, request, body, limits, policy, self._settings.hooks
+                post,
+                self._settings.base_url,
+                request,
+                body,
+                limits,
+                policy,
+                self._settings.hooks,
+                cost,
             )
         else:
             describe = partial(CallInfo.of, "generate", "POST", self._url, request)
-            call = policy.run(attempt, self._settings.hooks, describe)
-        return await self._meter.settle(call, units, reserved)
+            call = policy.run(attempt, self._settings.hooks, describe, cost)
+        return await settle(call, cost, (self._meter, *meters))
 
     def generate_many(
         self,

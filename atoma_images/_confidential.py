@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from ._retry import RetryPolicy
     from ._timeout import Timeout
     from ._transport import Answer
+    from ._usage import CallCost
 
     #: Sends one POST: (url, body, seconds it may take, largest body or None for the default).
     Post = Callable[[URL, bytes, float, int | None], Awaitable[Answer]]
@@ -170,6 +171,7 @@ async def generate(  # noqa: PLR0917 - the parts of one confidential call, in or
     limits: Timeout,
     policy: RetryPolicy,
     hooks: HookSet,
+    cost: CallCost,
 ) -> ImagesResponse:
     """A confidential call: `generate_once` in the policy's attempt loop.
 
@@ -183,7 +185,7 @@ async def generate(  # noqa: PLR0917 - the parts of one confidential call, in or
 
     url = base_url / PATH
     return await policy.run(
-        attempt, hooks, lambda: CallInfo.of("generate_confidential", "POST", url, request)
+        attempt, hooks, lambda: CallInfo.of("generate_confidential", "POST", url, request), cost
     )
 
 

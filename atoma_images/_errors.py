@@ -125,17 +125,26 @@ class ExtraNotInstalledError(AtomaImagesError, ImportError):
 class BudgetExceededError(AtomaImagesError):
     """The call would cost more compute units than its `Budget` has left; nothing was sent.
 
+    (With ``RetryPolicy(retry_ambiguous=True)``, a retry of an attempt that may have been
+    billed needs room for another attempt; without it, the retry is not sent, and the
+    error says ``may_have_been_billed`` for the earlier attempt.)
+
     Attributes:
         asked: the compute units the call would cost (``n * W * H``).
         left: the compute units the budget had left.
     """
 
-    def __init__(self, *, asked: int, left: int) -> None:
+    def __init__(self, *, asked: int, left: int, retry: bool = False) -> None:
         self.asked = asked
         self.left = left
+        unsent = (
+            "the retry was not sent (an earlier attempt may have been billed)"
+            if retry
+            else "nothing was sent"
+        )
         super().__init__(
             f"budget exceeded: the call would cost {asked:,} compute units (n x width x "
-            f"height) and the budget has {left:,} left; nothing was sent"
+            f"height) and the budget has {left:,} left; {unsent}"
         )
 
 

@@ -46,6 +46,8 @@ from ._timeout import MIN_ATTEMPT, seconds_validator
 if TYPE_CHECKING:
     from tenacity import RetryCallState
 
+    from ._usage import CallCost
+
 __all__ = ["RetryPolicy", "check_policy"]
 
 T = TypeVar("T")
@@ -148,6 +150,7 @@ class RetryPolicy:
         attempt: Callable[[float], Awaitable[T]],
         hooks: HookSet = DEFAULT_HOOKS,
         describe: Callable[[], CallInfo] | None = None,
+        cost: CallCost | None = None,
     ) -> T:
         """``await attempt(remaining)`` until it succeeds or the policy says stop.
 
@@ -155,6 +158,11 @@ class RetryPolicy:
         The error that ends the call is re-raised as it is, carrying ``attempts``.
         ``hooks`` hear of each attempt, retry and the call's end (see `Hooks`); ``describe``
         makes the `CallInfo` they get, only if one of them listens.
+
+        A paid call passes its `CallCost`: it hears of every failed attempt and reserves a
+        retry's cost before it is sent, and the error that ends the call says
+        ``may_have_been_billed`` if any of its attempts may have been billed, not only the
+        last (which can differ only under ``retry_ambiguous=True``).
         """
         record = CallRecord(hooks, describe or unnamed_call)
         retrying = AsyncRetrying(
@@ -172,6 +180,12 @@ class RetryPolicy:
             async for try_ in retrying:
                 with try_:
                     state = try_.retry_state
+                    if cost is not None and state.attempt_number > 1:
+                        try:
+                            cost.before_retry()
+                        except AtomaImagesError as error:
+                            error.attempts = state.attempt_number - 1
+                            raise
                     if hooks.attempt_started:
                         record.attempt_started(state.attempt_number)
                     started = time.monotonic()
@@ -180,6 +194,8 @@ class RetryPolicy:
                     except BaseException as error:  # cancellation too: hooks see every end
                         if isinstance(error, AtomaImagesError):
                             error.attempts = state.attempt_number
+                        if cost is not None:
+                            cost.attempt_failed(error)
                         if hooks.attempt_finished or hooks.call_finished:
                             record.attempt_finished(state, started, error, None)
                         raise
@@ -188,6 +204,13 @@ class RetryPolicy:
                         record.call_finished(None)
                     return result
         except BaseException as error:
+            # The error that ends a paid call speaks for all of its attempts.
+            if (
+                cost is not None
+                and cost.maybe_billed_attempts
+                and isinstance(error, AtomaImagesError)
+            ):
+                error.may_have_been_billed = True
             if hooks.call_finished:
                 record.call_finished(error)
             raise

@@ -20,7 +20,16 @@ import attrs
 from ._errors import AtomaImagesError, BudgetExceededError, InvalidRequestError
 from ._models import ImageRequest, ImagesResponse
 
-__all__ = ["Budget", "Usage", "UsageMeter", "compute_units", "may_have_been_billed", "reserve"]
+__all__ = [
+    "Budget",
+    "CallCost",
+    "Usage",
+    "UsageMeter",
+    "compute_units",
+    "may_have_been_billed",
+    "reserve",
+    "settle",
+]
 
 
 def compute_units(request: ImageRequest) -> int:
@@ -118,6 +127,54 @@ def reserve(units: int, *budgets: Budget | None) -> list[Budget]:
     return reserved
 
 
+@attrs.define
+class CallCost:
+    """What one generation call may cost, attempt by attempt, and what its budgets hold for it.
+
+    One attempt's cost is reserved before the call is sent. An attempt that may have been
+    billed (sent, outcome unknown) keeps its reservation, so a retry of it, which only
+    ``RetryPolicy(retry_ambiguous=True)`` makes, reserves the cost again before it is sent:
+    a budget never covers two possibly billed attempts with one reservation. The retry loop
+    reports each failed attempt (`attempt_failed`) and asks before each retry (`before_retry`).
+    """
+
+    units: int
+    budgets: tuple[Budget, ...]
+    reservations: int = 1
+    maybe_billed_attempts: int = 0
+
+    @classmethod
+    def reserve(cls, units: int, *budgets: Budget | None) -> CallCost:
+        """The cost of a call of ``units``, its first attempt reserved in every budget."""
+        return cls(units, tuple(reserve(units, *budgets)))
+
+    def attempt_failed(self, error: BaseException) -> None:
+        if may_have_been_billed(error):
+            self.maybe_billed_attempts += 1
+
+    def before_retry(self) -> None:
+        """Reserve for the next attempt if every reservation so far may have been spent.
+
+        Raises:
+            BudgetExceededError: the retry does not fit; it is not sent.
+        """
+        if self.maybe_billed_attempts < self.reservations:
+            return
+        try:
+            reserve(self.units, *self.budgets)
+        except BudgetExceededError as error:
+            raise BudgetExceededError(asked=error.asked, left=error.left, retry=True) from None
+        self.reservations += 1
+
+    def release_unspent(self, succeeded: bool) -> None:
+        """Give back the reservations that no billed or possibly billed attempt used."""
+        spent = self.maybe_billed_attempts + (1 if succeeded else 0)
+        for _ in range(self.reservations - spent):
+            for budget in self.budgets:
+                budget.release(self.units)
+        self.reservations = spent
+
+
 @attrs.frozen(kw_only=True)
 class Usage:
     """What a client's generation calls have cost so far (a snapshot; see ``client.usage``).
@@ -128,9 +185,10 @@ class Usage:
         calls: generation calls that were sent, or tried to be.
         images: images received.
         compute_units: units billed, for the calls that succeeded.
-        maybe_billed_calls: calls whose outcome is unknown (sent, then no complete answer,
-            cancelled, or an unreadable success): they may have been billed.
-        maybe_billed_compute_units: the units those calls may have cost.
+        maybe_billed_calls: calls with an attempt whose outcome is unknown (sent, then no
+            complete answer, cancelled, or an unreadable success): they may have been billed
+            for it (a call retried with ``retry_ambiguous=True`` can be one and succeed too).
+        maybe_billed_compute_units: the units those attempts may have cost.
         unbilled_failures: calls that failed without being billed (an error status, or a
             failure before the request reached the server).
     """
@@ -148,9 +206,30 @@ class Usage:
         return self.compute_units + self.maybe_billed_compute_units
 
 
+async def settle(
+    call: Awaitable[ImagesResponse], cost: CallCost, meters: Sequence[UsageMeter]
+) -> ImagesResponse:
+    """Await a call; count it in every meter, and give back what its budgets need not keep.
+
+    The response says what it cost. The one place a call's outcome becomes compute units.
+    """
+    try:
+        response = await call
+    except BaseException:
+        cost.release_unspent(succeeded=False)
+        for meter in meters:
+            meter.count(cost, None)
+        raise
+    cost.release_unspent(succeeded=True)
+    for meter in meters:
+        meter.count(cost, len(response.data))
+    return attrs.evolve(response, compute_units=cost.units)
+
+
 @attrs.define
 class UsageMeter:
-    """A client's running `Usage`, updated as each call ends; readable from any thread."""
+    """A running `Usage` (a client's, or a batch's), updated as each call ends; readable from
+    any thread."""
 
     _usage: Usage = attrs.field(factory=Usage, init=False)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
@@ -159,30 +238,17 @@ class UsageMeter:
     def usage(self) -> Usage:
         return self._usage
 
-    async def settle(
-        self, call: Awaitable[ImagesResponse], units: int, reserved: Sequence[Budget]
-    ) -> ImagesResponse:
-        """Await a call whose ``units`` are ``reserved``; count it, and give them back only if
-        it cannot have been billed. The response says what it cost."""
-        try:
-            response = await call
-        except BaseException as error:
-            self.failed(units, error)
-            if not may_have_been_billed(error):
-                for budget in reserved:
-                    budget.release(units)
-            raise
-        self.succeeded(units, len(response.data))
-        return attrs.evolve(response, compute_units=units)
-
-    def succeeded(self, units: int, images: int) -> None:
-        self._add(calls=1, images=images, compute_units=units)
-
-    def failed(self, units: int, error: BaseException) -> None:
-        if may_have_been_billed(error):
-            self._add(calls=1, maybe_billed_calls=1, maybe_billed_compute_units=units)
-        else:
-            self._add(calls=1, unbilled_failures=1)
+    def count(self, cost: CallCost, images: int | None) -> None:
+        """Count a call that ended: with ``images`` images, or failed (None)."""
+        maybe_billed = cost.maybe_billed_attempts
+        self._add(
+            calls=1,
+            images=images or 0,
+            compute_units=cost.units if images is not None else 0,
+            maybe_billed_calls=1 if maybe_billed else 0,
+            maybe_billed_compute_units=maybe_billed * cost.units,
+            unbilled_failures=1 if images is None and not maybe_billed else 0,
+        )
 
     def _add(self, **counts: int) -> None:
         with self._lock:

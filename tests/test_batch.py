@@ -97,6 +97,33 @@ async def test_an_async_source_and_a_plain_async_for_with_aclose(
     assert len(server.posts) <= 10 + 3
 
 
+async def test_a_plain_async_for_left_by_break_cancels_what_is_in_flight(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    server.enqueue(Reply(delay=0.3), times=1000)
+    batch = client.generate_many((f"prompt {n}" for n in range(1000)), concurrency=4, size="8x8")
+    async for _ in batch:
+        break
+    for _ in range(20):  # asyncio closes the dropped iterator in a task of its own
+        await asyncio.sleep(0.01)
+    workers = [task for task in asyncio.all_tasks() if "batch-worker" in task.get_name()]
+    assert workers == []
+    summary = batch.summary
+    assert summary.results == 1
+    assert len(server.posts) <= 1 + 4
+    # Every request sent is accounted for: the one handed out, then those cancelled or
+    # finished but never claimed.
+    assert len(server.posts) == 1 + len(summary.cancelled_prompts) + len(summary.unclaimed)
+
+
+async def test_retries_none_means_the_clients_policy(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    results = [r async for r in client.generate_many(["a fox"], size="8x8", retries=None)]
+    assert [r.ok for r in results] == [True]
+    assert len(server.posts) == 1
+
+
 async def _first(batch: AsyncIterator[BatchResult], count: int) -> AsyncIterator[BatchResult]:
     async for result in batch:
         yield result

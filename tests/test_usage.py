@@ -122,6 +122,54 @@ async def test_a_cancelled_call_keeps_its_reservation_and_counts_as_maybe_billed
     assert client.usage.maybe_billed_compute_units == UNITS_8X8
 
 
+AMBIGUITY_ALLOWED = RetryPolicy(retry_ambiguous=True, backoff_base=0)
+
+
+async def test_a_retried_ambiguous_attempt_is_counted_and_reserved_again(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    # Dropped after sending (may have been billed), then retried and answered: two POSTs that
+    # may both be billed, so the budget holds two attempts and usage says so.
+    budget = Budget(max_compute_units=2 * UNITS_8X8)
+    server.enqueue(Reply(fault="drop"))
+    result = await client.generate("a fox", size="8x8", budget=budget, retries=AMBIGUITY_ALLOWED)
+    assert result.compute_units == UNITS_8X8
+    assert len(server.posts) == 2
+    assert budget.remaining == 0
+    assert client.usage.compute_units == UNITS_8X8
+    assert client.usage.maybe_billed_calls == 1
+    assert client.usage.maybe_billed_compute_units == UNITS_8X8
+    assert client.usage.max_compute_units == len(server.posts) * UNITS_8X8
+
+
+async def test_a_retry_of_an_ambiguous_attempt_that_does_not_fit_is_not_sent(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    budget = Budget(max_compute_units=UNITS_8X8)
+    server.enqueue(Reply(fault="drop"))
+    with pytest.raises(BudgetExceededError) as refused:
+        await client.generate("a fox", size="8x8", budget=budget, retries=AMBIGUITY_ALLOWED)
+    assert len(server.posts) == 1
+    assert refused.value.may_have_been_billed  # the first attempt may have been
+    assert refused.value.attempts == 1
+    assert "the retry was not sent" in str(refused.value)
+    assert budget.remaining == 0
+
+
+async def test_a_call_whose_earlier_attempt_may_have_been_billed_says_so_at_the_end(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    # The last attempt's 400 bills nothing, but the dropped one before it may have.
+    server.enqueue(Reply(fault="drop"), Reply(status=400))
+    with pytest.raises(BadRequestError) as info:
+        await client.generate("a fox", size="8x8", retries=AMBIGUITY_ALLOWED)
+    assert len(server.posts) == 2
+    assert info.value.attempts == 2
+    assert info.value.may_have_been_billed
+    assert client.usage.maybe_billed_compute_units == UNITS_8X8
+    assert client.usage.unbilled_failures == 0
+
+
 async def test_a_call_budget_and_the_client_budget_both_apply(server: FakeAtomaServer) -> None:
     shared = Budget(max_compute_units=3 * UNITS_8X8)
     alice = Budget(max_compute_units=2 * UNITS_8X8)
