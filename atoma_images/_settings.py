@@ -53,23 +53,33 @@ def _check_api_key(_: object, __: object, value: Any) -> None:
         )
 
 
+def _without_credentials(raw: object) -> object:
+    """``raw`` as an error may show it: a URL's ``user:password@`` replaced, parsed or not."""
+    if not isinstance(raw, str):
+        return raw
+    scheme, separator, rest = raw.partition("://") if "://" in raw else ("", "", raw)
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "<credentials removed>@" + authority.rpartition("@")[2]
+    return f"{scheme}{separator}{authority}{slash}{path}"
+
+
 def _to_base_url(raw: object) -> URL:
+    shown = _without_credentials(raw)  # every error below shows this, never raw
     try:
         url = URL(raw) if isinstance(raw, str) else None
     except (TypeError, ValueError):
         url = None
     if url is None or url.scheme not in ("http", "https") or not url.host:
         raise InvalidRequestError(
-            "base_url", raw, "allowed: an http:// or https:// URL such as " + DEFAULT_BASE_URL
+            "base_url", shown, "allowed: an http:// or https:// URL such as " + DEFAULT_BASE_URL
         )
     if url.user is not None or url.password is not None:
         raise InvalidRequestError(
-            "base_url",
-            f"{url.with_user(None)} (credentials removed)",
-            "allowed: a URL without user:password; pass the key as api_key",
+            "base_url", shown, "allowed: a URL without user:password; pass the key as api_key"
         )
     if url.query_string or url.fragment:
-        raise InvalidRequestError("base_url", raw, "allowed: a URL without query or fragment")
+        raise InvalidRequestError("base_url", shown, "allowed: a URL without query or fragment")
     return url.with_path(url.path.rstrip("/"))  # ".../v1" and ".../v1/" are the same root
 
 
@@ -106,9 +116,18 @@ def _to_headers(value: object) -> CIMultiDictProxy[str]:
                 "headers", name, "allowed: any header but Authorization and Content-Type"
             )
         # RFC 9110 section 5.5: no CR, LF or NUL (a header injection), nor other controls.
-        if type(text) is not str or any((c < " " and c != "\t") or c == "\x7f" for c in text):
+        # The value may be a secret (a gateway's token): the error describes it, never shows it.
+        if type(text) is not str:
             raise InvalidRequestError(
-                f"headers[{name!r}]", text, "allowed: a str without control characters"
+                f"headers[{name!r}]",
+                type(text).__name__,
+                "allowed: a str without control characters",
+            )
+        if any((c < " " and c != "\t") or c == "\x7f" for c in text):
+            raise InvalidRequestError(
+                f"headers[{name!r}]",
+                f"<hidden: {len(text)} characters, with a control character such as CR or LF>",
+                "allowed: a str without control characters",
             )
         headers[name] = text
     return CIMultiDictProxy(headers)

@@ -18,6 +18,7 @@ from atoma_images import (
     AsyncImagesClient,
     AtomaImagesError,
     ImagesClient,
+    InvalidRequestError,
     RetryPolicy,
 )
 from atoma_images.testing import FakeAtomaServer, Reply
@@ -277,3 +278,36 @@ async def test_a_proxy_password_is_in_no_exception_chain(
     texts += [repr(getattr(e, "args", ())) for e in (info.value.__cause__,) if e is not None]
     assert info.value.__cause__ is not None  # the cause is kept, for diagnosis
     assert not [text for text in texts if password in text or SECRET in text]
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "https://alice:hunter2@api.example/v1",  # credentials alone
+        "ftp://alice:hunter2@api.example/v1",  # and a scheme that is not http(s)
+        "alice:hunter2@api.example/v1",  # and no scheme
+        "http://alice:hunter2@api.example:99999/v1",  # and a port out of range
+        "http://alice:hunter2@/v1",  # and no host
+    ],
+)
+def test_a_base_url_password_is_in_no_error_whatever_else_is_wrong(
+    base_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for given, environment in ((base_url, None), (None, base_url)):
+        if environment is not None:
+            monkeypatch.setenv("ATOMA_BASE_URL", environment)
+        with pytest.raises(InvalidRequestError) as info:
+            AsyncImagesClient(SECRET, base_url=given)
+        texts = every_text_of(info.value)
+        assert "api.example" in str(info.value) or "/v1" in str(info.value)  # still useful
+        assert not [text for text in texts if "hunter2" in text or SECRET in text]
+
+
+@pytest.mark.parametrize("value", ["gw-SECRET-token\n", "gw-SECRET-token\r\nX-Evil: 1", "\x00"])
+def test_a_refused_header_value_is_described_not_shown(value: str) -> None:
+    # A custom header is often a gateway's token, read from a file with its newline.
+    with pytest.raises(InvalidRequestError) as info:
+        AsyncImagesClient(SECRET, headers={"X-Gateway-Token": value})
+    assert "X-Gateway-Token" in str(info.value)
+    assert "control character" in str(info.value)
+    assert not [text for text in every_text_of(info.value) if value in text]
