@@ -389,6 +389,7 @@ class AsyncImagesClient:
             ssl=self._settings.ssl,
             proxy=proxy,
             max_bytes=self._settings.max_response_bytes if max_bytes is None else max_bytes,
+            traced=self._sessions.owns_session,
         )
 
     def _limits(self, timeout: Timeout | float | None) -> Timeout:

@@ -15,6 +15,8 @@ import warnings
 import aiohttp
 import attrs
 
+from ._transport import progress_trace
+
 __all__ = ["SessionHolder", "State"]
 
 
@@ -66,6 +68,8 @@ class SessionHolder:
                 # would clash with our Authorization header. The proxy variables are honoured
                 # all the same (_transport.environment_proxy).
                 trust_env=False,
+                # Tells the transport whether a failed request had been sent (billing honesty).
+                trace_configs=[progress_trace()],
             )
         elif session.closed:
             raise RuntimeError("the aiohttp.ClientSession given to the client is closed")

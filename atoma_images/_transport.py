@@ -38,7 +38,15 @@ from ._errors import (
     ResponseValidationError,
 )
 
-__all__ = ["MAX_ERROR_BODY", "Answer", "Proxy", "environment_proxy", "send"]
+__all__ = [
+    "MAX_ERROR_BODY",
+    "Answer",
+    "Progress",
+    "Proxy",
+    "environment_proxy",
+    "progress_trace",
+    "send",
+]
 
 logger = logging.getLogger("atoma_images")
 
@@ -69,6 +77,32 @@ class Answer:
     body: bytes
 
 
+@attrs.define
+class Progress:
+    """How far one request got: whether its headers were handed to the connection.
+
+    Set by `progress_trace` on a session the client made itself. Until then no byte of the
+    request can have reached the server, whatever limit ran out first (a loop that stalls
+    can make the attempt's overall limit fire while it still waits for a connection).
+    """
+
+    headers_sent: bool = False
+
+
+async def _headers_sent(
+    _: aiohttp.ClientSession, context: Any, __: aiohttp.TraceRequestHeadersSentParams
+) -> None:
+    if isinstance(context.trace_request_ctx, Progress):
+        context.trace_request_ctx.headers_sent = True
+
+
+def progress_trace() -> aiohttp.TraceConfig:
+    """The request trace of a session made by the client, which feeds each `Progress`."""
+    config = aiohttp.TraceConfig()
+    config.on_request_headers_sent.append(_headers_sent)
+    return config
+
+
 @attrs.frozen
 class Proxy:
     """An HTTP proxy to send through, and the headers that carry its credentials."""
@@ -88,13 +122,17 @@ async def send(
     ssl: ssl_module.SSLContext | bool,
     proxy: Proxy | None,
     max_bytes: int,
+    traced: bool,
 ) -> Answer:
     """Send one request and read its answer; raise our error for anything else.
 
     A success body larger than ``max_bytes`` is a `ResponseValidationError` (after reading no
     more than that); an error body is cut at `MAX_ERROR_BODY`, since it is read only for
-    its message.
+    its message. ``traced``: the session carries `progress_trace`, so a failure is known to
+    have come before the request was sent; on any other session, an overall time limit
+    that runs out is taken to mean it may have been sent.
     """
+    progress = Progress() if traced else None
     if proxy is not None and proxy.headers and url.scheme == "http":
         # aiohttp sends proxy_headers only with the CONNECT of an https request; a plain-HTTP
         # request goes to the proxy as it is, so its credentials travel with it.
@@ -112,13 +150,15 @@ async def send(
             allow_redirects=False,
             # A session passed in may raise on error statuses; we read statuses ourselves.
             raise_for_status=False,
+            trace_request_ctx=progress,
             **_WITHOUT_MIDDLEWARES,
         ) as response:
             status = response.status
             limit = max_bytes if status < 300 else MAX_ERROR_BODY
             answer = Answer(status, response.headers, await _read_body(response, limit))
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-        error, cause = _error_for(exc, method, url), _without_secrets(exc)
+        unsent = progress is not None and not progress.headers_sent
+        error, cause = _error_for(exc, method, url, unsent), _without_secrets(exc)
     else:
         if logger.isEnabledFor(logging.DEBUG):  # never the body, never the headers
             logger.debug(
@@ -165,7 +205,7 @@ def _too_large(response: aiohttp.ClientResponse, limit: int) -> ResponseValidati
     )
 
 
-def _error_for(exc: BaseException, method: str, url: URL) -> AtomaImagesError:
+def _error_for(exc: BaseException, method: str, url: URL, unsent: bool) -> AtomaImagesError:
     where = f"{url.host}:{url.port}"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return APIConnectionError(
@@ -191,6 +231,18 @@ def _error_for(exc: BaseException, method: str, url: URL) -> AtomaImagesError:
     if isinstance(exc, aiohttp.InvalidURL):
         return APIConnectionError(
             f"aiohttp cannot request {exc.url!s:.200}{_NOT_SENT}", url=str(url), transient=False
+        )
+    if unsent and isinstance(exc, asyncio.TimeoutError):  # the overall limit, before sending
+        return APITimeoutError(
+            f"timed out before the request to {where} was sent (waiting for a connection)"
+            f"{_NOT_SENT}",
+            url=str(url),
+        )
+    if unsent:
+        return APIConnectionError(
+            f"the connection to {where} failed before the request was sent "
+            f"({type(exc).__name__}: {exc}){_NOT_SENT}",
+            url=str(url),
         )
     consequence = _MAYBE_BILLED if method == "POST" else _DOWNLOAD_ONLY
     if isinstance(exc, asyncio.TimeoutError):  # aiohttp's read and total limits

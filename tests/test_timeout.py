@@ -110,6 +110,37 @@ async def test_pool_wait_is_a_timeout_before_sending(server: FakeAtomaServer) ->
     assert len(server.posts) == 1
 
 
+async def test_a_pool_wait_is_not_sent_even_when_a_stalled_loop_lets_every_limit_run_out(
+    server: FakeAtomaServer,
+) -> None:
+    # A CPU-bound stretch elsewhere in the application freezes the loop past both the connect
+    # limit and the attempt's overall limit: both fire at once when it wakes. The second
+    # call never had a connection, so it was not sent, whichever limit wins.
+    import asyncio
+    import time
+
+    server.latency = 1.0
+    async with AsyncImagesClient(
+        API_KEY, base_url=server.base_url, max_connections=1, timeout=0.6, retries=NO_RETRIES
+    ) as images:
+
+        async def stall() -> None:
+            await asyncio.sleep(0.5)
+            time.sleep(0.3)  # noqa: ASYNC251 - the blocking stretch is the point
+
+        sent = asyncio.create_task(images.generate("sent", size="8x8"))
+        await asyncio.sleep(0.05)  # the first call holds the one connection
+        waiting = asyncio.create_task(images.generate("waiting", size="8x8"))
+        await stall()
+        with pytest.raises(AmbiguousTimeoutError):
+            await sent
+        with pytest.raises(APITimeoutError) as info:
+            await waiting
+    assert not info.value.may_have_been_billed
+    assert "was not sent" in str(info.value)
+    assert [post.json()["prompt"] for post in server.posts] == ["sent"]
+
+
 # -- aiohttp's own read timer, through its public API only ---------------------------------
 
 
