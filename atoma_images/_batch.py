@@ -147,9 +147,11 @@ _END = object()
 class Batch:
     """An async iterator of `BatchResult`, in completion order; see `generate_many`.
 
-    Use it as ``async with client.generate_many(...) as batch: async for result in batch``,
-    so that leaving early cancels what is in flight. A plain ``async for`` works too: the
-    batch closes itself when it is exhausted; call `aclose` if you leave it sooner.
+    Use it as ``async with client.generate_many(...) as batch: async for result in batch``:
+    leaving the block cancels what is in flight and waits for it. A plain ``async for``
+    works too: the batch closes itself when it is exhausted, and when the loop is left early
+    asyncio closes the dropped iterator soon after (in a task of its own), cancelling what is
+    in flight; `aclose` does it at once.
     """
 
     def __init__(

@@ -118,22 +118,27 @@ class AsyncImagesClient:
 
     @property
     def base_url(self) -> str:
+        """The API root the client sends to, ending in ``/v1``."""
         return str(self._settings.base_url)
 
     @property
     def model(self) -> str:
+        """The model used when a call names none."""
         return self._settings.model
 
     @property
     def timeout(self) -> Timeout:
+        """The time limits of each attempt, unless a call passes its own."""
         return self._settings.timeout
 
     @property
     def retries(self) -> RetryPolicy:
+        """The retry policy of every call, unless a call passes its own."""
         return self._settings.retries
 
     @property
     def budget(self) -> Budget | None:
+        """The `Budget` that caps every call of this client, if it was given one."""
         return self._settings.budget
 
     @property

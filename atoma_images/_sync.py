@@ -18,13 +18,14 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
+from yarl import URL
 
 from ._batch import Prompt, SyncBatch
 from ._client import DEFAULT_MAX_DOWNLOAD_BYTES, DEFAULT_MAX_RESPONSE_BYTES, AsyncImagesClient
 from ._errors import InvalidRequestError
 from ._hooks import Hooks
 from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse, ResponseFormat
-from ._portal import LoopThread, PortalState
+from ._portal import LoopThread, PortalState, refuse_to_block_a_local_server
 from ._retry import RetryPolicy
 from ._timeout import Timeout
 from ._usage import Budget, Usage
@@ -50,6 +51,41 @@ _CTRL_C = """\
 Blocks until the call is over. Ctrl-C while it waits cancels the call and raises
 KeyboardInterrupt: a request the client's loop had not started is never sent, one under way
 is cancelled and its connection released. The client stays usable."""
+
+
+def _section_of(doc: str, name: str | None) -> str:
+    """A Google-style section (``"Args:"``...) of a docstring as it stands; None: the text
+    before the first section."""
+    kept: list[str] = []
+    current = None
+    for paragraph in doc.rstrip().split("\n\n"):
+        heading = paragraph.strip().split("\n", 1)[0]
+        if heading in ("Args:", "Returns:", "Raises:"):
+            current = heading
+        if current == name:
+            kept.append(paragraph)
+    return "\n\n".join(kept)
+
+
+def _iterator_twin_of(async_method: Callable[..., Any]) -> Callable[[F], F]:
+    """Give a method that returns a blocking iterator its async twin's arguments and errors.
+
+    Its own docstring says what differs (the example, what it returns); ``Args:`` and
+    ``Raises:`` come from the twin, the one source.
+    """
+
+    def attach(method: F) -> F:
+        own, twin = method.__doc__ or "", async_method.__doc__ or ""
+        parts = (
+            _section_of(own, None),
+            _section_of(twin, "Args:"),
+            _section_of(own, "Returns:"),
+            _section_of(twin, "Raises:"),
+        )
+        method.__doc__ = "\n\n".join(part for part in parts if part)
+        return method
+
+    return attach
 
 
 def _blocking_twin_of(async_method: Callable[..., Any]) -> Callable[[F], F]:
@@ -117,6 +153,8 @@ class ImagesClient:
             hooks=hooks,
         )
         self._portal = LoopThread("atoma-images")
+        url = URL(self._client.base_url)
+        self._origin = f"{url.scheme}://{url.host}:{url.port}"
         _open_clients.add(self)
 
     def __repr__(self) -> str:
@@ -200,6 +238,11 @@ class ImagesClient:
         return self._run(self._client.save_all(response, directory, stem))
 
     def _run(self, call: Coroutine[Any, Any, T]) -> T:
+        try:
+            refuse_to_block_a_local_server(self._origin, self)
+        except RuntimeError:
+            call.close()  # never "was never awaited"
+            raise
         return self._portal.run(call)  # a RuntimeError once the client is closed
 
     def close(self) -> None:
@@ -235,9 +278,9 @@ class ImagesClient:
 
     @property
     def usage(self) -> Usage:
-        """What this client's generation calls have cost so far (a snapshot)."""
         return self._client.usage
 
+    @_iterator_twin_of(AsyncImagesClient.generate_many)
     def generate_many(
         self,
         prompts: Iterable[Prompt] | AsyncIterable[Prompt],
@@ -248,14 +291,30 @@ class ImagesClient:
     ) -> SyncBatch:
         """Generate for many prompts, at most ``concurrency`` at a time; results as they finish.
 
-        The same as `AsyncImagesClient.generate_many`, as a plain iterator; ``on_progress``
-        is called in the thread that iterates::
+        ```python
+        with client.generate_many(prompts, concurrency=8, size="512x512") as batch:
+            for result in batch:
+                if result.ok:
+                    result.response.images[0].save(f"{result.index}.png")
+        print(batch.summary)
+        ```
 
-            with client.generate_many(prompts, size="512x512") as batch:
-                for result in batch:
-                    ...
+        A prompt that fails gives a `BatchResult` with its error; the batch goes on. When
+        the server asks one call to wait (429 with Retry-After), the whole batch waits.
+        Leaving the loop early (``break``, an exception, Ctrl-C) cancels the calls in flight
+        and waits for them; ``on_progress`` is called in the thread that iterates.
+
+        Returns:
+            A `SyncBatch`: an iterator of `BatchResult`, in completion order, and a context
+            manager that cancels what is still in flight on exit.
         """
         batch = self._client.generate_many(
             prompts, concurrency=concurrency, on_progress=None, **generate_options
         )
         return SyncBatch(batch, self._run, on_progress)
+
+
+# The properties read the async client's, and say what they are in its words (one source).
+for _name in ("base_url", "model", "timeout", "retries", "budget", "usage"):
+    vars(ImagesClient)[_name].__doc__ = getattr(AsyncImagesClient, _name).__doc__
+del _name

@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from atoma_images import ImagesClient
 from atoma_images.testing import FakeAtomaServer, Reply, make_png
 
 from conftest import API_KEY
@@ -196,3 +197,24 @@ async def test_a_scripted_reply_says_what_its_body_is(
     server.enqueue(reply)
     status, got, _ = await exchange(server, "POST", "/images/generations")
     assert (status, got) == (reply.status, content_type)
+
+
+async def test_the_sync_client_refuses_to_block_the_loop_of_the_server_it_calls() -> None:
+    # A notebook: the server started on the kernel's own loop, then the synchronous client
+    # called from that loop. It would block the loop that has to answer, until its read
+    # timeout; it is refused at once, before anything is sent.
+    async with FakeAtomaServer() as server:
+        # (A short limit, so that without the check the test fails fast rather than hangs.)
+        with ImagesClient("any-key", base_url=server.base_url, timeout=2) as client:
+            with pytest.raises(RuntimeError, match="could never answer"):
+                client.generate("a teapot", size="8x8")
+            with pytest.raises(RuntimeError, match="could never answer"):
+                list(client.generate_many(["a teapot"], size="8x8"))
+        assert server.requests == []
+
+
+async def test_the_sync_client_calls_a_server_on_another_thread_from_a_running_loop() -> None:
+    # The working form in a notebook: the server in a thread of its own.
+    with FakeAtomaServer() as server, ImagesClient("any-key", base_url=server.base_url) as client:
+        assert client.generate("a teapot", size="8x8").images
+        assert len(server.posts) == 1

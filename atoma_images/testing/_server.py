@@ -16,7 +16,7 @@ from aiohttp import web
 
 from atoma_images import _confidential
 from atoma_images._models import DEFAULT_MODEL
-from atoma_images._portal import LoopThread
+from atoma_images._portal import LoopThread, serving_locally
 
 from ._checks import json_object, parse_size, refusal
 from ._faults import Reply, send
@@ -147,7 +147,11 @@ class FakeAtomaServer:
         """The API root to give a client: ``http://127.0.0.1:<port>/v1``."""
         if self._runner is None:
             raise RuntimeError("the fake server is not running; use 'async with' or 'with'")
-        return f"http://{self.host}:{self.port}/v1"
+        return f"{self._origin}/v1"
+
+    @property
+    def _origin(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -165,11 +169,14 @@ class FakeAtomaServer:
         await site.start()
         self.port = runner.addresses[0][1]
         self._runner = runner
+        # So that a synchronous client called from this very loop refuses at once.
+        serving_locally(self._origin, serving=True)
 
     async def stop(self) -> None:
         """Close the server and its connections. Safe to repeat."""
         runner, self._runner = self._runner, None
         if runner is not None:
+            serving_locally(self._origin, serving=False)
             await runner.cleanup()
 
     async def __aenter__(self) -> FakeAtomaServer:
