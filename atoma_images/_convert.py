@@ -1,166 +1,40 @@
-"""The package's one cattrs converter, its one JSON parser, and the network-free edges of a call.
+"""The package's one cattrs converter, and the network-free edges of a call.
 
 `encode_request` turns an `ImageRequest` into body bytes; `parse_response` turns
-(status, headers, body bytes) into an `ImagesResponse` or raises the typed error. Neither
-touches a socket, so both are tested without one.
-
-Everything here reads what a server sent, so everything is bounded: `load_json` refuses a
-body that would become more objects or deeper nesting than an answer can hold before
-building it, and error pages are scanned with searches that only move forward.
+(status, headers, body bytes) into an `ImagesResponse` or raises the typed error;
+`error_from_response` makes the typed error of an error status. None touches a socket, so
+all are tested without one. JSON is read by the one bounded parser (`_bounded_json`), an
+error body's message by `_error_text`, a wait by `_retry_after` (docs/architecture.md).
 """
 
 from __future__ import annotations
 
-import datetime
-import email.utils
 import functools
-import html
 import json
-import math
-import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
+from ._bounded_json import load_json
+from ._error_text import EXCERPT, error_details
 from ._errors import APIStatusError, ResponseValidationError, status_error_class
-from ._models import (
-    MAX_IMAGES,
-    GeneratedImage,
-    ImageRequest,
-    ImagesResponse,
-    utf8_encodable,
-)
-
-try:
-    import orjson
-except ImportError:  # without the speedups extra, the standard library parses everything
-    orjson = None  # type: ignore[assignment, unused-ignore]  # typed only when installed
+from ._models import MAX_IMAGES, GeneratedImage, ImageRequest, ImagesResponse
+from ._retry_after import parse_retry_after
 
 if TYPE_CHECKING:
     import cattrs
 
 __all__ = [
-    "JSON_BACKEND",
     "converter",
     "encode_request",
     "error_from_response",
     "invalid_response",
-    "load_json",
     "parse_object",
     "parse_response",
-    "parse_retry_after",
 ]
 
 T = TypeVar("T")
-
-_EXCERPT = 200
-
-#: The JSON parser in use, chosen once at import: "orjson" when the ``speedups`` extra is
-#: installed, else "json". Both accept and refuse the same bodies (see `load_json`).
-JSON_BACKEND = "json" if orjson is None else "orjson"
-
-# Every JSON value but the outermost comes right after a '[' (an array's first item), a
-# '{' (an object's first key) or a ',' (any later one), and each key is such a value's
-# twin; so a body with S of these bytes makes at most 2*S + 1 objects, whatever it holds
-# (bytes inside strings only make S an overestimate). An images answer holds a few dozen:
-# ten images of three or four keys, a comma in each data URI, and the commas of a revised
-# prompt. 65536 leaves room for any of that and caps what a hostile body can make at about
-# 130,000 small objects (under 10 MB, tens of ms). Counting is C-speed: about 1 ms for a
-# 1.4 MB image, 0.2 s for the 100 MB of ten large ones.
-MAX_JSON_STRUCTURE = 2**16
-# An images answer nests three deep (answer, data, image); 32 leaves room for whatever an
-# extra key holds, and stays far below where either parser gives up (json at about 1000
-# minus the caller's stack depth with a RecursionError, orjson at 1024), so both refuse
-# the same bodies, and nothing built from an answer is too deep to print or compare.
-MAX_JSON_DEPTH = 32
-
-
-def load_json(body: bytes, backend: str = JSON_BACKEND) -> Any:
-    """The value of a UTF-8 JSON body (RFC 8259); the one JSON parser of the package.
-
-    ``backend`` ("json" or "orjson") is for tests, which run both. They agree on every
-    body: json is told to refuse what orjson refuses (NaN and Infinity, numbers beyond a
-    double, lone surrogates) and to read an integer beyond 64 bits as a float, as orjson
-    does; nesting beyond `MAX_JSON_DEPTH` is refused whichever parser noticed it first.
-
-    Raises:
-        ValueError: the body is not JSON, or holds more than an answer can; the message
-            says which, readably.
-    """
-    structure = body.count(b"[") + body.count(b"{") + body.count(b",")
-    if structure > MAX_JSON_STRUCTURE:
-        raise ValueError(
-            f"the body has {structure} of '[', '{{' and ',', more than the "
-            f"{MAX_JSON_STRUCTURE} any answer needs; it was not parsed"
-        )
-    try:
-        if backend == "orjson":
-            value = orjson.loads(body)
-        else:
-            value = json.loads(
-                body.decode("utf-8"),  # strictly: no BOM, no UTF-16, no encoded surrogates
-                parse_int=_json_int,
-                parse_float=_json_float,
-                parse_constant=_json_constant,
-            )
-    except RecursionError:
-        raise ValueError(_too_deep()) from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError and ours alike
-        raise ValueError(f"the body is not JSON ({exc})") from exc
-    _check_tree(value)
-    return value
-
-
-def _json_int(text: str) -> int | float:
-    # orjson reads an integer beyond 64 bits as a float, as JavaScript does; reading it the
-    # same way also keeps Python's limit on long int() conversions out of the way.
-    if len(text) <= 20:
-        number = int(text)
-        if -(2**63) <= number < 2**64:
-            return number
-    return _json_float(text)
-
-
-def _json_float(text: str) -> float:
-    number = float(text)
-    if math.isinf(number):
-        raise ValueError(f"the number {text[:20]}... is beyond the range of a double")
-    return number
-
-
-def _json_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def _too_deep() -> str:
-    return f"the body nests deeper than {MAX_JSON_DEPTH} levels"
-
-
-def _check_tree(value: Any) -> None:
-    """Refuse nesting beyond MAX_JSON_DEPTH, and strings that are not Unicode text.
-
-    A level at a time, without recursion: at most 2*MAX_JSON_STRUCTURE + 1 nodes.
-    """
-    level, depth = [value], 0
-    while level:
-        depth += 1
-        inner: list[Any] = []
-        for node in level:
-            kind = type(node)
-            if kind is str:
-                # json makes a str of an escaped lone surrogate; orjson refuses it.
-                if not utf8_encodable(node):
-                    raise ValueError(
-                        "the body is not JSON (a \\u escape stands for a lone surrogate)"
-                    )
-            elif kind is dict or kind is list:
-                if depth > MAX_JSON_DEPTH:
-                    raise ValueError(_too_deep())
-                inner += node  # a dict's keys, then its values
-                if kind is dict:
-                    inner += node.values()
-        level = inner
 
 
 class _Mismatch(TypeError):
@@ -378,7 +252,7 @@ def _describe(exc: BaseException, type_: Any) -> str:
 
 
 def _excerpt(body: bytes) -> str:
-    return body[:_EXCERPT].decode("utf-8", "replace")
+    return body[:EXCERPT].decode("utf-8", "replace")
 
 
 def error_from_response(
@@ -386,7 +260,7 @@ def error_from_response(
 ) -> APIStatusError:
     """The typed error for an error status; copes with JSON, plain-text, HTML and empty bodies."""
     text = body.decode("utf-8", "replace")
-    code, message = _error_details(body, text)
+    code, message = error_details(body, text)
     if 300 <= status < 400:
         # Redirects are not followed: a paid POST and its key go only where they were sent.
         message = (
@@ -408,192 +282,3 @@ def error_from_response(
         url=url,
         retry_after=parse_retry_after(headers),
     )
-
-
-def _error_details(body: bytes, text: str) -> tuple[str | None, str]:
-    stripped = text.strip()
-    if not stripped:
-        return None, "the server sent no error details (empty body)"
-    if stripped[0] in "{[":
-        try:
-            obj = load_json(body)
-        except ValueError:
-            pass  # shown as text below
-        else:
-            found = _from_json(obj)
-            if found is not None:
-                return found
-    if stripped[0] == "<":
-        # A gateway's HTML page: its title says it best, else its visible text.
-        return None, _fold(_unescape(_html_text(stripped))) or "(HTML page)"
-    return None, _fold(stripped)
-
-
-def _from_json(obj: Any) -> tuple[str | None, str] | None:
-    if type(obj) is not dict:
-        return None
-    error = obj.get("error")
-    if type(error) is dict:
-        code = error.get("code")
-        message = error.get("message")
-        return (
-            code if type(code) is str else None,
-            message if type(message) is str else json.dumps(error)[:_EXCERPT],
-        )
-    for key in ("error", "message", "detail"):
-        value = obj.get(key)
-        if type(value) is str:
-            return None, value
-    return None
-
-
-def _fold(text: str) -> str:
-    """The start of ``text`` with each run of whitespace made one space, cut to _EXCERPT."""
-    # _EXCERPT words already make more than _EXCERPT characters: the rest is never split.
-    return " ".join(text.split(maxsplit=_EXCERPT)[:_EXCERPT])[:_EXCERPT]
-
-
-def _unescape(text: str) -> str:
-    try:
-        return html.unescape(text)
-    except ValueError:  # "&#" and more digits than int() converts: shown as it is
-        return text
-
-
-# An error page is summed up from its first 64 KiB: a gateway's page is a few KB, and the
-# whole body stays in error.body. The scans below are linear without the cap; it keeps a
-# 1 MiB page of tiny tags (a Python step each) well under 50 ms.
-_HTML_SCAN = 2**16
-_RAW_TEXT_ELEMENTS = (b"script", b"style")
-_WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_")
-
-
-def _html_text(page: str) -> str:
-    """A gateway page's title, or else its text without scripts, styles and tags.
-
-    What the regexes ``<title[^>]*>(.*?)</title>``, ``<(script|style)\\b.*?</\\1\\s*>`` and
-    ``<[^>]*>`` (case-insensitive) find, found with searches that each start where the one
-    before ended, so in linear time: the regexes take quadratic time on a page of ``<``
-    (15 minutes for 1 MiB), and html.parser does on pages of ``<a `` or ``<!--``.
-    """
-    page = page[:_HTML_SCAN]
-    # One byte per character of page, ASCII letters lowercased: searches ignore case, and
-    # their positions index page itself.
-    lower = page.encode("ascii", "replace").lower()
-    start = lower.find(b"<title")
-    opened = lower.find(b">", start) if start >= 0 else -1
-    closed = lower.find(b"</title>", opened) if opened >= 0 else -1
-    if closed >= 0:
-        return page[opened + 1 : closed]
-    return _without_tags(_without_raw_text(page, lower))
-
-
-def _without_raw_text(page: str, lower: bytes) -> str:
-    """``page`` with each script and style element, from its tag to its end tag, made a space."""
-    pieces: list[str] = []
-    position = 0
-    # For each element: where its next start tag is (-1: there is none), and where the
-    # first end tag after the start tag last looked at starts and ends (-1: there is none;
-    # (0, 0): not looked for yet).
-    openings = {name: _start_tag(lower, name, 0) for name in _RAW_TEXT_ELEMENTS}
-    closings = dict.fromkeys(_RAW_TEXT_ELEMENTS, (0, 0))
-    while True:
-        first: tuple[int, int] | None = None
-        for name in _RAW_TEXT_ELEMENTS:
-            opening = openings[name]
-            if 0 <= opening < position:
-                opening = openings[name] = _start_tag(lower, name, position)
-            if opening < 0:
-                continue
-            after = opening + 1 + len(name)
-            start, end = closings[name]
-            if 0 <= start < after:
-                start, end = closings[name] = _end_tag(lower, name, after)
-            if start < 0:  # no end tag after this start tag, so after no later one either
-                openings[name] = -1
-            elif first is None or opening < first[0]:
-                first = (opening, end)
-        if first is None:
-            break
-        pieces += (page[position : first[0]], " ")
-        position = first[1]
-    pieces.append(page[position:])
-    return "".join(pieces)
-
-
-def _start_tag(lower: bytes, name: bytes, position: int) -> int:
-    """Where the first ``<name`` that ends a word starts, from ``position``; -1 if none."""
-    opener = b"<" + name
-    while (start := lower.find(opener, position)) >= 0:
-        after = start + len(opener)
-        if after == len(lower) or lower[after] not in _WORD_BYTES:
-            return start
-        position = after
-    return -1
-
-
-def _end_tag(lower: bytes, name: bytes, position: int) -> tuple[int, int]:
-    """Where the first ``</name>`` (whitespace allowed before '>') from ``position``
-    starts and ends; (-1, -1) if there is none."""
-    opener = b"</" + name
-    while (start := lower.find(opener, position)) >= 0:
-        gt = lower.find(b">", start)
-        if gt < 0:
-            break
-        # Of the openers before this '>', only the last can have just whitespace after it.
-        start = lower.rfind(opener, start, gt)
-        rest = lower[start + len(opener) : gt]
-        if not rest or rest.isspace():
-            return start, gt + 1
-        position = gt + 1
-    return -1, -1
-
-
-def _without_tags(text: str) -> str:
-    """``text`` with each tag made a space; a '<' that no '>' follows is text."""
-    pieces: list[str] = []
-    position = 0
-    while (start := text.find("<", position)) >= 0:
-        end = text.find(">", start)
-        if end < 0:
-            break
-        pieces += (text[position:start], " ")
-        position = end + 1
-    pieces.append(text[position:])
-    return "".join(pieces)
-
-
-# The longest wait a server can name, in seconds: RFC 9111 (section 1.2.2) has a cache
-# treat a delta-seconds too large to count as 2**31, and so does this client.
-_LONGEST_DELAY = float(2**31)
-
-
-def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After``, or None.
-
-    ``Retry-After`` is delta-seconds, digits only, or an HTTP-date (RFC 9110, section
-    10.2.3): not float()'s ``1e3``, ``inf``, ``1_000`` or `` 5 ``. ``retry-after-ms`` (an
-    OpenAI convention) is digits with an optional fraction. No value is longer than 2**31 s.
-    """
-    millis = headers.get("retry-after-ms")
-    if millis is not None:
-        whole, dot, fraction = millis.partition(".")
-        if _digits(whole) and (not dot or _digits(fraction)):
-            return min(float(millis) / 1000, _LONGEST_DELAY)
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    if _digits(value):
-        return min(float(value), _LONGEST_DELAY)  # float: no digit limit; too many is inf
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:  # an HTTP date is GMT even when it says -0000
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _digits(text: str) -> bool:
-    # isdigit() alone also takes '²' and Arabic-Indic digits.
-    return text.isascii() and text.isdigit()

@@ -18,7 +18,8 @@ import pytest
 from multidict import CIMultiDict
 
 from atoma_images import APIStatusError, GeneratedImage, ResponseValidationError
-from atoma_images._convert import MAX_JSON_STRUCTURE, error_from_response, parse_response
+from atoma_images._bounded_json import MAX_JSON_STRUCTURE
+from atoma_images._convert import error_from_response, parse_response
 
 MiB = 2**20
 #: Seconds for one call; each takes a few ms (and the code before the fixes, seconds to hours).

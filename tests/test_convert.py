@@ -35,8 +35,8 @@ from atoma_images._convert import (
     encode_request,
     error_from_response,
     parse_response,
-    parse_retry_after,
 )
+from atoma_images._retry_after import parse_retry_after
 
 NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from atoma_images import _convert
-from atoma_images._convert import (
+from atoma_images import _bounded_json
+from atoma_images._bounded_json import (
     JSON_BACKEND,
     MAX_JSON_DEPTH,
     MAX_JSON_STRUCTURE,
@@ -68,19 +68,20 @@ def test_without_orjson_the_standard_library_parses() -> None:
     # where it imports this copy of the package.
     script = (
         "import sys; sys.modules['orjson'] = None\n"
-        "from atoma_images._convert import JSON_BACKEND, parse_response, __file__ as where\n"
+        "from atoma_images._bounded_json import JSON_BACKEND, __file__ as where\n"
+        "from atoma_images._convert import parse_response\n"
         'answer = parse_response(200, {}, b\'{"created": 1, "data": [{"url": "u"}]}\')\n'
         "print(JSON_BACKEND, answer.images[0].url, where)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script],
-        cwd=Path(_convert.__file__).parent.parent,
+        cwd=Path(_bounded_json.__file__).parent.parent,
         capture_output=True,
         text=True,
         check=True,
         timeout=60,
     )
-    assert result.stdout.split() == ["json", "u", _convert.__file__]
+    assert result.stdout.split() == ["json", "u", _bounded_json.__file__]
 
 
 # name: (body, what json.loads(body) gives, or what load_json gives instead)
