@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import attrs
 
+from ._checks import check_callable_or_none, check_whole_number
 from ._errors import AtomaImagesError, InvalidRequestError
 from ._models import ImageRequest, ImagesResponse
 from ._retry import check_policy
@@ -167,10 +168,8 @@ class Batch:
             raise InvalidRequestError(
                 "prompts", prompts, "allowed: an iterable or async iterable of prompts"
             )
-        if type(concurrency) is not int or concurrency < 1:
-            raise InvalidRequestError("concurrency", concurrency, "allowed: an integer >= 1")
-        if on_progress is not None and not callable(on_progress):
-            raise InvalidRequestError("on_progress", on_progress, "allowed: a callable or None")
+        check_whole_number("concurrency", concurrency, 1)
+        check_callable_or_none("on_progress", on_progress)
         for name in options:
             if name not in _OPTIONS:
                 raise InvalidRequestError(
@@ -399,8 +398,7 @@ class SyncBatch:
         run: Callable[[Coroutine[Any, Any, Any]], Any],
         on_progress: Callable[[int, int | None], object] | None,
     ) -> None:
-        if on_progress is not None and not callable(on_progress):
-            raise InvalidRequestError("on_progress", on_progress, "allowed: a callable or None")
+        check_callable_or_none("on_progress", on_progress)
         self._batch = batch
         self._run = run
         self._on_progress = on_progress

@@ -21,6 +21,7 @@ import attrs
 from yarl import URL
 
 from ._batch import Batch, Prompt
+from ._checks import check_flag, check_whole_number
 from ._convert import encode_request, parse_response
 from ._download import download_url, fetch_once
 from ._errors import InvalidRequestError
@@ -225,8 +226,7 @@ class AsyncImagesClient:
         body = encode_request(request)
         limits = self._limits(timeout)
         policy = self._policy(retries)
-        if type(confidential) is not bool:
-            raise InvalidRequestError("confidential", confidential, "allowed: True or False")
+        check_flag("confidential", confidential)
         session = self._sessions.get()
 
         async def attempt(remaining: float) -> ImagesResponse:
@@ -333,8 +333,7 @@ class AsyncImagesClient:
         if isinstance(image, GeneratedImage) and image.b64_json is not None:
             return image.decode()
         url = download_url(image.url if isinstance(image, GeneratedImage) else image)
-        if type(max_bytes) is not int or max_bytes < 1:
-            raise InvalidRequestError("max_bytes", max_bytes, "allowed: an int >= 1")
+        check_whole_number("max_bytes", max_bytes, 1)
         limits = self._limits(timeout)
         # Fetching a URL bills nothing, so an ambiguous failure is worth another try.
         policy = attrs.evolve(self.retries, retry_ambiguous=True)

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from yarl import URL
 
+from ._checks import http_url
 from ._convert import error_from_response
 from ._errors import APIStatusError, InvalidRequestError
 from ._transport import Answer
@@ -30,13 +31,8 @@ Get = Callable[[URL, Mapping[str, str], float], Awaitable[Answer]]
 
 def download_url(raw: object) -> URL:
     """The URL of an image result, or `InvalidRequestError` if it is not an http(s) one."""
-    url = None
-    if isinstance(raw, str):
-        try:
-            url = URL(raw)
-        except (TypeError, ValueError):
-            url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
+    url = http_url(raw)
+    if url is None:
         hint = ""
         if isinstance(raw, str) and "://" not in raw:
             hint = (
@@ -77,10 +73,10 @@ def _redirect_target(current: URL, answer: Answer) -> URL | None:
     if answer.status not in _REDIRECTS or location is None:
         return None
     try:
-        target = current.join(URL(location))
+        target = http_url(str(current.join(URL(location))))
     except (TypeError, ValueError):
         target = None
-    if target is None or target.scheme not in ("http", "https") or not target.host:
+    if target is None:
         raise _redirect_error(
             answer, current, f"redirected to {location[:200]!r}, which is not an http(s) URL"
         )

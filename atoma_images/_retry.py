@@ -32,6 +32,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_random_exponential
 
+from ._checks import check_flag, check_whole_number
 from ._errors import (
     APIConnectionError,
     APIStatusError,
@@ -59,8 +60,7 @@ SERVER_ERROR_STATUSES = frozenset({500, 502, 504})
 
 
 def _check_count(_: object, attribute: attrs.Attribute[int], value: object) -> None:
-    if type(value) is not int or value < 0:
-        raise InvalidRequestError(f"retries.{attribute.name}", value, "allowed: an integer >= 0")
+    check_whole_number(f"retries.{attribute.name}", value, 0)
 
 
 _check_seconds = seconds_validator("retries", allow_zero=True)
@@ -76,8 +76,7 @@ def _check_deadline(owner: object, attribute: attrs.Attribute[float], value: obj
 
 
 def _check_flag(_: object, attribute: attrs.Attribute[bool], value: object) -> None:
-    if type(value) is not bool:
-        raise InvalidRequestError(f"retries.{attribute.name}", value, "allowed: True or False")
+    check_flag(f"retries.{attribute.name}", value)
 
 
 @attrs.frozen(kw_only=True)

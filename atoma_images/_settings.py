@@ -17,6 +17,7 @@ import attrs
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from ._checks import check_whole_number, http_url
 from ._errors import InvalidRequestError
 from ._hooks import DEFAULT_HOOKS, HookSet
 from ._models import DEFAULT_MODEL, ImageRequest
@@ -66,11 +67,8 @@ def _without_credentials(raw: object) -> object:
 
 def _to_base_url(raw: object) -> URL:
     shown = _without_credentials(raw)  # every error below shows this, never raw
-    try:
-        url = URL(raw) if isinstance(raw, str) else None
-    except (TypeError, ValueError):
-        url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
+    url = http_url(raw)
+    if url is None:
         raise InvalidRequestError(
             "base_url", shown, "allowed: an http:// or https:// URL such as " + DEFAULT_BASE_URL
         )
@@ -96,8 +94,7 @@ def _check_policy(_: object, __: object, value: object) -> None:
 
 
 def _check_positive_int(_: object, attribute: attrs.Attribute[int], value: object) -> None:
-    if type(value) is not int or value < 1:
-        raise InvalidRequestError(attribute.name, value, "allowed: an int >= 1")
+    check_whole_number(attribute.name, value, 1)
 
 
 def _to_headers(value: object) -> CIMultiDictProxy[str]:

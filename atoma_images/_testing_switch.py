@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 
-from ._errors import InvalidRequestError
+from ._checks import check_flag
 
 __all__ = ["TestingSetting", "is_testing", "set_testing", "waiting_with"]
 
@@ -47,8 +47,7 @@ def set_testing(on: bool) -> TestingSetting:
     out. It applies to every client in the process, on every thread. Use it as a statement,
     or as ``with set_testing(True):`` to restore the previous setting at the end.
     """
-    if type(on) is not bool:
-        raise InvalidRequestError("set_testing", on, "allowed: True or False")
+    check_flag("set_testing", on)
     setting = TestingSetting(_testing.on)
     _testing.on = on
     return setting

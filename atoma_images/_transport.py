@@ -28,6 +28,7 @@ import attrs
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from ._checks import http_url
 from ._errors import (
     AmbiguousOutcomeError,
     AmbiguousTimeoutError,
@@ -299,12 +300,8 @@ def environment_proxy(url: URL) -> Proxy | None:
     if not address or (url.host and bypass(url.host, proxies)):
         return None
     variable = f"{url.scheme.upper()}_PROXY"
-    try:
-        proxy = URL(address if "://" in address else f"http://{address}")
-        valid = proxy.scheme in ("http", "https") and bool(proxy.host)
-    except (TypeError, ValueError):
-        valid = False
-    if not valid:
+    proxy = http_url(address if "://" in address else f"http://{address}")
+    if proxy is None:
         shown = address.rpartition("@")[2]  # never echo a proxy password
         raise InvalidRequestError(
             variable, shown, "allowed: an http proxy URL such as http://proxy.example:3128"

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Sequence
 
 import attrs
 
+from ._checks import check_whole_number
 from ._errors import AtomaImagesError, BudgetExceededError, InvalidRequestError
 from ._models import ImageRequest, ImagesResponse
 
@@ -49,8 +50,7 @@ def may_have_been_billed(error: BaseException) -> bool:
 
 
 def _check_units(_: object, attribute: attrs.Attribute[int], value: object) -> None:
-    if type(value) is not int or value < 0:
-        raise InvalidRequestError(attribute.name, value, "allowed: an integer >= 0")
+    check_whole_number(attribute.name, value, 0)
 
 
 @attrs.define(eq=False)

@@ -1,0 +1,42 @@
+"""The argument rules several settings share, each in one place.
+
+Each raises `InvalidRequestError` naming the argument, the value and what is allowed; the
+attrs validators of `ClientSettings`, `RetryPolicy` and `Budget`, and the checks of a call's
+own arguments, all call these (docs/architecture.md, "One home per rule").
+"""
+
+from __future__ import annotations
+
+from yarl import URL
+
+from ._errors import InvalidRequestError
+
+__all__ = ["check_callable_or_none", "check_flag", "check_whole_number", "http_url"]
+
+
+def check_whole_number(field: str, value: object, minimum: int) -> None:
+    """An ``int`` (not a bool, not a float) of at least ``minimum``."""
+    if type(value) is not int or value < minimum:
+        raise InvalidRequestError(field, value, f"allowed: an integer >= {minimum}")
+
+
+def check_flag(field: str, value: object) -> None:
+    """``True`` or ``False``, not merely something truthy."""
+    if type(value) is not bool:
+        raise InvalidRequestError(field, value, "allowed: True or False")
+
+
+def check_callable_or_none(field: str, value: object) -> None:
+    if value is not None and not callable(value):
+        raise InvalidRequestError(field, value, "allowed: a callable or None")
+
+
+def http_url(text: object) -> URL | None:
+    """``text`` as an absolute http(s) URL with a host, or None if it is not one."""
+    if not isinstance(text, str):
+        return None
+    try:
+        url = URL(text)
+    except (TypeError, ValueError):
+        return None
+    return url if url.scheme in ("http", "https") and url.host else None
