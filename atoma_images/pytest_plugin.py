@@ -16,22 +16,24 @@ def test_my_thumbnailer(atoma_sync_client, atoma_server):
 
 While a fixture is in use, retries skip their waits (`atoma_images.testing.set_testing`),
 so code that meets a scripted 429 or 503 retries at once. Each fixture closes what it opened.
-The fake server is imported only when a test asks for a fixture.
+
+pytest imports this module in every run of a project that has the package installed, so at
+module level it imports only pytest and the standard library: the fixtures import the rest.
+(Importing it still runs ``atoma_images/__init__.py``, which imports the client.)
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+import functools
+import inspect
+from collections.abc import Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-# The fake server (and its confidential node) loads only when a test asks for a fixture.
-from atoma_images import AttemptStarted, Hooks
-
 if TYPE_CHECKING:
-    from atoma_images import AsyncImagesClient, ImagesClient
+    from atoma_images import AsyncImagesClient, AttemptStarted, ImagesClient
     from atoma_images.testing import FakeAtomaServer
 
 __all__ = ["ATOMA_TEST_KEY", "atoma_client", "atoma_server", "atoma_sync_client"]
@@ -50,19 +52,39 @@ def atoma_server() -> Iterator[FakeAtomaServer]:
 
 
 @pytest.fixture
-def atoma_client(atoma_server: FakeAtomaServer) -> Iterator[AsyncImagesClient]:
-    """An `AsyncImagesClient` bound to ``atoma_server``, closed with the test's event loop."""
-    from atoma_images import AsyncImagesClient  # noqa: PLC0415
+def atoma_client(
+    atoma_server: FakeAtomaServer, request: pytest.FixtureRequest
+) -> Iterator[AsyncImagesClient]:
+    """An `AsyncImagesClient` bound to ``atoma_server``, closed with the test's event loop.
+
+    The test fails if it calls one of the client's coroutine methods without awaiting it.
+    """
+    from atoma_images import AsyncImagesClient, Hooks  # noqa: PLC0415
 
     closer = _CloseWithLoop()
+
+    class StartCloser(Hooks):  # defined here so that Hooks loads with the fixture
+        def attempt_started(self, info: AttemptStarted) -> None:
+            closer.start()
+
     client = closer.client = AsyncImagesClient(
-        ATOMA_TEST_KEY, base_url=atoma_server.base_url, hooks=[closer]
+        ATOMA_TEST_KEY, base_url=atoma_server.base_url, hooks=[StartCloser()]
     )
+    request.node.stash[_CALLS] = _Calls(client)
     yield client
     closer.close()
 
 
-class _CloseWithLoop(Hooks):
+@pytest.fixture
+def atoma_sync_client(atoma_server: FakeAtomaServer) -> Iterator[ImagesClient]:
+    """An `ImagesClient` bound to ``atoma_server``, closed after the test."""
+    from atoma_images import ImagesClient  # noqa: PLC0415
+
+    with ImagesClient(ATOMA_TEST_KEY, base_url=atoma_server.base_url) as client:
+        yield client
+
+
+class _CloseWithLoop:
     """Closes a client in the event loop it was used in, before that loop closes.
 
     A client's session belongs to the loop of its first call, and the runners of
@@ -75,7 +97,8 @@ class _CloseWithLoop(Hooks):
         self.client: AsyncImagesClient | None = None
         self.guard: asyncio.Task[None] | None = None
 
-    def attempt_started(self, info: AttemptStarted) -> None:
+    def start(self) -> None:
+        """At each attempt (in the client's loop): start the guard, once."""
         if self.guard is None:
             self.guard = asyncio.get_running_loop().create_task(self._close_when_cancelled())
 
@@ -102,10 +125,54 @@ class _CloseWithLoop(Hooks):
             loop.run_until_complete(asyncio.gather(guard, return_exceptions=True))
 
 
-@pytest.fixture
-def atoma_sync_client(atoma_server: FakeAtomaServer) -> Iterator[ImagesClient]:
-    """An `ImagesClient` bound to ``atoma_server``, closed after the test."""
-    from atoma_images import ImagesClient  # noqa: PLC0415
+class _Calls:
+    """The coroutines one client's coroutine methods returned, to find those never awaited.
 
-    with ImagesClient(ATOMA_TEST_KEY, base_url=atoma_server.base_url) as client:
-        yield client
+    Each public coroutine method of that client (not of its class) is wrapped to keep what it
+    returns: a coroutine never awaited stays alive, so it can be named, then closed.
+    """
+
+    def __init__(self, client: AsyncImagesClient) -> None:
+        self.returned: list[tuple[str, Coroutine[Any, Any, Any]]] = []
+        for name, _ in inspect.getmembers(type(client), inspect.iscoroutinefunction):
+            if not name.startswith("_"):
+                setattr(client, name, self._kept(name, getattr(client, name)))
+
+    def _kept(
+        self, name: str, method: Callable[..., Coroutine[Any, Any, Any]]
+    ) -> Callable[..., Coroutine[Any, Any, Any]]:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+            coroutine = method(*args, **kwargs)
+            self.returned.append((name, coroutine))
+            return coroutine
+
+        return call
+
+    def close_never_awaited(self) -> list[str]:
+        """Close the coroutines never started; the names of their methods, each once."""
+        names: list[str] = []
+        for name, coroutine in self.returned:
+            if inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED:
+                coroutine.close()  # closed, it no longer warns when collected
+                names.append(name)
+        return list(dict.fromkeys(names))
+
+
+_CALLS = pytest.StashKey[_Calls]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    # Checked after the test's own call, so that it fails (not its teardown) and only when
+    # nothing else failed first: an error from using the coroutine itself says enough.
+    calls = item.stash.get(_CALLS, None)
+    try:
+        yield
+    finally:
+        never_awaited = calls.close_never_awaited() if calls is not None else []
+    if never_awaited:
+        fixes = [f"`await atoma_client.{name}(...)`" for name in never_awaited]
+        pytest.fail(
+            f"a call of atoma_client was never awaited: write {' and '.join(fixes)}", pytrace=False
+        )

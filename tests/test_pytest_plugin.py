@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -32,15 +34,16 @@ def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Py
     return pytester
 
 
-def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+def _run(pytester: pytest.Pytester, *args: str, warnings: str = "error") -> pytest.RunResult:
     return pytester.runpytest_subprocess(
-        *_plugin_options(), "-p", "no:cacheprovider", "-W", "error", *args
+        *_plugin_options(), "-p", "no:cacheprovider", "-W", warnings, *args
     )
 
 
 USER_TESTS = """
 import pytest
 
+from atoma_images import AsyncImagesClient
 from atoma_images.testing import Reply, is_testing
 
 
@@ -72,6 +75,7 @@ def test_server_alone(atoma_server):
 
 
 def test_client_never_used(atoma_client):
+    assert isinstance(atoma_client, AsyncImagesClient)
     assert atoma_client.base_url.endswith("/v1")
 
 
@@ -105,6 +109,81 @@ def test_forgetting_to_await_fails_clearly(run: pytest.Pytester) -> None:
     result = _run(run)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*'coroutine' object has no attribute 'images'*"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("warnings", ["default", "error"])
+def test_a_call_never_awaited_fails_the_test(run: pytest.Pytester, warnings: str) -> None:
+    # Written as a statement, the forgotten call raises nothing: Python only warns, when the
+    # coroutine is collected, and the test passes unless that warning is an error.
+    run.makepyfile(
+        test_user="""
+        import pytest
+
+        @pytest.mark.asyncio
+        async def test_asyncio_forgot(atoma_client):
+            atoma_client.generate("a red fox", size="8x8")
+
+        @pytest.mark.anyio
+        async def test_anyio_forgot(atoma_client):
+            atoma_client.generate("a red fox", size="8x8")
+
+        def test_sync_forgot(atoma_client):
+            atoma_client.download("https://example.com/fox.png")
+
+        @pytest.mark.asyncio
+        async def test_asyncio_awaited(atoma_client):
+            pending = atoma_client.generate("a red fox", size="8x8")
+            assert (await pending).images
+
+        @pytest.mark.anyio
+        async def test_anyio_awaited(atoma_client):
+            assert (await atoma_client.generate("a red fox", size="8x8")).images
+        """
+    )
+    result = _run(run, warnings=warnings)
+    result.assert_outcomes(failed=3, passed=2)
+    never_awaited = "a call of atoma_client was never awaited: write `await atoma_client.{}(...)`"
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_asyncio_forgot _*",
+            never_awaited.format("generate"),
+            "*_ test_anyio_forgot*",
+            never_awaited.format("generate"),
+            "*_ test_sync_forgot _*",
+            never_awaited.format("download"),
+        ]
+    )
+    assert "RuntimeWarning" not in result.stdout.str() + result.stderr.str()
+
+
+# What the plugin module runs at import, without atoma_images/__init__.py (which loads the
+# client): its source as a module of its own. It prints the modules that importing it added.
+PLUGIN_ALONE = """
+import importlib.util, sys
+import pytest
+
+before = set(sys.modules)
+spec = importlib.util.spec_from_file_location("plugin_alone", sys.argv[1])
+sys.modules["plugin_alone"] = module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print("\\n".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_the_plugin_itself_imports_only_pytest_and_the_standard_library() -> None:
+    # pytest imports the plugin in every run of every project that has the package installed.
+    plugin = ROOT / "atoma_images" / "pytest_plugin.py"
+    imported = subprocess.run(
+        [sys.executable, "-c", PLUGIN_ALONE, str(plugin)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "plugin_alone" in imported  # the measure sees the plugin's import
+    imported.remove("plugin_alone")
+    others = [name for name in imported if name.split(".")[0] not in sys.stdlib_module_names]
+    assert others == []
 
 
 def test_the_entry_point_names_the_plugin() -> None:
