@@ -1,4 +1,4 @@
-"""The documentation site: its code runs, its tables are the README's, and it builds.
+"""The documentation site: its code runs, each table has one home, and it builds.
 
 Every ```python block in docs/*.md runs here, against the fake server, offline. A block
 runs as a script (``python -X dev -c``, as the README's blocks do) unless the line just
@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from test_readme import COMMANDS
+from test_readme import COMMANDS, missing_tests, section
 from test_readme import test_readme_python_blocks_run as run_python_block
 
 import atoma_images
+import atoma_images.opentelemetry
+import atoma_images.pytest_plugin
 import atoma_images.testing
 from atoma_images.testing import FakeAtomaServer
 
@@ -136,9 +138,15 @@ def test_docs_cite_nothing_outside_the_repository(page: Path) -> None:
     assert [name for name in _OUTSIDE if name in text] == []
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_test_a_page_cites_exists(page: Path) -> None:
+    assert missing_tests(page.read_text()) == []
+
+
 def _table(text: str, header: str) -> list[str]:
+    """The table whose header line is ``header``, or starts with it."""
     lines = text.splitlines()
-    start = lines.index(header)
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
     table = []
     for line in lines[start:]:
         if not line.startswith("|"):
@@ -147,7 +155,8 @@ def _table(text: str, header: str) -> list[str]:
     return table
 
 
-# Tables with a home in the docs; where README.md shows one too, the two must agree.
+# Tables whose home is a docs page. README.md links to that page; where it shows the table
+# too (the exit codes: tests/test_cli.py reads them there), the two must be the same.
 TABLES = [
     ("errors.md", "| class | status | when | may have been billed |"),
     ("errors.md", "| outcome | default |"),
@@ -156,11 +165,38 @@ TABLES = [
 
 
 @pytest.mark.parametrize(("page", "header"), TABLES, ids=[f"{p}:{h}" for p, h in TABLES])
-def test_tables_in_the_readme_are_the_docs(page: str, header: str) -> None:
+def test_a_table_has_one_home_in_the_docs_and_the_readme_links_to_it(
+    page: str, header: str
+) -> None:
     home = _table((DOCS / page).read_text(), header)
     assert len(home) > 3  # the table is there, with rows
     copy = _table(README, header) if header in README.splitlines() else []
     assert copy in ([], home)
+    assert f"](docs/{page})" in README or f"](docs/{page}#" in README
+
+
+# The benchmark's tables are the other way round: their home is the README's Performance
+# section, and docs/performance.md shows that section through a snippet (pymdownx.snippets).
+PERFORMANCE_TABLES = ["| calls | client |", "| case | raw aiohttp req/s |"]
+
+
+def _readme_snippet(name: str) -> str:
+    start, end = f"<!-- --8<-- [start:{name}] -->", f"<!-- --8<-- [end:{name}] -->"
+    assert README.count(start) == 1, start
+    assert README.count(end) == 1, end
+    return README.split(start)[1].split(end)[0]
+
+
+def test_the_performance_page_shows_the_readmes_benchmark_tables() -> None:
+    page = (DOCS / "performance.md").read_text()
+    assert '--8<-- "README.md:performance"' in page.splitlines()
+    shown = _readme_snippet("performance")
+    assert shown in section(README, "Performance")
+    for header in PERFORMANCE_TABLES:
+        assert len(_table(shown, header)) > 3, header  # the table is there, with rows
+    assert re.search(r"^Measured on \d{4}-\d{2}-\d{2}\b", shown, re.MULTILINE)  # and when
+    assert "benchmarks/bench.py" in shown  # and how
+    assert "](docs/performance.md)" in section(README, "Performance")
 
 
 def _documented_names() -> set[str]:
@@ -168,16 +204,45 @@ def _documented_names() -> set[str]:
     return set(re.findall(r"^::: (\S+)$", reference, re.MULTILINE))
 
 
+# Modules whose __all__ is public API, and the pytest plugin the package registers.
+PUBLIC_MODULES = [
+    atoma_images,
+    atoma_images.testing,
+    atoma_images.opentelemetry,
+    atoma_images.pytest_plugin,
+]
+
+
+def _fixtures(module: object) -> set[str]:
+    """The public functions a module decorates with ``pytest.fixture``, read from its source.
+
+    From the source, not from __all__: a fixture left out of __all__ is public all the same.
+    """
+    tree = ast.parse(Path(getattr(module, "__file__", "")).read_text())
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for decorator in node.decorator_list:
+                called = decorator.func if isinstance(decorator, ast.Call) else decorator
+                if ast.unparse(called) in {"pytest.fixture", "fixture"}:
+                    found.add(node.name)
+    return {name for name in found if not name.startswith("_")}
+
+
 def _public_names() -> set[str]:
-    return {f"atoma_images.{name}" for name in atoma_images.__all__} | {
-        f"atoma_images.testing.{name}" for name in atoma_images.testing.__all__
-    }
+    names = {f"{module.__name__}.{name}" for module in PUBLIC_MODULES for name in module.__all__}
+    plugin = atoma_images.pytest_plugin
+    return names | {f"{plugin.__name__}.{name}" for name in _fixtures(plugin)}
 
 
 def test_reference_documents_every_public_name_once() -> None:
     reference = (DOCS / "reference.md").read_text()
-    assert _documented_names() == _public_names()
-    assert len(re.findall(r"^::: ", reference, re.MULTILINE)) == len(_public_names())
+    fixtures = _fixtures(atoma_images.pytest_plugin)
+    assert fixtures >= {"atoma_server", "atoma_client", "atoma_sync_client"}, fixtures
+    public, documented = _public_names(), _documented_names()
+    assert sorted(public - documented) == [], "public, but not in docs/reference.md"
+    assert sorted(documented - public) == [], "in docs/reference.md, but not public"
+    assert len(re.findall(r"^::: ", reference, re.MULTILINE)) == len(public)
 
 
 @pytest.mark.skipif(
@@ -201,3 +266,5 @@ def test_site_builds_strict_with_every_public_name(tmp_path: Path) -> None:
     reference = (site / "reference" / "index.html").read_text()
     for name in sorted(_public_names()):
         assert f'id="{name}"' in reference, name
+    # The README's benchmark tables, shown on the performance page.
+    assert (site / "performance" / "index.html").read_text().count("<table>") >= 2

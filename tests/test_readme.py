@@ -1,7 +1,13 @@
-"""Every command and code block in README.md runs, and CI runs the README's commands."""
+"""Every command and code block in README.md runs, and CI runs the README's commands.
+
+The README states the billing rule and names the tests that hold it (they exist), and its
+links lead somewhere.
+"""
 
 from __future__ import annotations
 
+import ast
+import functools
 import os
 import re
 import subprocess
@@ -81,3 +87,72 @@ def test_readme_python_blocks_run(
     assert done.stderr == ""
     for png in tmp_path.glob("*.png"):
         assert png.read_bytes().startswith(b"\x89PNG")
+
+
+# -- what the README promises, and where it sends readers -----------------------------------------
+
+RULE = (
+    "**an error with `may_have_been_billed == False` means the server never received that"
+    " request.**"
+)
+# A test cited as `tests/test_x.py` or `tests/test_x.py::test_name` (in backticks).
+_CITED_TEST = re.compile(r"`(tests/[\w/]+\.py)(?:::(\w+))?`")
+
+
+def section(text: str, title: str) -> str:
+    """The body of the ``## title`` section of a Markdown text, up to the next ``## ``."""
+    lines = text.splitlines()
+    start = lines.index(f"## {title}") + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[start:end])
+
+
+@functools.cache
+def _functions(path: Path) -> frozenset[str]:
+    tree = ast.parse(path.read_text())
+    kinds = (ast.FunctionDef, ast.AsyncFunctionDef)
+    return frozenset(node.name for node in ast.walk(tree) if isinstance(node, kinds))
+
+
+def missing_tests(text: str) -> list[str]:
+    """The tests ``text`` cites that do not exist: a file, or a test function in it."""
+    missing = []
+    for path, name in _CITED_TEST.findall(text):
+        file = ROOT / path
+        if not file.is_file():
+            missing.append(path)
+        elif name and not (name.startswith("test_") and name in _functions(file)):
+            missing.append(f"{path}::{name}")
+    return missing
+
+
+def test_readme_states_the_billing_rule_and_names_the_tests_that_hold_it() -> None:
+    reliability = section(README, "Reliability")
+    assert RULE in " ".join(reliability.split())  # the exact words, however the line wraps
+    named = [f"{path}::{name}" for path, name in _CITED_TEST.findall(reliability) if name]
+    assert any(test.startswith("tests/test_billing.py::") for test in named), named
+    assert missing_tests(reliability) == []
+    assert "](docs/reliability.md)" in reliability  # the rest of it has a page of its own
+
+
+def test_every_test_the_readme_cites_exists() -> None:
+    assert missing_tests(README) == []
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor, as GitHub and the docs site make it (for plain headings)."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+_LINK = re.compile(r"\]\((?!https?:|mailto:)(?P<path>[^)#\s]*)(?:#(?P<anchor>[^)\s]+))?\)")
+
+
+def test_readme_links_lead_somewhere() -> None:
+    links = list(_LINK.finditer(README))
+    assert len(links) >= 10  # the guides, the reliability and performance pages...
+    for link in links:
+        target = ROOT / (link["path"] or "README.md")
+        assert target.exists(), link[0]
+        if link["anchor"]:
+            headings = re.findall(r"^#+ (.+)$", target.read_text(), re.MULTILINE)
+            assert link["anchor"] in {_slug(h) for h in headings}, link[0]
