@@ -7,6 +7,8 @@ with ImagesClient() as client:                     # key from $ATOMA_API_KEY
 async with AsyncImagesClient() as client:          # for asyncio services
     result = await client.generate("a lighthouse at dawn")
 ```
+
+Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

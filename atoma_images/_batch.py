@@ -13,6 +13,8 @@ request, instead of each one spending its own retries against an overloaded serv
 Closing the batch (leaving ``async with``, `Batch.aclose`) cancels the calls in flight and
 waits for them. A call cancelled after its request may have been sent is counted in
 `BatchSummary` as possibly billed, and logged once at WARNING.
+
+Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Each hop chooses its headers by origin: the key and the user's headers go only t
 ``base_url``'s origin, any other host gets ``User-Agent`` and ``Accept`` alone. A redirect to
 something that is not http(s), or more than `MAX_REDIRECTS` of them, ends the download with a
 typed error that is not retried.
+
+Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

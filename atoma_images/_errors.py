@@ -35,6 +35,8 @@ aiohttp, cattrs and tenacity exceptions never reach the caller: the original is 
 ``may_have_been_billed``, which is true only when a request reached the server and its
 outcome is unknown (a connection that failed after sending, a gateway's 502 or 504) or was a
 success the client could not read.
+
+Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

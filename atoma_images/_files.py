@@ -1,4 +1,7 @@
-"""Images as files: the format from the bytes themselves, and one name per image."""
+"""Images as files: the format from the bytes themselves, and one name per image.
+
+Where this module fits, and why it is built so: docs/architecture.md.
+"""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ the error's class name and the request id. A hook that raises is logged at WARNI
 ``atoma_images``) and ignored: instrumentation never breaks a call.
 
 Every client runs `LoggingHooks` (one INFO line per retry) before the hooks it is given.
+
+Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

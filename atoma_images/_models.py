@@ -1,4 +1,7 @@
-"""The request and response values (attrs), and the checks a request passes before it is sent."""
+"""The request and response values (attrs), and the checks a request passes before it is sent.
+
+Where this module fits, and why it is built so: docs/architecture.md.
+"""
 
 from __future__ import annotations
 

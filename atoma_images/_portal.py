@@ -10,6 +10,8 @@ starts the thread, RUNNING, then CLOSED, which is final: nothing restarts a thre
 `LoopThread.stop`. The state changes, and every call is scheduled, under one lock, so a call
 racing `stop` either was scheduled before the loop stopped (and is cancelled and unwound with
 it) or sees CLOSED.
+
+Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

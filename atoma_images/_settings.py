@@ -4,6 +4,8 @@
 construction-time check; each raises `InvalidRequestError` naming the argument, the value
 (never a secret) and what is allowed. `ClientSettings.from_arguments` fills in what the
 caller left out from the environment and the defaults.
+
+Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

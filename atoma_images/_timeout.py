@@ -1,4 +1,7 @@
-"""Time limits for one attempt, and their translation into aiohttp's terms."""
+"""Time limits for one attempt, and their translation into aiohttp's terms.
+
+Where this module fits, and why it is built so: docs/architecture.md.
+"""
 
 from __future__ import annotations
 

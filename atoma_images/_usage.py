@@ -8,6 +8,8 @@ A `Budget` is checked before a call is sent: the call reserves its cost, and the
 reservation is kept when the call succeeds or may have been billed, and given back when it
 failed without reaching the server's billing. So many calls in flight at once can never
 spend more than the budget, even if every one of them succeeds.
+
+Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

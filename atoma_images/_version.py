@@ -1,4 +1,7 @@
-"""The installed version, read once and only when asked (importing the package stays cheap)."""
+"""The installed version, read once and only when asked (importing the package stays cheap).
+
+Where this module fits, and why it is built so: docs/architecture.md.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Scripted answers: a `Reply`, and the one function that sends it, faults included."""
+"""Scripted answers: a `Reply`, and the one function that sends it, faults included.
+
+Where this module fits, and why it is built so: docs/architecture.md.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Small, valid PNGs for the fake server's answers, written with zlib alone."""
+"""Small, valid PNGs for the fake server's answers, written with zlib alone.
+
+Where this module fits, and why it is built so: docs/architecture.md.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""FakeAtomaServer: lifecycle, routes, recording, scripting and the normal answer."""
+"""FakeAtomaServer: lifecycle, routes, recording, scripting and the normal answer.
+
+Where this module fits, and why it is built so: docs/architecture.md.
+"""
 
 from __future__ import annotations
 
