@@ -178,8 +178,9 @@ class AsyncImagesClient:
             timeout: limits for each attempt of this call (overrides the client's).
             retries: the retry policy of this call (overrides the client's).
             confidential: encrypt the request for a node running in a TEE, and decrypt and
-                check its answer (needs ``pip install 'atoma-images[confidential]'``). Each
-                attempt locks a node first, for ``n * W * H`` compute units.
+                check its answer (needs the ``confidential`` extra: from a clone,
+                ``pip install '.[confidential]'``). Each attempt locks a node first, for
+                ``n * W * H`` compute units.
             budget: a `Budget` this call must fit in (besides the client's).
 
         Returns:

@@ -1,4 +1,5 @@
-"""OpenTelemetry tracing for atoma-images: ``pip install 'atoma-images[opentelemetry]'``.
+"""OpenTelemetry tracing for atoma-images, with the ``opentelemetry`` extra (from a clone:
+``pip install '.[opentelemetry]'``; once released, ``pip install 'atoma-images[opentelemetry]'``).
 
 ```python
 from atoma_images import AsyncImagesClient
