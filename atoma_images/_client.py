@@ -17,13 +17,12 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
-import attrs
 from yarl import URL
 
 from ._batch import Batch, Prompt
 from ._checks import check_flag, check_whole_number
 from ._convert import encode_request, parse_response
-from ._download import download_url, fetch_once
+from ._download import download, download_url
 from ._errors import InvalidRequestError
 from ._files import write_images
 from ._hooks import CallInfo, Hooks
@@ -37,7 +36,7 @@ from ._settings import (
     ClientSettings,
 )
 from ._timeout import Timeout
-from ._transport import Answer, Proxy, environment_proxy, send
+from ._transport import Answer, Sender
 from ._usage import Budget, CallCost, Usage, UsageMeter, check_budget, compute_units, settle
 
 __all__ = [
@@ -106,12 +105,15 @@ class AsyncImagesClient:
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise InvalidRequestError("session", session, "allowed: an aiohttp.ClientSession")
         self._url = settings.generations_url
-        self._headers = settings.request_headers()
         self._anonymous = settings.anonymous_headers()
         self._sessions = SessionHolder(repr(self), settings.max_connections, session=session)
-        # Our own session honours the proxy variables (read once for the API, here, so a bad
-        # one is an error now); a session passed in keeps its own proxy settings.
-        self._proxy = environment_proxy(self._url) if self._sessions.owns_session else None
+        self._sender = Sender(
+            headers=settings.request_headers(),
+            ssl=settings.ssl,
+            max_bytes=settings.max_response_bytes,
+            own_session=self._sessions.owns_session,
+            api_url=self._url,
+        )
         self._meter = UsageMeter()
 
     def __repr__(self) -> str:
@@ -231,7 +233,7 @@ class AsyncImagesClient:
         session = self._sessions.get()
 
         async def attempt(remaining: float) -> ImagesResponse:
-            answer = await self._send(
+            answer = await self._sender.send(
                 session, "POST", self._url, body, limits.for_attempt(remaining)
             )
             return parse_response(answer.status, answer.headers, answer.body, self._url)
@@ -245,7 +247,7 @@ class AsyncImagesClient:
                 url: URL, body: bytes, seconds: float, max_bytes: int | None
             ) -> Awaitable[Answer]:
                 timeout = limits.for_attempt(seconds)
-                return self._send(session, "POST", url, body, timeout, max_bytes)
+                return self._sender.send(session, "POST", url, body, timeout, max_bytes)
 
             call = _confidential.generate(
                 post,
@@ -335,27 +337,16 @@ class AsyncImagesClient:
             return image.decode()
         url = download_url(image.url if isinstance(image, GeneratedImage) else image)
         check_whole_number("max_bytes", max_bytes, 1)
-        limits = self._limits(timeout)
-        # Fetching a URL bills nothing, so an ambiguous failure is worth another try.
-        policy = attrs.evolve(self.retries, retry_ambiguous=True)
-        session = self._sessions.get()
-
-        async def get(target: URL, headers: Mapping[str, str], seconds: float) -> Answer:
-            timeout = limits.for_attempt(seconds)
-            return await self._send(session, "GET", target, None, timeout, max_bytes, headers)
-
-        async def attempt(remaining: float) -> bytes:
-            return await fetch_once(
-                get,
-                url,
-                home=self._settings.base_url,
-                home_headers=self._headers,
-                other_headers=self._anonymous,
-                seconds=limits.attempt_seconds(remaining),
-            )
-
-        return await policy.run(
-            attempt, self._settings.hooks, lambda: CallInfo.of("download", "GET", url)
+        return await download(
+            self._sender,
+            self._sessions.get(),
+            url,
+            self._settings.base_url,
+            self._anonymous,
+            self._limits(timeout),
+            self.retries,
+            self._settings.hooks,
+            max_bytes,
         )
 
     async def save_all(
@@ -370,32 +361,6 @@ class AsyncImagesClient:
         """
         images = await asyncio.gather(*(self.download(image) for image in response.images))
         return write_images(images, directory, stem)
-
-    async def _send(  # noqa: PLR0917 - one private call shape for every exchange
-        self,
-        session: aiohttp.ClientSession,
-        method: str,
-        url: URL,
-        body: bytes | None,
-        timeout: aiohttp.ClientTimeout,
-        max_bytes: int | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Answer:
-        proxy: Proxy | None = None
-        if self._sessions.owns_session:
-            proxy = self._proxy if url is self._url else environment_proxy(url)
-        return await send(
-            session,
-            method,
-            url,
-            body=body,
-            headers=self._headers if headers is None else headers,
-            timeout=timeout,
-            ssl=self._settings.ssl,
-            proxy=proxy,
-            max_bytes=self._settings.max_response_bytes if max_bytes is None else max_bytes,
-            traced=self._sessions.owns_session,
-        )
 
     def _limits(self, timeout: Timeout | float | None) -> Timeout:
         return self.timeout if timeout is None else Timeout.of(timeout)

@@ -12,15 +12,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
+import attrs
 from yarl import URL
 
 from ._checks import http_url
 from ._convert import error_from_response
 from ._errors import APIStatusError, InvalidRequestError
+from ._hooks import CallInfo
 from ._transport import Answer
 
-__all__ = ["MAX_REDIRECTS", "download_url", "fetch_once"]
+if TYPE_CHECKING:
+    import aiohttp
+
+    from ._hooks import HookSet
+    from ._retry import RetryPolicy
+    from ._timeout import Timeout
+    from ._transport import Sender
+
+__all__ = ["MAX_REDIRECTS", "download", "download_url", "fetch_once"]
 
 #: How many redirects a download follows (aiohttp follows 10, httpx 20; an image URL
 #: needs one or two, and each hop is a chance to be sent somewhere else).
@@ -67,6 +78,42 @@ async def fetch_once(
             return answer.body
         target = location
     raise _redirect_error(answer, target, f"more than {MAX_REDIRECTS} redirects")
+
+
+async def download(  # noqa: PLR0917 - what one download needs, in order
+    sender: Sender,
+    session: aiohttp.ClientSession,
+    url: URL,
+    home: URL,
+    anonymous_headers: Mapping[str, str],
+    limits: Timeout,
+    policy: RetryPolicy,
+    hooks: HookSet,
+    max_bytes: int,
+) -> bytes:
+    """The body at ``url``: `fetch_once` in the policy's attempt loop.
+
+    The client's headers (its key among them) go only to ``home``'s origin; every other
+    origin gets ``anonymous_headers``. Fetching bills nothing, so an ambiguous failure is
+    worth another try: the policy retries it.
+    """
+
+    async def get(target: URL, headers: Mapping[str, str], seconds: float) -> Answer:
+        timeout = limits.for_attempt(seconds)
+        return await sender.send(session, "GET", target, None, timeout, max_bytes, headers)
+
+    async def attempt(remaining: float) -> bytes:
+        return await fetch_once(
+            get,
+            url,
+            home=home,
+            home_headers=sender.headers,
+            other_headers=anonymous_headers,
+            seconds=limits.attempt_seconds(remaining),
+        )
+
+    policy = attrs.evolve(policy, retry_ambiguous=True)
+    return await policy.run(attempt, hooks, lambda: CallInfo.of("download", "GET", url))
 
 
 def _redirect_target(current: URL, answer: Answer) -> URL | None:

@@ -44,6 +44,7 @@ __all__ = [
     "Answer",
     "Progress",
     "Proxy",
+    "Sender",
     "environment_proxy",
     "progress_trace",
     "send",
@@ -110,6 +111,60 @@ class Proxy:
 
     url: URL
     headers: Mapping[str, str] | None = attrs.field(default=None, repr=False)
+
+
+@attrs.frozen
+class Sender:
+    """How one client sends: its headers, TLS setting, proxies and size limit, for `send`.
+
+    Attributes:
+        headers: the headers of a request to the API's origin (the key among them).
+        ssl: the client's TLS setting.
+        max_bytes: the largest success body read (``max_response_bytes``).
+        own_session: whether the session is the client's own: it then carries
+            `progress_trace`, and the proxy variables are honoured (a session passed in
+            keeps its own proxy settings).
+        api_url: the generations URL, whose proxy is read once, when the client is made
+            (so that a bad proxy variable is an error then).
+    """
+
+    headers: Mapping[str, str] = attrs.field(repr=False)
+    ssl: ssl_module.SSLContext | bool
+    max_bytes: int
+    own_session: bool
+    api_url: URL
+    api_proxy: Proxy | None = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        proxy = environment_proxy(self.api_url) if self.own_session else None
+        object.__setattr__(self, "api_proxy", proxy)  # frozen: attrs' way for derived fields
+
+    async def send(  # noqa: PLR0917 - one call shape for every exchange of a client
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: URL,
+        body: bytes | None,
+        timeout: aiohttp.ClientTimeout,
+        max_bytes: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Answer:
+        """`send` with this client's settings; ``headers`` replace its own (a download's)."""
+        proxy: Proxy | None = None
+        if self.own_session:
+            proxy = self.api_proxy if url is self.api_url else environment_proxy(url)
+        return await send(
+            session,
+            method,
+            url,
+            body=body,
+            headers=self.headers if headers is None else headers,
+            timeout=timeout,
+            ssl=self.ssl,
+            proxy=proxy,
+            max_bytes=self.max_bytes if max_bytes is None else max_bytes,
+            traced=self.own_session,
+        )
 
 
 async def send(

@@ -284,10 +284,10 @@ def test_key_and_base_url_come_from_the_environment(monkeypatch: pytest.MonkeyPa
     with pytest.raises(InvalidRequestError, match=r"ATOMA_API_KEY.*ATOMASDK_BEARER_AUTH"):
         AsyncImagesClient()
     monkeypatch.setenv("ATOMASDK_BEARER_AUTH", "sdk-key")
-    assert AsyncImagesClient()._headers["Authorization"] == "Bearer sdk-key"
+    assert AsyncImagesClient()._sender.headers["Authorization"] == "Bearer sdk-key"
     monkeypatch.setenv("ATOMA_API_KEY", "atoma-key")
     client = AsyncImagesClient()
-    assert client._headers["Authorization"] == "Bearer atoma-key"
+    assert client._sender.headers["Authorization"] == "Bearer atoma-key"
     assert client.base_url == "https://api.atoma.network/v1"
     monkeypatch.setenv("ATOMA_BASE_URL", "http://localhost:8080/v1/")
     assert AsyncImagesClient().base_url == "http://localhost:8080/v1"
