@@ -6,7 +6,8 @@
 
 The key comes from ATOMA_API_KEY (or ATOMASDK_BEARER_AUTH). Saved paths go to stdout, one
 per line (or one JSON object per prompt with --json); progress and errors go to stderr, and
-a batch ends with the compute units it used (and may have used) there too.
+a run that sent anything ends with the compute units it used (and may have used) there too,
+even when Ctrl-C stops it.
 
 Every option, the prompts file and the output directory are checked before anything is sent:
 a generation is paid for, so none is made that cannot be kept. Every line shown goes through
@@ -296,7 +297,9 @@ def prepare_output_dir(directory: Path) -> None:
 class Progress:
     """Elapsed time (and done/total for a batch) on stderr, redrawn in place on a terminal.
 
-    It also holds how many prompts were cancelled in flight, for the message shown on Ctrl-C.
+    It also holds what the run left to report at its end: for the message shown on Ctrl-C,
+    how many prompts were billed but not saved and how many were cancelled in flight; for the
+    usage line, what the client's calls cost.
     """
 
     FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
@@ -306,6 +309,8 @@ class Progress:
         self.total = total
         self.done = 0
         self.in_flight = 0
+        self.billed_unsaved = 0
+        self.usage = Usage()
         self.tty = stream.isatty()
         self.started = time.monotonic()
 
@@ -340,6 +345,12 @@ class Progress:
         text = "atoma-images: interrupted"
         if self.total > 1:
             text += f" with {self.done}/{self.total} prompts done"
+        if self.billed_unsaved:
+            text += (
+                "; 1 prompt was generated and billed but not saved"
+                if self.billed_unsaved == 1
+                else f"; {self.billed_unsaved} prompts were generated and billed but not saved"
+            )
         if self.in_flight:
             text += (
                 "; 1 request was in flight: if already sent, it may still be billed"
@@ -437,6 +448,8 @@ async def generate_all(
     directory = Path(args.output_dir)
     spare = SpareDirectory()
     codes: list[int] = []
+    # Billed results whose images Ctrl-C kept from being saved: (prompt, response).
+    unsaved: list[tuple[str, ImagesResponse]] = []
     async with contextlib.AsyncExitStack() as stack:
         api_key, base_url = None, args.base_url
         if args.fake:
@@ -468,7 +481,11 @@ async def generate_all(
                 return exit_code(result.error)
             index = result.index if batch else None
             stem = stem_for(result.prompt, index, directory)
-            paths, problems = await keep_images(client, result.response, directory, stem, spare)
+            try:
+                paths, problems = await keep_images(client, result.response, directory, stem, spare)
+            except asyncio.CancelledError:  # Ctrl-C while its images were fetched
+                unsaved.append((result.prompt, result.response))
+                raise
             progress.clear()
             report_result(
                 result.response, paths, result.prompt, args, problems=problems, out=out, err=err
@@ -494,19 +511,38 @@ async def generate_all(
                     if code != EXIT_CODES["ok"]:
                         codes.append(code)
         finally:
-            # What Ctrl-C cancelled after it may have been sent (the batch has closed).
-            progress.in_flight = len(results.summary.cancelled_prompts)
+            # The batch has closed: what Ctrl-C cancelled after it may have been sent, and the
+            # results it found ready but not yet handed out (a success among them was billed).
+            summary = results.summary
+            progress.in_flight = len(summary.cancelled_prompts)
+            unsaved += [(r.prompt, r.response) for r in summary.unclaimed if r.response is not None]
             spinner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await spinner
             progress.clear()
-        if batch or budget is not None:
-            emit(err, spent(client.usage))
+            report_interrupted_saves(unsaved, args, out, err)
+            progress.billed_unsaved = len(unsaved)
+            progress.usage = client.usage
     return codes[0] if codes else EXIT_CODES["ok"]
 
 
+def report_interrupted_saves(
+    unsaved: Sequence[tuple[str, ImagesResponse]],
+    args: argparse.Namespace,
+    out: TextIO,
+    err: TextIO,
+) -> None:
+    """Each billed result Ctrl-C kept from being saved, with its URLs: they may still serve."""
+    for prompt, response in unsaved:
+        problem = "interrupted before its images were saved"
+        urls = [image.url for image in response.images if image.url]
+        if urls:
+            problem += "; their URLs: " + ", ".join(urls)
+        report_result(response, [], prompt, args, problems=[problem], out=out, err=err)
+
+
 def spent(usage: Usage) -> str:
-    """The last line of a batch: the compute units it used, and those it may have used."""
+    """The last line of a run: the compute units it used, and those it may have used."""
     text = f"atoma-images: used {usage.compute_units:,} compute units"
     if usage.maybe_billed_compute_units:
         text += f"; {usage.maybe_billed_compute_units:,} more may have been billed"
@@ -625,19 +661,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CODES["invalid input"]
     progress = Progress(sys.stderr, len(prompts))
     try:
-        return asyncio.run(
+        code = asyncio.run(
             cancelled_by_ctrl_c(generate_all(args, prompts, progress, sys.stdout, sys.stderr))
         )
     except KeyboardInterrupt:
         progress.clear()
         emit(sys.stderr, progress.interrupted())
-        return EXIT_CODES["interrupted"]
+        code = EXIT_CODES["interrupted"]
     except CommandLineError as error:
         emit(sys.stderr, f"atoma-images: error: {error}")
-        return EXIT_CODES["invalid input"]
+        code = EXIT_CODES["invalid input"]
     except AtomaImagesError as error:  # raised before any prompt ran: bad key, option, ...
         report_error(error, None, args, sys.stdout, sys.stderr)
-        return exit_code(error)
+        code = exit_code(error)
+    # However the run ended, once it sent a request its user learns what that cost.
+    if progress.usage.calls:
+        emit(sys.stderr, spent(progress.usage))
+    return code
 
 
 if __name__ == "__main__":

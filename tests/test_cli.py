@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -115,6 +115,8 @@ def test_fake_saves_pngs_and_prints_their_paths(tmp_path: Path) -> None:
     assert [png_size(tmp_path / p) for p in paths] == [(64, 48), (64, 48)]
     assert "fake server" in done.stderr
     assert "Traceback" not in done.stderr
+    # One prompt, no --max-compute-units: the run still ends with what it cost (2 x 64 x 48).
+    assert done.stderr.splitlines()[-1] == "atoma-images: used 6,144 compute units"
 
 
 @pytest.mark.skipif(
@@ -144,6 +146,7 @@ def test_json_output_and_url_format(tmp_path: Path) -> None:
     assert record["prompt"] == "an owl"
     assert record["urls"][0].startswith("http://127.0.0.1:")
     assert png_size(tmp_path / record["files"][0]) == (16, 16)
+    assert done.stderr.splitlines()[-1] == "atoma-images: used 256 compute units"  # not stdout
 
 
 def test_prompts_file_reports_each_failure_and_goes_on(tmp_path: Path) -> None:
@@ -179,22 +182,23 @@ def test_prompts_file_reports_each_failure_and_goes_on(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("reply", "kind"),
+    ("reply", "kind", "maybe_billed"),
     [
-        (Reply(status=401), "authentication"),
-        (Reply(status=402), "balance"),
+        (Reply(status=401), "authentication", False),
+        (Reply(status=402), "balance", False),
         (
             Reply(status=400, body={"error": {"code": "FIAT_PAYMENTS_ONLY", "message": "m"}}),
             "balance",
+            False,
         ),
-        (Reply(status=429, headers={"Retry-After": "3600"}), "rate limit"),
-        (Reply(status=500), "server"),
-        (Reply(status=200, body="<html>not json</html>"), "invalid response"),
-        (Reply(fault="drop"), "connection"),
+        (Reply(status=429, headers={"Retry-After": "3600"}), "rate limit", False),
+        (Reply(status=500), "server", False),
+        (Reply(status=200, body="<html>not json</html>"), "invalid response", True),
+        (Reply(fault="drop"), "connection", True),
     ],
 )
 def test_exit_codes_for_server_answers(
-    threaded_server: FakeAtomaServer, tmp_path: Path, reply: Reply, kind: str
+    threaded_server: FakeAtomaServer, tmp_path: Path, reply: Reply, kind: str, maybe_billed: bool
 ) -> None:
     threaded_server.enqueue(reply, times=3)
     done = cli(
@@ -208,9 +212,11 @@ def test_exit_codes_for_server_answers(
         cwd=tmp_path,
     )
     assert done.returncode == EXIT_CODES[kind], done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1
-    assert lines[0].startswith("atoma-images: error: ")
+    error, cost = done.stderr.strip().splitlines()  # the error, then what the run cost
+    assert error.startswith("atoma-images: error: ")
+    # An error status is not billed; a lost or unreadable answer may have been (8 x 8 units).
+    unknown = "; 64 more may have been billed" if maybe_billed else ""
+    assert cost == f"atoma-images: used 0 compute units{unknown}"
     assert done.stdout == ""
 
 
@@ -339,7 +345,8 @@ async def test_server_text_is_shown_with_its_control_characters_escaped(tmp_path
     assert single.returncode == batch.returncode == EXIT_CODES["server"]
     assert single.stderr.splitlines() == [
         r"atoma-images: error: 500 Internal Server Error (E\x1b[2J): "
-        r"boom\x1b]0;owned\x07\x0d\x9b31m\u2028\u202eevil [request id id\x1b[2J\udc9b\x07z]"
+        r"boom\x1b]0;owned\x07\x0d\x9b31m\u2028\u202eevil [request id id\x1b[2J\udc9b\x07z]",
+        "atoma-images: used 0 compute units",
     ]
     # With --debug: the error lines, the traceback and the log lines, all escaped.
     assert unprintable(batch.stderr) == []
@@ -563,7 +570,8 @@ async def test_an_image_that_cannot_be_saved_anywhere_is_reported_billed_and_los
             extra={"TMPDIR": str(tmp_path / "tmp")},
         )
     assert done.returncode == EXIT_CODES["not saved"], done.stderr
-    (line,) = done.stderr.splitlines()
+    line, cost = done.stderr.splitlines()
+    assert cost == "atoma-images: used 1,048,576 compute units"  # billed, though lost
     assert line.startswith("atoma-images: error: generated and billed, but cannot save in . (")
     assert "File too large" in line
     assert line.endswith(": 2 images are lost")
@@ -600,27 +608,48 @@ async def test_a_paid_image_whose_download_fails_is_reported_billed(tmp_path: Pa
     assert png_size(tmp_path / "fox-1.png") == (8, 8)
     assert done.stderr.splitlines() == [
         "atoma-images: error: generated and billed, but image 2 could not be fetched from "
-        f"{root}/files/gone (404 Not Found (NOT_FOUND): expired)"
+        f"{root}/files/gone (404 Not Found (NOT_FOUND): expired)",
+        "atoma-images: used 1,048,576 compute units",
     ]
 
 
 # -- Ctrl-C ---------------------------------------------------------------------------------------
 
 
-def interrupt_once_posted(
-    process: subprocess.Popen[str], server: FakeAtomaServer, posts: int
-) -> tuple[str, str]:
-    """Ctrl-C the CLI once the server has received ``posts`` requests; its stdout and stderr."""
+def interrupt_once(process: subprocess.Popen[str], ready: Callable[[], bool]) -> tuple[str, str]:
+    """Ctrl-C the CLI once ``ready()`` (the server has the requests); its stdout and stderr."""
     try:
         deadline = time.monotonic() + 60
-        while len(server.posts) < posts and time.monotonic() < deadline:
+        while not ready() and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(server.posts) == posts
+        assert ready()
         process.send_signal(signal.SIGINT)
         return process.communicate(timeout=60)
     finally:
         process.kill()
         process.wait()
+
+
+@contextlib.contextmanager
+def stalled_downloads() -> Iterator[tuple[str, Callable[[], bool]]]:
+    """A root URL for images whose downloads are taken and never answered, and a ``ready()``
+    that waits (up to 60 s) for the first: the CLI then holds a billed result, unsaved."""
+    held: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(60)
+
+        def fetching() -> bool:
+            if not held:
+                connection, _ = listener.accept()
+                held.append(connection)  # kept open: the download neither ends nor fails
+                assert connection.recv(4096).startswith(b"GET /files/")
+            return True
+
+        try:
+            yield f"http://127.0.0.1:{listener.getsockname()[1]}/files", fetching
+        finally:
+            for connection in held:
+                connection.close()
 
 
 def test_ctrl_c_counts_only_finished_prompts_and_says_what_may_be_billed(
@@ -640,12 +669,13 @@ def test_ctrl_c_counts_only_finished_prompts_and_says_what_may_be_billed(
     )
     assert process.stderr is not None
     assert process.stderr.readline() == "1/3 done\n"
-    out, err = interrupt_once_posted(process, threaded_server, 3)
+    out, err = interrupt_once(process, lambda: len(threaded_server.posts) == 3)
     assert process.returncode == EXIT_CODES["interrupted"]
     assert len(out.splitlines()) == 1  # the one image that came back is saved
     assert err.splitlines() == [
         "atoma-images: interrupted with 1/3 prompts done; "
-        "2 requests were in flight: any already sent may still be billed"
+        "2 requests were in flight: any already sent may still be billed",
+        "atoma-images: used 64 compute units; 128 more may have been billed",
     ]
 
 
@@ -661,12 +691,86 @@ def test_ctrl_c_of_one_prompt_says_it_may_be_billed(
         stderr=subprocess.PIPE,
         text=True,
     )
-    out, err = interrupt_once_posted(process, threaded_server, 1)
+    out, err = interrupt_once(process, lambda: len(threaded_server.posts) == 1)
     assert process.returncode == EXIT_CODES["interrupted"]
     assert out == ""
     assert err.splitlines() == [
         "atoma-images: interrupted; 1 request was in flight: if already sent, it may still "
-        "be billed"
+        "be billed",
+        "atoma-images: used 0 compute units; 64 more may have been billed",
+    ]
+
+
+def test_ctrl_c_while_a_paid_image_is_fetched_says_it_was_billed_and_where_it_is(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    with stalled_downloads() as (files, fetching):
+        url = f"{files}/fox\x1b]0;owned\x07.png"  # the server's text: shown escaped
+        threaded_server.enqueue(Reply(body={"created": 1, "data": [{"url": url}]}))
+        process = subprocess.Popen(
+            [*COMMAND, "fox", "--base-url", threaded_server.base_url, "--size", "8x8"],
+            cwd=tmp_path,
+            env=environment(tmp_path, API_KEY),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        out, err = interrupt_once(process, fetching)
+    assert process.returncode == EXIT_CODES["interrupted"]
+    assert out == ""
+    assert err.splitlines() == [
+        "atoma-images: error: generated and billed, but interrupted before its images were "
+        f"saved; their URLs: {files}/fox\\x1b]0;owned\\x07.png",
+        "atoma-images: interrupted; 1 prompt was generated and billed but not saved",
+        "atoma-images: used 64 compute units",
+    ]
+
+
+def test_ctrl_c_reports_every_billed_result_not_yet_saved_in_json_too(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\n")
+    with stalled_downloads() as (files, fetching):
+        url = f"{files}/image.png"
+        threaded_server.enqueue(Reply(body={"created": 1, "data": [{"url": url}]}), times=2)
+        arguments = ("--prompts-file", "prompts.txt", "--base-url", threaded_server.base_url)
+        process = subprocess.Popen(
+            [*COMMAND, *arguments, "--size", "8x8", "--concurrency", "2", "--json", "--debug"],
+            cwd=tmp_path,
+            env=environment(tmp_path, API_KEY),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stderr is not None
+        # --debug logs each answer as it is read. Once both are, and the first result's image
+        # is being fetched, the second waits in the batch, billed and not yet handed out.
+        answered = 0
+        while answered < 2:
+            line = process.stderr.readline()
+            assert line, "the CLI ended before both prompts were answered"
+            answered += " POST " in line and " -> 200 " in line
+        out, err = interrupt_once(process, fetching)
+    assert process.returncode == EXIT_CODES["interrupted"]
+    problem = (
+        f"generated and billed, but interrupted before its images were saved; their URLs: {url}"
+    )
+    records = sorted((json.loads(line) for line in out.splitlines()), key=lambda r: r["prompt"])
+    assert [r["prompt"] for r in records] == ["a fox", "an owl"]
+    for record in records:
+        assert (record["files"], record["urls"]) == ([], [url])
+        assert record["error"]["type"] == "NotSaved"
+        assert record["error"]["message"] == problem
+        assert record["error"]["exit_code"] == EXIT_CODES["not saved"]
+    lines = [line for line in err.splitlines() if line.startswith("atoma-images:")]
+    assert sorted(lines[:2]) == [
+        f'atoma-images: error ("a fox"): {problem}',
+        f'atoma-images: error ("an owl"): {problem}',
+    ]
+    assert lines[2:] == [
+        "atoma-images: interrupted with 0/2 prompts done; "
+        "2 prompts were generated and billed but not saved",
+        "atoma-images: used 128 compute units",
     ]
 
 
