@@ -55,11 +55,10 @@ def load_json(body: bytes, backend: str = JSON_BACKEND) -> Any:
         ValueError: the body is not JSON, or holds more than an answer can; the message
             says which, readably.
     """
-    structure = body.count(b"[") + body.count(b"{") + body.count(b",")
-    if structure > MAX_JSON_STRUCTURE:
+    if _structure_exceeds(body, MAX_JSON_STRUCTURE):
         raise ValueError(
-            f"the body has {structure} of '[', '{{' and ',', more than the "
-            f"{MAX_JSON_STRUCTURE} any answer needs; it was not parsed"
+            f"the body has more than the {MAX_JSON_STRUCTURE} of '[', '{{' and ',' that any "
+            "answer needs; it was not parsed"
         )
     try:
         if backend == "orjson":
@@ -77,6 +76,23 @@ def load_json(body: bytes, backend: str = JSON_BACKEND) -> Any:
         raise ValueError(f"the body is not JSON ({exc})") from exc
     _check_tree(value)
     return value
+
+
+# The count goes a slice at a time: one pass of C per slice (bytes.translate deleting the
+# three bytes; three bytes.count passes take twice as long), a copy of one slice at most,
+# and a hostile body is refused as soon as it passes the cap.
+_SLICE = 2**16
+
+
+def _structure_exceeds(body: bytes, limit: int) -> bool:
+    """Whether ``body`` holds more than ``limit`` of the bytes '[', '{' and ','."""
+    seen = 0
+    for start in range(0, len(body), _SLICE):
+        part = body[start : start + _SLICE]
+        seen += len(part) - len(part.translate(None, b"[{,"))
+        if seen > limit:
+            return True
+    return False
 
 
 def _json_int(text: str) -> int | float:
