@@ -22,6 +22,7 @@ import random
 import socket
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import attrs
 import pytest
 
@@ -196,22 +197,67 @@ def check_the_rule(
     assert len(billable) == len(successes) + len(billed_errors)
 
 
+#: The pooled clients' limits for one attempt: aiohttp's bound for waiting for a connection
+#: (``pool + connect``, 0.9 s) is longer than the attempt's ``total`` (0.5 s).
+#: `Timeout.for_attempt` ends that wait before ``total`` (at 0.45 s), so that aiohttp's error
+#: says nothing was sent; if ``total`` fired during the wait instead, only the client's own
+#: session, whose request trace sees that no header was sent, could still tell. On a session
+#: passed in, the order of the limits is all there is.
+POOL_LIMITS = Timeout(total=0.5, read=None, connect=0.1, pool=0.8)
+#: How long a pooled client's only connection is held: well past the waiters' 0.45 s.
+HOLD = 1.0
+POOLED = ("own session", "session passed in")
+
+
+async def until_received(server: FaultServer, prompt: str) -> None:
+    """Wait until ``server`` has read the request for ``prompt``."""
+    for _ in range(5000):
+        if any(record.prompt == prompt for record in server.received):
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"{prompt}: the request never reached the server")
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_not_billed_means_never_received_over_a_fault_matrix(seed: int) -> None:
     sleep = FakeSleep()
     policy = RetryPolicy(sleep=sleep, max_retries=2)
-    # Few connections for many calls and a short attempt limit: calls also time out while
-    # waiting for a connection (not sent), besides every fault the server plays.
+    once = RetryPolicy(sleep=sleep, max_retries=0)
+    # Few connections for many calls and a short attempt limit, besides every fault the
+    # server plays.
     limits = Timeout(total=0.8, read=0.4, connect=0.3, pool=1.0)
     outcomes: dict[str, ImagesResponse | BaseException] = {}
 
-    async def call(client: AsyncImagesClient, prompt: str) -> None:
+    async def call(
+        client: AsyncImagesClient,
+        prompt: str,
+        timeout: Timeout | None = None,
+        retries: RetryPolicy | None = None,
+    ) -> None:
         try:
-            outcomes[prompt] = await client.generate(prompt, size="8x8")
+            outcomes[prompt] = await client.generate(
+                prompt, size="8x8", timeout=timeout, retries=retries
+            )
         except BaseException as exc:  # checked below: only our errors may come out
             outcomes[prompt] = exc
 
-    async with fault_server(FaultServer(seed)) as (server, url):
+    async def hold_then_wait(pooled: AsyncImagesClient, slow: FaultServer, name: str) -> None:
+        # A slow request holds the client's only connection; the calls made while it is held
+        # wait in the pool until they time out there, and are never sent. (One attempt each:
+        # the retries of a pool wait are test_pool_waits_that_time_out_are_not_billed...)
+        holder = f"seed {seed} {name}: holder"
+        holding = asyncio.ensure_future(call(pooled, holder, timeout=Timeout(read=10 * HOLD)))
+        await until_received(slow, holder)
+        await asyncio.gather(
+            *(call(pooled, f"seed {seed} {name}: waiter {i}", retries=once) for i in range(3))
+        )
+        await holding
+
+    async with (
+        fault_server(FaultServer(seed)) as (server, url),
+        fault_server(FaultServer(seed, fates={"ok": 1}, ok_delay=HOLD)) as (slow, slow_url),
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as one_connection,
+    ):
         with stalled_listener() as stalled:
             async with (
                 AsyncImagesClient(
@@ -219,13 +265,29 @@ async def test_not_billed_means_never_received_over_a_fault_matrix(seed: int) ->
                 ) as busy,
                 AsyncImagesClient("k", base_url=refused_url(), retries=policy) as refused,
                 AsyncImagesClient("k", base_url=stalled, timeout=limits, retries=policy) as stalls,
+                AsyncImagesClient(
+                    "k", base_url=slow_url, max_connections=1, timeout=POOL_LIMITS, retries=policy
+                ) as pooled,
+                AsyncImagesClient(
+                    "k",
+                    base_url=slow_url,
+                    session=one_connection,
+                    timeout=POOL_LIMITS,
+                    retries=policy,
+                ) as pooled_on_a_session,
             ):
                 await asyncio.gather(
                     *(call(busy, f"seed {seed} call {i}") for i in range(40)),
                     *(call(refused, f"seed {seed} refused {i}") for i in range(3)),
                     *(call(stalls, f"seed {seed} stalled {i}") for i in range(3)),
                 )
-    check_the_rule(outcomes, server.received)
+                # Then, so as not to change which of the calls above meets which fault:
+                await asyncio.gather(
+                    hold_then_wait(pooled, slow, POOLED[0]),
+                    hold_then_wait(pooled_on_a_session, slow, POOLED[1]),
+                )
+    # Prompts differ between the two servers, so the rule holds over both at once.
+    check_the_rule(outcomes, server.received + slow.received)
     kinds = {type(o).__name__ for o in outcomes.values()}
     # The matrix really ran: a success, a timeout before sending, one after, a status error.
     assert {"ImagesResponse", "APITimeoutError", "AmbiguousTimeoutError"} <= kinds, kinds
@@ -234,6 +296,18 @@ async def test_not_billed_means_never_received_over_a_fault_matrix(seed: int) ->
     assert all(
         type(outcomes[f"seed {seed} stalled {i}"]).__name__ == "APITimeoutError" for i in range(3)
     )
+    # ...and so did waiting for a connection, on either kind of session: calls ended timed
+    # out in the pool (the one connection was held throughout), not billed.
+    for name in POOLED:
+        assert type(outcomes[f"seed {seed} {name}: holder"]).__name__ == "ImagesResponse"
+        waiters = [outcomes[f"seed {seed} {name}: waiter {i}"] for i in range(3)]
+        pool_waits = [o for o in waiters if type(o).__name__ == "APITimeoutError"]
+        assert pool_waits, (name, waiters)
+        for error in pool_waits:
+            assert isinstance(error, AtomaImagesError)
+            assert not error.may_have_been_billed
+            assert "waiting for a connection" in str(error)
+            assert error.attempts == 1
 
 
 async def test_pool_waits_that_time_out_are_not_billed_and_are_retried() -> None:

@@ -1,15 +1,21 @@
 """Every parser of what a server sends, over the worst bodies we know, in bounded time and memory.
 
-Each call takes milliseconds and a few MiB here. The bounds are generous, so that a loaded
-machine does not fail them, and still far below what the code before the fixes took on the
-same bodies: 15 minutes for 1 MiB of '<', 3 GB for an answer made of '[]' items, and a
-bare RecursionError for deep nesting.
+Each call takes milliseconds and a few MiB here. The bounds are far below what the code
+before the fixes took on the same bodies: 15 minutes for 1 MiB of '<', 3 GB for an answer made
+of '[]' items, and a bare RecursionError for deep nesting. Time is the CPU time of the calling
+thread, the best of a few runs, so that a loaded machine does not fail them: other processes'
+and threads' work is not counted, and a run slowed by the machine anyway is tried again.
+
+An error body (any status >= 300) of up to 1 MiB is held to the tight bound the issue sets,
+50 ms; the worst here takes about 10 ms. Without the 64 KiB cap on the HTML scanned for an
+error page's title, 1 MiB of '<a>' took 75 to 80 ms and 1 MiB of '&amp;' 55 to 80, and failed it.
 """
 
 from __future__ import annotations
 
 import base64
 import importlib.util
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -24,6 +30,10 @@ from atoma_images._convert import error_from_response, parse_response
 MiB = 2**20
 #: Seconds for one call; each takes a few ms (and the code before the fixes, seconds to hours).
 TIME_LIMIT = 1.0
+#: Seconds for turning an error body of up to 1 MiB into an error; each takes at most 10 ms.
+ERROR_TIME_LIMIT = 0.05
+#: Runs of a call, of which the fastest must be within the limit.
+TRIES = 3
 HEADERS = CIMultiDict({"x-request-id": "r1", "retry-after": "1_000", "retry-after-ms": "inf"})
 ANSWER = b'{"created": 1, "data": [{"url": "u"}]}'
 
@@ -97,6 +107,16 @@ PARSERS: dict[str, Callable[[bytes], object]] = {
     "parse_response 502": error_status,
     "error_from_response": error_direct,
 }
+#: The parsers that turn an error body into an error: held to ERROR_TIME_LIMIT.
+ERROR_PARSERS = {"parse_response 502", "error_from_response"}
+
+
+def time_limit(parser: str) -> float:
+    """The limit for ``parser``; under a tracer (coverage, a debugger) the generous one, as
+    pure Python runs several times slower there (30000 images in an error: 55 to 60 ms)."""
+    traced = sys.gettrace() is not None or "coverage" in sys.modules
+    return ERROR_TIME_LIMIT if parser in ERROR_PARSERS and not traced else TIME_LIMIT
+
 
 HAS_CRYPTOGRAPHY = importlib.util.find_spec("cryptography") is not None
 if HAS_CRYPTOGRAPHY:
@@ -133,11 +153,20 @@ def run(call: Callable[[], object]) -> object:
         return error
 
 
-def check_bounded(call: Callable[[], object], time_limit: float, memory_limit: int) -> object:
-    start = time.perf_counter()
+def cpu_seconds(call: Callable[[], object]) -> tuple[float, object]:
+    """The CPU time the calling thread spent on ``call``, and what it gave."""
+    start = time.thread_time()
     result = run(call)
-    elapsed = time.perf_counter() - start
-    assert elapsed < time_limit, f"took {elapsed:.2f} s"
+    return time.thread_time() - start, result
+
+
+def check_bounded(call: Callable[[], object], time_limit: float, memory_limit: int) -> object:
+    best, result = cpu_seconds(call)
+    for _ in range(TRIES - 1):
+        if best < time_limit:
+            break
+        best = min(best, cpu_seconds(call)[0])
+    assert best < time_limit, f"took {best * 1000:.1f} ms at best of {TRIES} runs"
     tracemalloc.start()
     try:
         run(call)
@@ -154,7 +183,10 @@ def test_every_parser_is_bounded_on_every_shape(parser: str, shape: str) -> None
     parse, body = PARSERS[parser], SHAPES[shape]
     if parser == "SealedRequest.open, inside":
         body = sealed(body)
-    result = check_bounded(lambda: parse(body), TIME_LIMIT, memory_limit(len(body)))
+    result = check_bounded(lambda: parse(body), time_limit(parser), memory_limit(len(body)))
+    if parser in ERROR_PARSERS:
+        assert len(body) < MiB + 64  # "up to 1 MiB": the shapes are that size at most
+        assert isinstance(result, APIStatusError)
     if isinstance(result, APIStatusError):
         assert len(str(result)) < 500
         assert result.retry_after is None  # "1_000" and "inf" are not RFC 9110 values

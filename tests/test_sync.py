@@ -240,6 +240,12 @@ def test_ctrl_c_while_the_loop_is_busy_raises_it_and_sends_nothing(
             problems.append(exc)
 
     with ImagesClient(API_KEY, base_url=threaded_server.base_url) as images:
+        # A warm connection: the call would not pause to connect, so once the loop is free
+        # it would write its POST at once, before a cancellation could reach it. Only the
+        # call's own check that it was abandoned keeps it from being sent.
+        assert images.generate("warm", size="8x8").images
+        (warm,) = threaded_server.posts
+        threaded_server.reset()
         images._portal.run(running_loop()).call_soon_threadsafe(hold_the_loop)
         with pytest.raises(KeyboardInterrupt):
             images.generate("interrupted before it was sent", size="8x8")
@@ -247,7 +253,11 @@ def test_ctrl_c_while_the_loop_is_busy_raises_it_and_sends_nothing(
         assert threaded_server.posts == []
         assert images.generate("next", size="8x8").images  # the client stays usable
     assert problems == []
+    # The interrupted request never reached the server, not even later than this call (had
+    # it been written, it would have been before "next" was), and "next" went over the warm
+    # connection, which the interrupted call had left untouched.
     assert [post.json()["prompt"] for post in threaded_server.posts] == ["next"]
+    assert threaded_server.posts[0].peer == warm.peer
 
 
 @MAIN_THREAD_ONLY
