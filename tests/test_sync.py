@@ -88,6 +88,32 @@ def test_each_blocking_method_carries_its_async_twins_docstring(name: str) -> No
     assert sync_doc.index(ctrl_c) < min(sections, default=len(sync_doc))  # before "Args:"
 
 
+def test_generate_many_carries_its_async_twins_arguments_and_errors() -> None:
+    async_doc = paragraphs(AsyncImagesClient.generate_many.__doc__)
+    sync_doc = paragraphs(ImagesClient.generate_many.__doc__)
+    for section in ("Args:", "Raises:"):
+        (twin,) = [p for p in async_doc if p.startswith(section)]
+        assert twin in sync_doc, section  # the async twin's words, not a copy by hand
+    (returns,) = [p for p in sync_doc if p.startswith("Returns:")]
+    assert "SyncBatch" in returns
+    example = next(p for p in sync_doc if "generate_many(" in p)
+    assert "for result in batch:" in example
+    assert "async " not in example  # its own example, for synchronous code
+    headings = [p.split("\n", 1)[0] for p in sync_doc if p.endswith(":") or ":\n" in p]
+    assert [h for h in headings if h in ("Args:", "Returns:", "Raises:")] == [
+        "Args:",
+        "Returns:",
+        "Raises:",
+    ]
+
+
+@pytest.mark.parametrize("name", ["base_url", "model", "timeout", "retries", "budget", "usage"])
+def test_each_property_says_what_it_is_in_its_async_twins_words(name: str) -> None:
+    doc = getattr(ImagesClient, name).__doc__
+    assert doc
+    assert doc == getattr(AsyncImagesClient, name).__doc__
+
+
 def test_help_shows_the_arguments_of_generate() -> None:
     shown = pydoc.render_doc(ImagesClient.generate, renderer=pydoc.plaintext)
     assert "prompt: what to draw" in shown
