@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -9,6 +12,19 @@ from aiohttp import web
 
 from atoma_images import AsyncImagesClient, RetryPolicy
 from atoma_images.testing import FakeAtomaServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Many tests run the CLI, the examples and the docs' blocks in fresh interpreters. Where
+    # bytecode caching is off (PYTHONDONTWRITEBYTECODE, as in CI), each of them compiled the
+    # package again: about 10 s of the default run on these 2-core machines. They share one
+    # cache instead, in a temporary directory (PYTHONPYCACHEPREFIX): the tree stays clean.
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        cache = tempfile.mkdtemp(prefix="atoma-images-pycache-")
+        del os.environ["PYTHONDONTWRITEBYTECODE"]
+        os.environ["PYTHONPYCACHEPREFIX"] = cache
+        config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+
 
 API_KEY = "sk-test-5f2b9c1e7d"
 

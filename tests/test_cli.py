@@ -264,6 +264,7 @@ def test_debug_shows_the_traceback(threaded_server: FakeAtomaServer, tmp_path: P
     assert "Traceback" in done.stderr
 
 
+@pytest.mark.slow  # two runs, one on a pseudo-terminal: CI runs it
 def test_spinner_only_on_a_terminal(threaded_server: FakeAtomaServer, tmp_path: Path) -> None:
     threaded_server.latency = 0.5
     arguments = ("fox", "--base-url", threaded_server.base_url, "--size", "8x8")

@@ -93,6 +93,7 @@ def test_docs_python_blocks_run(
     run_python_block(block.code, threaded_server, tmp_path)
 
 
+@pytest.mark.slow  # a pytest run in a fresh interpreter each: CI runs them
 @pytest.mark.parametrize("block", PYTESTS, ids=[block.id for block in PYTESTS])
 def test_docs_pytest_blocks_pass(block: Block, tmp_path: Path) -> None:
     (tmp_path / "test_from_docs.py").write_text(block.code)

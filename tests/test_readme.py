@@ -38,6 +38,7 @@ def test_ci_runs_the_readme_commands_verbatim(command: str) -> None:
     assert command in CI.splitlines()
 
 
+@pytest.mark.slow  # a pytest collection in a fresh interpreter: CI runs it
 def test_ci_also_runs_the_slow_tests_the_default_run_leaves_out(
     pytestconfig: pytest.Config,
 ) -> None:
