@@ -12,7 +12,8 @@ even when Ctrl-C stops it.
 Every option, the prompts file and the output directory are checked before anything is sent:
 a generation is paid for, so none is made that cannot be kept. Every line shown goes through
 `emit`, which escapes control characters: text from the server or from a prompts file never
-drives the terminal.
+drives the terminal (`_cli_terminal`); where images go is `_cli_saving`, what a run reports
+`_cli_report`.
 """
 
 from __future__ import annotations
@@ -21,40 +22,34 @@ import argparse
 import asyncio
 import codecs
 import contextlib
-import json
 import logging
-import os
-import re
 import signal
 import sys
 import tempfile
-import time
-import traceback
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from . import _confidential
 from ._batch import BatchResult
+from ._cli_report import (
+    EXIT_CODES,
+    exit_code,
+    report_error,
+    report_interrupted_saves,
+    report_result,
+)
+from ._cli_saving import SpareDirectory, keep_images, stem_for
+from ._cli_terminal import PrintableFormatter, Progress, emit, spent
 from ._client import AsyncImagesClient
 from ._errors import (
-    APIConnectionError,
-    APIStatusError,
     AtomaImagesError,
-    AuthenticationError,
-    BudgetExceededError,
-    ExtraNotInstalledError,
-    InsufficientBalanceError,
     InvalidRequestError,
-    PermissionDeniedError,
-    RateLimitError,
-    ResponseValidationError,
 )
-from ._files import write_images
 from ._models import DEFAULT_MODEL, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy
 from ._timeout import Timeout
-from ._usage import Budget, Usage
+from ._usage import Budget
 from ._version import package_version
 from .testing import FakeAtomaServer
 
@@ -62,101 +57,12 @@ __all__ = ["EXIT_CODES", "main"]
 
 T = TypeVar("T")
 
-#: Exit codes, by what went wrong (documented in README.md).
-EXIT_CODES = {
-    "ok": 0,
-    "unexpected": 1,
-    "invalid input": 2,
-    "authentication": 3,
-    "balance": 4,
-    "rate limit": 5,
-    "server": 6,
-    "connection": 7,
-    "invalid response": 8,
-    "not saved": 9,
-    "interrupted": 130,
-}
-
-
-def exit_code(error: BaseException) -> int:
-    """The exit code for an error: the first matching kind in EXIT_CODES."""
-    if isinstance(error, ExtraNotInstalledError) or (
-        isinstance(error, InvalidRequestError) and error.field != "api_key"
-    ):
-        kind = "invalid input"
-    elif isinstance(error, (InvalidRequestError, AuthenticationError, PermissionDeniedError)):
-        kind = "authentication"  # a missing key is an authentication problem too
-    elif isinstance(error, (InsufficientBalanceError, BudgetExceededError)):
-        kind = "balance"
-    elif isinstance(error, RateLimitError):
-        kind = "rate limit"
-    elif isinstance(error, APIStatusError):
-        kind = "server"
-    elif isinstance(error, APIConnectionError):
-        kind = "connection"
-    elif isinstance(error, ResponseValidationError):  # ResponseIntegrityError too
-        kind = "invalid response"
-    else:
-        kind = "unexpected"
-    return EXIT_CODES[kind]
-
 
 class CommandLineError(Exception):
     """Options that cannot go together, or a file or directory they name is unusable.
 
     Shown as one line; the exit code is 2 (invalid input).
     """
-
-
-# One character class, so the scan is linear in the text: the C0 controls, DEL and the C1
-# controls (ESC, CSI, OSC, BEL, CR: what a terminal acts on), the Unicode line and paragraph
-# separators, the bidirectional embeddings, overrides and isolates (they reorder what is
-# shown), and lone surrogates (undecodable header bytes, which a strict stdout cannot encode).
-_UNPRINTABLE = re.compile(
-    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
-)
-
-
-def printable(text: str, *, keep_newlines: bool = False) -> str:
-    r"""``text`` with every control character escaped: ESC becomes ``\x1b``.
-
-    Args:
-        text: anything that may hold text from the server or from a file.
-        keep_newlines: leave ``\n`` as it is (a traceback); otherwise the result is one line.
-    """
-
-    def escape(match: re.Match[str]) -> str:
-        char = match[0]
-        if keep_newlines and char == "\n":
-            return char
-        code = ord(char)
-        return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
-
-    return _UNPRINTABLE.sub(escape, text)
-
-
-def emit(stream: TextIO, text: str, *, keep_newlines: bool = False) -> None:
-    """Write ``text``, made `printable`, and a newline: the one way a line is shown.
-
-    If the reader has gone (``| head -1``), the stream is pointed at the null device and the
-    run goes on: the prompts in flight are paid for, and their images are still saved.
-    """
-    try:
-        # One write per line: unbuffered (PYTHONUNBUFFERED), print() makes two.
-        stream.write(printable(text, keep_newlines=keep_newlines) + "\n")
-        stream.flush()
-    except BrokenPipeError:
-        # As the Python docs advise for SIGPIPE, so the flush at exit stays quiet too.
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, stream.fileno())
-        os.close(null)
-
-
-class PrintableFormatter(logging.Formatter):
-    """--debug log records, made `printable`: they may quote a request id from the server."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return printable(super().format(record), keep_newlines=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,153 +200,6 @@ def prepare_output_dir(directory: Path) -> None:
         raise CommandLineError(f"cannot save images in {directory}: {exc.strerror}") from exc
 
 
-class Progress:
-    """Elapsed time (and done/total for a batch) on stderr, redrawn in place on a terminal.
-
-    It also holds what the run left to report at its end: for the message shown on Ctrl-C,
-    how many prompts were billed but not saved and how many were cancelled in flight; for the
-    usage line, what the client's calls cost.
-    """
-
-    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
-
-    def __init__(self, stream: TextIO, total: int) -> None:
-        self.stream = stream
-        self.total = total
-        self.done = 0
-        self.in_flight = 0
-        self.billed_unsaved = 0
-        self.usage = Usage()
-        self.tty = stream.isatty()
-        self.started = time.monotonic()
-
-    def line(self, frame: int = 0) -> str:
-        elapsed = time.monotonic() - self.started
-        count = f" {self.done}/{self.total} done," if self.total > 1 else ""
-        return f"{self.FRAMES[frame % len(self.FRAMES)]} generating…{count} {elapsed:.1f}s"
-
-    async def spin(self) -> None:
-        if not self.tty:
-            return
-        frame = 0
-        while True:
-            self.stream.write("\r\033[K" + self.line(frame))
-            self.stream.flush()
-            frame += 1
-            await asyncio.sleep(0.1)
-
-    def clear(self) -> None:
-        if self.tty:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-    def advance(self, done: int, total: int | None) -> None:
-        """One more prompt is settled: its images saved, or its error shown."""
-        self.done = done
-        if self.total > 1 and not self.tty:  # a log-friendly line per finished prompt
-            emit(self.stream, f"{self.done}/{self.total} done")
-
-    def interrupted(self) -> str:
-        """The line for Ctrl-C: how far the batch got, and what may still be billed."""
-        text = "atoma-images: interrupted"
-        if self.total > 1:
-            text += f" with {self.done}/{self.total} prompts done"
-        if self.billed_unsaved:
-            text += (
-                "; 1 prompt was generated and billed but not saved"
-                if self.billed_unsaved == 1
-                else f"; {self.billed_unsaved} prompts were generated and billed but not saved"
-            )
-        if self.in_flight:
-            text += (
-                "; 1 request was in flight: if already sent, it may still be billed"
-                if self.in_flight == 1
-                else f"; {self.in_flight} requests were in flight: any already sent may "
-                "still be billed"
-            )
-        return text
-
-
-def stem_for(prompt: str, index: int | None, directory: Path) -> str:
-    """A file stem from the prompt that no earlier run has used in ``directory``.
-
-    Images are saved as ``<stem>-<n>.<ext>``; a rerun of the same prompt gets ``<slug>_2``
-    (the slug itself never contains ``_``), so nothing is overwritten.
-    """
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].strip("-") or "image"
-    base = slug if index is None else f"{index + 1:03d}-{slug}"
-    taken = {m[1] for p in _listing(directory) if (m := _SAVED.fullmatch(p))}
-    stem, number = base, 1
-    while stem in taken:
-        number += 1
-        stem = f"{base}_{number}"
-    return stem
-
-
-_SAVED = re.compile(r"(.+)-[0-9]+\.[a-z]+")
-
-
-def _listing(directory: Path) -> list[str]:
-    try:
-        return [entry.name for entry in directory.iterdir()]
-    except OSError:  # gone since it was checked: the save reports it
-        return []
-
-
-class SpareDirectory:
-    """A temporary directory, made on first use, for paid images the output directory refused."""
-
-    def __init__(self) -> None:
-        self.path: Path | None = None
-
-    def save(self, images: Sequence[bytes], stem: str) -> list[Path]:
-        """Write ``images`` as `write_images` does; raises OSError if that fails here too."""
-        if self.path is None:
-            self.path = Path(tempfile.mkdtemp(prefix="atoma-images-unsaved-"))
-        return write_images(images, self.path, stem)
-
-
-async def keep_images(
-    client: AsyncImagesClient,
-    result: ImagesResponse,
-    directory: Path,
-    stem: str,
-    spare: SpareDirectory,
-) -> tuple[list[Path], list[str]]:
-    """Fetch and save every image of a paid result, elsewhere if ``directory`` fails.
-
-    Returns:
-        Where the images are, and what went wrong (empty when all are in ``directory``).
-    """
-    problems: list[str] = []
-    fetched = await asyncio.gather(
-        *(client.download(image) for image in result.images), return_exceptions=True
-    )
-    images: list[bytes] = []
-    for number, (image, item) in enumerate(zip(result.images, fetched, strict=True), start=1):
-        if isinstance(item, bytes):
-            images.append(item)
-        elif isinstance(item, AtomaImagesError):
-            source = f" from {image.url}" if image.url else ""
-            problems.append(f"image {number} could not be fetched{source} ({item})")
-        else:
-            raise item
-    if not images:
-        return [], problems
-    try:
-        return write_images(images, directory, stem), problems
-    except OSError as error:
-        problems.append(f"cannot save in {directory} ({error})")
-    try:
-        paths = spare.save(images, stem)
-    except OSError as error:
-        count = "1 image is" if len(images) == 1 else f"{len(images)} images are"
-        problems.append(f"nor in a temporary directory ({error}): {count} lost")
-        return [], problems
-    problems.append(f"saved in {spare.path} instead")
-    return paths, problems
-
-
 async def generate_all(
     args: argparse.Namespace, prompts: list[str], progress: Progress, out: TextIO, err: TextIO
 ) -> int:
@@ -524,93 +283,6 @@ async def generate_all(
             progress.billed_unsaved = len(unsaved)
             progress.usage = client.usage
     return codes[0] if codes else EXIT_CODES["ok"]
-
-
-def report_interrupted_saves(
-    unsaved: Sequence[tuple[str, ImagesResponse]],
-    args: argparse.Namespace,
-    out: TextIO,
-    err: TextIO,
-) -> None:
-    """Each billed result Ctrl-C kept from being saved, with its URLs: they may still serve."""
-    for prompt, response in unsaved:
-        problem = "interrupted before its images were saved"
-        urls = [image.url for image in response.images if image.url]
-        if urls:
-            problem += "; their URLs: " + ", ".join(urls)
-        report_result(response, [], prompt, args, problems=[problem], out=out, err=err)
-
-
-def spent(usage: Usage) -> str:
-    """The last line of a run: the compute units it used, and those it may have used."""
-    text = f"atoma-images: used {usage.compute_units:,} compute units"
-    if usage.maybe_billed_compute_units:
-        text += f"; {usage.maybe_billed_compute_units:,} more may have been billed"
-    return text
-
-
-def report_result(
-    result: ImagesResponse,
-    paths: list[Path],
-    prompt: str,
-    args: argparse.Namespace,
-    *,
-    problems: list[str],
-    out: TextIO,
-    err: TextIO,
-) -> None:
-    """Show where a paid result's images are, and why some are not where asked."""
-    message = ("generated and billed, but " + "; ".join(problems)) if problems else ""
-    if message:
-        emit(err, f"atoma-images: error{_echo(prompt, args)}: {message}")
-    if args.json:
-        record: dict[str, Any] = {
-            "prompt": prompt,
-            "created": result.created,
-            "request_id": result.request_id,
-            "files": [str(path) for path in paths],
-            "urls": [image.url for image in result.images if image.url],
-        }
-        if message:
-            record["error"] = {
-                "type": "NotSaved",
-                "message": message,
-                "status": None,
-                "exit_code": EXIT_CODES["not saved"],
-            }
-        emit(out, json.dumps(record))
-    else:
-        for path in paths:
-            emit(out, str(path))
-
-
-def report_error(
-    error: BaseException, prompt: str | None, args: argparse.Namespace, out: TextIO, err: TextIO
-) -> None:
-    message = str(error)
-    if isinstance(error, InvalidRequestError) and error.field == "api_key":
-        message += ", or use --fake to try it offline"
-    emit(err, f"atoma-images: error{_echo(prompt, args)}: {message}")
-    if args.debug:
-        emit(err, "".join(traceback.format_exception(error)).rstrip("\n"), keep_newlines=True)
-    if args.json and prompt is not None:
-        record = {
-            "prompt": prompt,
-            "error": {
-                "type": type(error).__name__,
-                "message": str(error),
-                "status": getattr(error, "status", None),
-                "exit_code": exit_code(error),
-            },
-        }
-        emit(out, json.dumps(record))
-
-
-def _echo(prompt: str | None, args: argparse.Namespace) -> str:
-    """The prompt, shortened, for an error line of a batch (where it says which one failed)."""
-    if prompt is None or not args.prompts_file:
-        return ""
-    return f' ("{prompt if len(prompt) <= 40 else prompt[:39] + "…"}")'
 
 
 async def cancelled_by_ctrl_c(run: Coroutine[Any, Any, T]) -> T:

@@ -1,0 +1,155 @@
+"""What a command-line run reports: its exit codes, and each result or error, as lines or
+as JSON records.
+
+Where this module fits, and why it is built so: docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from ._cli_terminal import emit
+from ._errors import (
+    APIConnectionError,
+    APIStatusError,
+    AuthenticationError,
+    BudgetExceededError,
+    ExtraNotInstalledError,
+    InsufficientBalanceError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResponseValidationError,
+)
+from ._models import ImagesResponse
+
+__all__ = [
+    "EXIT_CODES",
+    "exit_code",
+    "report_error",
+    "report_interrupted_saves",
+    "report_result",
+]
+
+
+#: Exit codes, by what went wrong (documented in README.md).
+EXIT_CODES = {
+    "ok": 0,
+    "unexpected": 1,
+    "invalid input": 2,
+    "authentication": 3,
+    "balance": 4,
+    "rate limit": 5,
+    "server": 6,
+    "connection": 7,
+    "invalid response": 8,
+    "not saved": 9,
+    "interrupted": 130,
+}
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit code for an error: the first matching kind in EXIT_CODES."""
+    if isinstance(error, ExtraNotInstalledError) or (
+        isinstance(error, InvalidRequestError) and error.field != "api_key"
+    ):
+        kind = "invalid input"
+    elif isinstance(error, (InvalidRequestError, AuthenticationError, PermissionDeniedError)):
+        kind = "authentication"  # a missing key is an authentication problem too
+    elif isinstance(error, (InsufficientBalanceError, BudgetExceededError)):
+        kind = "balance"
+    elif isinstance(error, RateLimitError):
+        kind = "rate limit"
+    elif isinstance(error, APIStatusError):
+        kind = "server"
+    elif isinstance(error, APIConnectionError):
+        kind = "connection"
+    elif isinstance(error, ResponseValidationError):  # ResponseIntegrityError too
+        kind = "invalid response"
+    else:
+        kind = "unexpected"
+    return EXIT_CODES[kind]
+
+
+def report_interrupted_saves(
+    unsaved: Sequence[tuple[str, ImagesResponse]],
+    args: argparse.Namespace,
+    out: TextIO,
+    err: TextIO,
+) -> None:
+    """Each billed result Ctrl-C kept from being saved, with its URLs: they may still serve."""
+    for prompt, response in unsaved:
+        problem = "interrupted before its images were saved"
+        urls = [image.url for image in response.images if image.url]
+        if urls:
+            problem += "; their URLs: " + ", ".join(urls)
+        report_result(response, [], prompt, args, problems=[problem], out=out, err=err)
+
+
+def report_result(
+    result: ImagesResponse,
+    paths: list[Path],
+    prompt: str,
+    args: argparse.Namespace,
+    *,
+    problems: list[str],
+    out: TextIO,
+    err: TextIO,
+) -> None:
+    """Show where a paid result's images are, and why some are not where asked."""
+    message = ("generated and billed, but " + "; ".join(problems)) if problems else ""
+    if message:
+        emit(err, f"atoma-images: error{_echo(prompt, args)}: {message}")
+    if args.json:
+        record: dict[str, Any] = {
+            "prompt": prompt,
+            "created": result.created,
+            "request_id": result.request_id,
+            "files": [str(path) for path in paths],
+            "urls": [image.url for image in result.images if image.url],
+        }
+        if message:
+            record["error"] = {
+                "type": "NotSaved",
+                "message": message,
+                "status": None,
+                "exit_code": EXIT_CODES["not saved"],
+            }
+        emit(out, json.dumps(record))
+    else:
+        for path in paths:
+            emit(out, str(path))
+
+
+def report_error(
+    error: BaseException, prompt: str | None, args: argparse.Namespace, out: TextIO, err: TextIO
+) -> None:
+    message = str(error)
+    if isinstance(error, InvalidRequestError) and error.field == "api_key":
+        message += ", or use --fake to try it offline"
+    emit(err, f"atoma-images: error{_echo(prompt, args)}: {message}")
+    if args.debug:
+        emit(err, "".join(traceback.format_exception(error)).rstrip("\n"), keep_newlines=True)
+    if args.json and prompt is not None:
+        record = {
+            "prompt": prompt,
+            "error": {
+                "type": type(error).__name__,
+                "message": str(error),
+                "status": getattr(error, "status", None),
+                "exit_code": exit_code(error),
+            },
+        }
+        emit(out, json.dumps(record))
+
+
+def _echo(prompt: str | None, args: argparse.Namespace) -> str:
+    """The prompt, shortened, for an error line of a batch (where it says which one failed)."""
+    if prompt is None or not args.prompts_file:
+        return ""
+    return f' ("{prompt if len(prompt) <= 40 else prompt[:39] + "…"}")'

@@ -1,0 +1,100 @@
+"""Where the command line keeps a paid image: a file name no earlier run used, and a spare
+directory when the output directory refuses it, so that a billed image is never lost silently.
+
+Where this module fits, and why it is built so: docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from ._client import AsyncImagesClient
+from ._errors import AtomaImagesError
+from ._files import write_images
+from ._models import ImagesResponse
+
+__all__ = ["SpareDirectory", "keep_images", "stem_for"]
+
+
+def stem_for(prompt: str, index: int | None, directory: Path) -> str:
+    """A file stem from the prompt that no earlier run has used in ``directory``.
+
+    Images are saved as ``<stem>-<n>.<ext>``; a rerun of the same prompt gets ``<slug>_2``
+    (the slug itself never contains ``_``), so nothing is overwritten.
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].strip("-") or "image"
+    base = slug if index is None else f"{index + 1:03d}-{slug}"
+    taken = {m[1] for p in _listing(directory) if (m := _SAVED.fullmatch(p))}
+    stem, number = base, 1
+    while stem in taken:
+        number += 1
+        stem = f"{base}_{number}"
+    return stem
+
+
+_SAVED = re.compile(r"(.+)-[0-9]+\.[a-z]+")
+
+
+def _listing(directory: Path) -> list[str]:
+    try:
+        return [entry.name for entry in directory.iterdir()]
+    except OSError:  # gone since it was checked: the save reports it
+        return []
+
+
+class SpareDirectory:
+    """A temporary directory, made on first use, for paid images the output directory refused."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def save(self, images: Sequence[bytes], stem: str) -> list[Path]:
+        """Write ``images`` as `write_images` does; raises OSError if that fails here too."""
+        if self.path is None:
+            self.path = Path(tempfile.mkdtemp(prefix="atoma-images-unsaved-"))
+        return write_images(images, self.path, stem)
+
+
+async def keep_images(
+    client: AsyncImagesClient,
+    result: ImagesResponse,
+    directory: Path,
+    stem: str,
+    spare: SpareDirectory,
+) -> tuple[list[Path], list[str]]:
+    """Fetch and save every image of a paid result, elsewhere if ``directory`` fails.
+
+    Returns:
+        Where the images are, and what went wrong (empty when all are in ``directory``).
+    """
+    problems: list[str] = []
+    fetched = await asyncio.gather(
+        *(client.download(image) for image in result.images), return_exceptions=True
+    )
+    images: list[bytes] = []
+    for number, (image, item) in enumerate(zip(result.images, fetched, strict=True), start=1):
+        if isinstance(item, bytes):
+            images.append(item)
+        elif isinstance(item, AtomaImagesError):
+            source = f" from {image.url}" if image.url else ""
+            problems.append(f"image {number} could not be fetched{source} ({item})")
+        else:
+            raise item
+    if not images:
+        return [], problems
+    try:
+        return write_images(images, directory, stem), problems
+    except OSError as error:
+        problems.append(f"cannot save in {directory} ({error})")
+    try:
+        paths = spare.save(images, stem)
+    except OSError as error:
+        count = "1 image is" if len(images) == 1 else f"{len(images)} images are"
+        problems.append(f"nor in a temporary directory ({error}): {count} lost")
+        return [], problems
+    problems.append(f"saved in {spare.path} instead")
+    return paths, problems
