@@ -151,10 +151,11 @@ class Batch:
     """An async iterator of `BatchResult`, in completion order; see `generate_many`.
 
     Use it as ``async with client.generate_many(...) as batch: async for result in batch``:
-    leaving the block cancels what is in flight and waits for it. A plain ``async for``
-    works too: the batch closes itself when it is exhausted, and when the loop is left early
-    asyncio closes the dropped iterator soon after (in a task of its own), cancelling what is
-    in flight; `aclose` does it at once.
+    leaving the block cancels what is in flight and waits for it, and inside it a loop may be
+    left and another started. A plain ``async for`` works too: the batch closes itself when
+    it is exhausted, and when the loop is left early asyncio closes the dropped iterator soon
+    after (in a task of its own), cancelling what is in flight; `aclose` does it at once.
+    A closed batch has no more results: `next_result` answers None.
     """
 
     def __init__(
@@ -196,6 +197,7 @@ class Batch:
         self._workers: list[asyncio.Task[None]] = []  # started on the first next_result()
         self._running = 0
         self._closed = False
+        self._entered = False  # used as ``async with``: that block's end closes the batch
         self._holding_slot = False
         # asyncio's primitives bind to the loop that first uses them: the sync client makes
         # the batch in its caller's thread and runs it on its own loop.
@@ -227,6 +229,7 @@ class Batch:
     # -- the caller's side ---------------------------------------------------------------
 
     async def __aenter__(self) -> Batch:
+        self._entered = True
         return self
 
     async def __aexit__(
@@ -238,10 +241,12 @@ class Batch:
         await self.aclose()
 
     def __aiter__(self) -> AsyncIterator[BatchResult]:
-        # An async generator: when a plain ``async for`` is left early (break, an exception,
-        # cancellation) and the generator is dropped, asyncio closes it (PEP 525's finalizer
-        # hook), and so the batch: what is in flight is cancelled even without ``async with``.
-        return self._results_until_closed()
+        # Inside ``async with``, leaving the block closes the batch, so a loop may be left
+        # and another started. Without it, each loop is an async generator: when a loop is
+        # left early (break, an exception, cancellation) and the generator is dropped,
+        # asyncio closes it (PEP 525's finalizer hook), and so the batch: what is in flight
+        # is cancelled, and nothing keeps running unseen.
+        return self if self._entered else self._results_until_closed()
 
     async def _results_until_closed(self) -> AsyncIterator[BatchResult]:
         try:
@@ -289,11 +294,14 @@ class Batch:
         self._closed = True
         for worker in self._workers:
             worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        while not self._results.empty():
-            item = self._results.get_nowait()
-            if isinstance(item, BatchResult):
-                self._unclaimed.append(item)
+        try:
+            await asyncio.gather(*self._workers, return_exceptions=True)
+        finally:  # even when the loop is shutting down and cancels this wait
+            while not self._results.empty():
+                item = self._results.get_nowait()
+                if isinstance(item, BatchResult):
+                    self._unclaimed.append(item)
+            self._results.put_nowait(_END)  # a caller still waiting for a result gets None
         if self._cancelled:
             logger.warning(
                 "atoma-images: batch closed early: %d call(s) in flight were cancelled after "

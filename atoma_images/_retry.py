@@ -20,6 +20,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 import attrs
@@ -174,19 +175,13 @@ class RetryPolicy:
             retry=self._retry,
             # Under set_testing(True) the wait is decided as usual, and skipped.
             sleep=waiting_with(self.sleep),
-            before_sleep=record.retry_scheduled,
+            before_sleep=partial(_before_sleep, cost, record),
             reraise=True,
         )
         try:
             async for try_ in retrying:
                 with try_:
                     state = try_.retry_state
-                    if cost is not None and state.attempt_number > 1:
-                        try:
-                            cost.before_retry()
-                        except AtomaImagesError as error:
-                            error.attempts = state.attempt_number - 1
-                            raise
                     if hooks.attempt_started:
                         record.attempt_started(state.attempt_number)
                     started = time.monotonic()
@@ -216,6 +211,19 @@ class RetryPolicy:
                 record.call_finished(error)
             raise
         raise AssertionError("unreachable: tenacity returns the result or raises")
+
+
+def _before_sleep(cost: CallCost | None, record: CallRecord, state: RetryCallState) -> None:
+    """tenacity's ``before_sleep``: a retry is decided. Its cost is reserved now, before the
+    wait, so that one that does not fit the budget ends the call at once (what it raises
+    leaves the loop); then the hooks hear of it."""
+    if cost is not None:
+        try:
+            cost.before_retry()
+        except AtomaImagesError as error:
+            error.attempts = state.attempt_number
+            raise
+    record.retry_scheduled(state)
 
 
 class _RetryAfterOrBackoff(wait_base):

@@ -57,14 +57,17 @@ def _check_api_key(_: object, __: object, value: Any) -> None:
 
 
 def _without_credentials(raw: object) -> object:
-    """``raw`` as an error may show it: a URL's ``user:password@`` replaced, parsed or not."""
+    """``raw`` as an error may show it, parsed or not: everything up to a URL's last ``@``
+    replaced (a password may hold ``/`` or ``@``), and no query or fragment (one may hold a
+    key)."""
     if not isinstance(raw, str):
         return raw
     scheme, separator, rest = raw.partition("://") if "://" in raw else ("", "", raw)
-    authority, slash, path = rest.partition("/")
-    if "@" in authority:
-        authority = "<credentials removed>@" + authority.rpartition("@")[2]
-    return f"{scheme}{separator}{authority}{slash}{path}"
+    if "?" in rest or "#" in rest:
+        rest = rest.split("?", 1)[0].split("#", 1)[0] + "?<query or fragment removed>"
+    if "@" in rest:
+        rest = "<credentials removed>@" + rest.rpartition("@")[2]
+    return f"{scheme}{separator}{rest}"
 
 
 def _to_base_url(raw: object) -> URL:
@@ -102,8 +105,10 @@ def _check_positive_int(_: object, attribute: attrs.Attribute[int], value: objec
 def _to_headers(value: object) -> CIMultiDictProxy[str]:
     if value is None:
         value = {}
-    if not isinstance(value, Mapping):
-        raise InvalidRequestError("headers", value, "allowed: a mapping of str to str, or None")
+    if not isinstance(value, Mapping):  # its values may be secrets: named by type only
+        raise InvalidRequestError(
+            "headers", type(value).__name__, "allowed: a mapping of str to str, or None"
+        )
     headers: CIMultiDict[str] = CIMultiDict()
     for name, text in value.items():
         if type(name) is not str or not name or not _TOKEN.issuperset(name):

@@ -116,6 +116,38 @@ async def test_a_plain_async_for_left_by_break_cancels_what_is_in_flight(
     assert len(server.posts) == 1 + len(summary.cancelled_prompts) + len(summary.unclaimed)
 
 
+async def test_inside_async_with_a_loop_may_be_left_and_another_started(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    prompts = [f"prompt {n}" for n in range(6)]
+    async with client.generate_many(prompts, concurrency=2, size="8x8") as batch:
+        first = []
+        async for result in batch:
+            first.append(result)
+            break
+        for _ in range(5):  # a dropped loop is closed by asyncio in a task of its own
+            await asyncio.sleep(0.01)
+        rest = [result async for result in batch]
+    assert len(first) + len(rest) == 6
+    assert batch.summary.cancelled_prompts == ()
+    assert len(server.posts) == 6
+
+
+async def test_a_closed_batch_answers_none_at_once_rather_than_waiting(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    server.enqueue(Reply())
+    server.enqueue(Reply(delay=0.5), times=9)  # in flight while the caller waits
+    batch = client.generate_many([f"prompt {n}" for n in range(10)], concurrency=2, size="8x8")
+    assert (await anext(aiter(batch))).ok  # a loop of one step, dropped: the batch closes
+    # Soon after, in a task of asyncio's: a caller waiting for a result then gets None.
+    more = 0
+    while await asyncio.wait_for(batch.next_result(), 5) is not None:
+        more += 1
+    assert more < 9
+    assert [task for task in asyncio.all_tasks() if "batch-worker" in task.get_name()] == []
+
+
 async def test_retries_none_means_the_clients_policy(
     client: AsyncImagesClient, server: FakeAtomaServer
 ) -> None:

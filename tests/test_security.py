@@ -288,6 +288,9 @@ async def test_a_proxy_password_is_in_no_exception_chain(
         "alice:hunter2@api.example/v1",  # and no scheme
         "http://alice:hunter2@api.example:99999/v1",  # and a port out of range
         "http://alice:hunter2@/v1",  # and no host
+        "https://alice:hun/ter2+hunter2@api.example/v1",  # a password with '/' (base64)
+        "https://alice:x@y/hunter2@api.example/v1",  # and with '@'
+        "https://api.example/v1?api_key=hunter2",  # a key in the query
     ],
 )
 def test_a_base_url_password_is_in_no_error_whatever_else_is_wrong(
@@ -311,3 +314,10 @@ def test_a_refused_header_value_is_described_not_shown(value: str) -> None:
     assert "X-Gateway-Token" in str(info.value)
     assert "control character" in str(info.value)
     assert not [text for text in every_text_of(info.value) if value in text]
+
+
+def test_headers_that_are_not_a_mapping_are_named_by_type_not_shown() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        AsyncImagesClient(SECRET, headers=[("X-Gateway-Token", "gw-SECRET-token")])  # type: ignore[arg-type]
+    assert "got 'list'" in str(info.value)
+    assert not [text for text in every_text_of(info.value) if "gw-SECRET" in text]

@@ -147,8 +147,15 @@ async def test_a_retry_of_an_ambiguous_attempt_that_does_not_fit_is_not_sent(
 ) -> None:
     budget = Budget(max_compute_units=UNITS_8X8)
     server.enqueue(Reply(fault="drop"))
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    policy = RetryPolicy(retry_ambiguous=True, backoff_base=5, sleep=sleep)
     with pytest.raises(BudgetExceededError) as refused:
-        await client.generate("a fox", size="8x8", budget=budget, retries=AMBIGUITY_ALLOWED)
+        await client.generate("a fox", size="8x8", budget=budget, retries=policy)
+    assert waits == []  # refused before the wait, not after it
     assert len(server.posts) == 1
     assert refused.value.may_have_been_billed  # the first attempt may have been
     assert refused.value.attempts == 1
