@@ -634,6 +634,18 @@ async def test_a_paid_image_whose_download_fails_is_reported_billed(tmp_path: Pa
 # -- Ctrl-C ---------------------------------------------------------------------------------------
 
 
+def started(*arguments: str, cwd: Path) -> subprocess.Popen[str]:
+    """The CLI running in the background (to be interrupted), its output piped."""
+    return subprocess.Popen(
+        [*COMMAND, *arguments],
+        cwd=cwd,
+        env=environment(cwd, API_KEY),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def interrupt_once(process: subprocess.Popen[str], ready: Callable[[], bool]) -> tuple[str, str]:
     """Ctrl-C the CLI once ``ready()`` (the server has the requests); its stdout and stderr."""
     try:
@@ -678,14 +690,7 @@ def test_ctrl_c_counts_only_finished_prompts_and_says_what_may_be_billed(
     threaded_server.enqueue(Reply(delay=60), times=2)  # ... the other two take their time
     (tmp_path / "prompts.txt").write_text("a fox\nan owl\na boat\n")
     arguments = ("--prompts-file", "prompts.txt", "--base-url", threaded_server.base_url)
-    process = subprocess.Popen(
-        [*COMMAND, *arguments, "--size", "8x8", "--concurrency", "3"],
-        cwd=tmp_path,
-        env=environment(tmp_path, API_KEY),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = started(*arguments, "--size", "8x8", "--concurrency", "3", cwd=tmp_path)
     assert process.stderr is not None
     assert process.stderr.readline() == "1/3 done\n"
     out, err = interrupt_once(process, lambda: len(threaded_server.posts) == 3)
@@ -702,14 +707,7 @@ def test_ctrl_c_of_one_prompt_says_it_may_be_billed(
     threaded_server: FakeAtomaServer, tmp_path: Path
 ) -> None:
     threaded_server.enqueue(Reply(delay=60))
-    process = subprocess.Popen(
-        [*COMMAND, "fox", "--base-url", threaded_server.base_url, "--size", "8x8"],
-        cwd=tmp_path,
-        env=environment(tmp_path, API_KEY),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = started("fox", "--base-url", threaded_server.base_url, "--size", "8x8", cwd=tmp_path)
     out, err = interrupt_once(process, lambda: len(threaded_server.posts) == 1)
     assert process.returncode == EXIT_CODES["interrupted"]
     assert out == ""
@@ -726,13 +724,8 @@ def test_ctrl_c_while_a_paid_image_is_fetched_says_it_was_billed_and_where_it_is
     with stalled_downloads() as (files, fetching):
         url = f"{files}/fox\x1b]0;owned\x07.png"  # the server's text: shown escaped
         threaded_server.enqueue(Reply(body={"created": 1, "data": [{"url": url}]}))
-        process = subprocess.Popen(
-            [*COMMAND, "fox", "--base-url", threaded_server.base_url, "--size", "8x8"],
-            cwd=tmp_path,
-            env=environment(tmp_path, API_KEY),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        process = started(
+            "fox", "--base-url", threaded_server.base_url, "--size", "8x8", cwd=tmp_path
         )
         out, err = interrupt_once(process, fetching)
     assert process.returncode == EXIT_CODES["interrupted"]
@@ -753,13 +746,8 @@ def test_ctrl_c_reports_every_billed_result_not_yet_saved_in_json_too(
         url = f"{files}/image.png"
         threaded_server.enqueue(Reply(body={"created": 1, "data": [{"url": url}]}), times=2)
         arguments = ("--prompts-file", "prompts.txt", "--base-url", threaded_server.base_url)
-        process = subprocess.Popen(
-            [*COMMAND, *arguments, "--size", "8x8", "--concurrency", "2", "--json", "--debug"],
-            cwd=tmp_path,
-            env=environment(tmp_path, API_KEY),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        process = started(
+            *arguments, "--size", "8x8", "--concurrency", "2", "--json", "--debug", cwd=tmp_path
         )
         assert process.stderr is not None
         # --debug logs each answer as it is read. Once both are, and the first result's image
