@@ -180,8 +180,7 @@ class Batch:
                 )
         self._client = client
         self._options = dict(options)
-        retries = self._options.get("retries")
-        policy = client.retries if retries is None else check_policy(retries)
+        policy = client._policy(self._options.get("retries"))  # the client's rule for None
         self._gate = _Gate(policy.sleep)
         self._policy = attrs.evolve(policy, sleep=self._gate.sleep)
         # Checked once here, so a bad size is one error and not one per prompt.
