@@ -11,7 +11,13 @@ from yarl import URL
 
 from ._errors import InvalidRequestError
 
-__all__ = ["check_callable_or_none", "check_flag", "check_whole_number", "http_url"]
+__all__ = [
+    "check_callable_or_none",
+    "check_flag",
+    "check_whole_number",
+    "http_url",
+    "is_http_url",
+]
 
 
 def check_whole_number(field: str, value: object, minimum: int) -> None:
@@ -31,6 +37,11 @@ def check_callable_or_none(field: str, value: object) -> None:
         raise InvalidRequestError(field, value, "allowed: a callable or None")
 
 
+def is_http_url(url: URL) -> bool:
+    """Whether ``url`` is an absolute http(s) URL with a host."""
+    return url.scheme in ("http", "https") and bool(url.host)
+
+
 def http_url(text: object) -> URL | None:
     """``text`` as an absolute http(s) URL with a host, or None if it is not one."""
     if not isinstance(text, str):
@@ -39,4 +50,4 @@ def http_url(text: object) -> URL | None:
         url = URL(text)
     except (TypeError, ValueError):
         return None
-    return url if url.scheme in ("http", "https") and url.host else None
+    return url if is_http_url(url) else None

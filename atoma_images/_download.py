@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import attrs
 from yarl import URL
 
-from ._checks import http_url
+from ._checks import http_url, is_http_url
 from ._convert import error_from_response
 from ._errors import APIStatusError, InvalidRequestError
 from ._hooks import CallInfo
@@ -122,10 +122,10 @@ def _redirect_target(current: URL, answer: Answer) -> URL | None:
     if answer.status not in _REDIRECTS or location is None:
         return None
     try:
-        target = http_url(str(current.join(URL(location))))
+        target: URL | None = current.join(URL(location))
     except (TypeError, ValueError):
         target = None
-    if target is None:
+    if target is None or not is_http_url(target):
         raise _redirect_error(
             answer, current, f"redirected to {location[:200]!r}, which is not an http(s) URL"
         )
