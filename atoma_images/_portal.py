@@ -24,10 +24,13 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from yarl import URL
+
 __all__ = [
     "CLOSED_MESSAGE",
     "LoopThread",
     "PortalState",
+    "origin_of",
     "refuse_to_block_a_local_server",
     "serving_locally",
 ]
@@ -166,8 +169,14 @@ def _serve(loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
 _local_servers: dict[str, asyncio.AbstractEventLoop] = {}
 
 
+def origin_of(url: str) -> str:
+    """The key of the server at ``url`` in the registry: its ``scheme://host:port``."""
+    parsed = URL(url)
+    return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
+
+
 def serving_locally(origin: str, serving: bool) -> None:
-    """Say that the running loop serves ``origin`` (``http://host:port``), or stopped to."""
+    """Say that the running loop serves ``origin`` (`origin_of`), or stopped to."""
     if serving:
         _local_servers[origin] = asyncio.get_running_loop()
     else:

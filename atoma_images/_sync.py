@@ -20,14 +20,13 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
-from yarl import URL
 
 from ._batch import Prompt, SyncBatch
 from ._client import DEFAULT_MAX_DOWNLOAD_BYTES, DEFAULT_MAX_RESPONSE_BYTES, AsyncImagesClient
 from ._errors import InvalidRequestError
 from ._hooks import Hooks
 from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse, ResponseFormat
-from ._portal import LoopThread, PortalState, refuse_to_block_a_local_server
+from ._portal import LoopThread, PortalState, origin_of, refuse_to_block_a_local_server
 from ._retry import RetryPolicy
 from ._timeout import Timeout
 from ._usage import Budget, Usage
@@ -155,8 +154,7 @@ class ImagesClient:
             hooks=hooks,
         )
         self._portal = LoopThread("atoma-images")
-        url = URL(self._client.base_url)
-        self._origin = f"{url.scheme}://{url.host}:{url.port}"
+        self._origin = origin_of(self._client.base_url)
         _open_clients.add(self)
 
     def __repr__(self) -> str:

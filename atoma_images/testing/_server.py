@@ -19,7 +19,7 @@ from aiohttp import web
 
 from atoma_images import _confidential
 from atoma_images._models import DEFAULT_MODEL
-from atoma_images._portal import LoopThread, serving_locally
+from atoma_images._portal import LoopThread, origin_of, serving_locally
 
 from ._checks import json_object, parse_size, refusal
 from ._faults import Reply, send
@@ -150,11 +150,7 @@ class FakeAtomaServer:
         """The API root to give a client: ``http://127.0.0.1:<port>/v1``."""
         if self._runner is None:
             raise RuntimeError("the fake server is not running; use 'async with' or 'with'")
-        return f"{self._origin}/v1"
-
-    @property
-    def _origin(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{self.host}:{self.port}/v1"
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -173,13 +169,14 @@ class FakeAtomaServer:
         self.port = runner.addresses[0][1]
         self._runner = runner
         # So that a synchronous client called from this very loop refuses at once.
-        serving_locally(self._origin, serving=True)
+        serving_locally(origin_of(self.base_url), serving=True)
 
     async def stop(self) -> None:
         """Close the server and its connections. Safe to repeat."""
-        runner, self._runner = self._runner, None
+        runner = self._runner
         if runner is not None:
-            serving_locally(self._origin, serving=False)
+            serving_locally(origin_of(self.base_url), serving=False)
+            self._runner = None
             await runner.cleanup()
 
     async def __aenter__(self) -> FakeAtomaServer:
