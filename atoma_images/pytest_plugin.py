@@ -70,8 +70,9 @@ def atoma_client(
     client = closer.client = AsyncImagesClient(
         ATOMA_TEST_KEY, base_url=atoma_server.base_url, hooks=[StartCloser()]
     )
-    request.node.stash[_CALLS] = _Calls(client)
+    request.node.stash[_CALLS] = calls = _Calls(client)
     yield client
+    calls.close_never_awaited()  # after a failed test too: no "was never awaited" warning
     closer.close()
 
 
@@ -162,15 +163,13 @@ class _Calls:
 _CALLS = pytest.StashKey[_Calls]()
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    # Checked after the test's own call, so that it fails (not its teardown) and only when
-    # nothing else failed first: an error from using the coroutine itself says enough.
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    # Last of the test's call hooks, so it runs only when the test itself passed (an error
+    # from using the coroutine says enough), and the test fails rather than its teardown.
+    # A plain hook, not a wrapper: it loads with any pluggy a user's pytest may bring.
     calls = item.stash.get(_CALLS, None)
-    try:
-        yield
-    finally:
-        never_awaited = calls.close_never_awaited() if calls is not None else []
+    never_awaited = calls.close_never_awaited() if calls is not None else []
     if never_awaited:
         fixes = [f"`await atoma_client.{name}(...)`" for name in never_awaited]
         pytest.fail(
