@@ -242,19 +242,15 @@ class UsageMeter:
 
     def count(self, cost: CallCost, images: int | None) -> None:
         """Count a call that ended: with ``images`` images, or failed (None)."""
-        maybe_billed = cost.maybe_billed_attempts
-        self._add(
-            calls=1,
-            images=images or 0,
-            compute_units=cost.units if images is not None else 0,
-            maybe_billed_calls=1 if maybe_billed else 0,
-            maybe_billed_compute_units=maybe_billed * cost.units,
-            unbilled_failures=1 if images is None and not maybe_billed else 0,
-        )
-
-    def _add(self, **counts: int) -> None:
+        succeeded, maybe_billed = images is not None, cost.maybe_billed_attempts
         with self._lock:
             usage = self._usage
-            self._usage = attrs.evolve(
-                usage, **{name: getattr(usage, name) + count for name, count in counts.items()}
+            self._usage = Usage(
+                calls=usage.calls + 1,
+                images=usage.images + (images or 0),
+                compute_units=usage.compute_units + (cost.units if succeeded else 0),
+                maybe_billed_calls=usage.maybe_billed_calls + (1 if maybe_billed else 0),
+                maybe_billed_compute_units=usage.maybe_billed_compute_units
+                + maybe_billed * cost.units,
+                unbilled_failures=usage.unbilled_failures + (0 if succeeded or maybe_billed else 1),
             )
