@@ -42,8 +42,8 @@ from ._errors import (
 __all__ = [
     "MAX_ERROR_BODY",
     "Answer",
-    "Progress",
     "Proxy",
+    "RequestProgress",
     "Sender",
     "environment_proxy",
     "progress_trace",
@@ -80,7 +80,7 @@ class Answer:
 
 
 @attrs.define
-class Progress:
+class RequestProgress:
     """How far one request got: whether its headers were handed to the connection.
 
     Set by `progress_trace` on a session the client made itself. Until then no byte of the
@@ -94,12 +94,12 @@ class Progress:
 async def _headers_sent(
     _: aiohttp.ClientSession, context: Any, __: aiohttp.TraceRequestHeadersSentParams
 ) -> None:
-    if isinstance(context.trace_request_ctx, Progress):
+    if isinstance(context.trace_request_ctx, RequestProgress):
         context.trace_request_ctx.headers_sent = True
 
 
 def progress_trace() -> aiohttp.TraceConfig:
-    """The request trace of a session made by the client, which feeds each `Progress`."""
+    """The request trace of a session made by the client, which feeds each `RequestProgress`."""
     config = aiohttp.TraceConfig()
     config.on_request_headers_sent.append(_headers_sent)
     return config
@@ -188,7 +188,7 @@ async def send(
     have come before the request was sent; on any other session, an overall time limit
     that runs out is taken to mean it may have been sent.
     """
-    progress = Progress() if traced else None
+    progress = RequestProgress() if traced else None
     if proxy is not None and proxy.headers and url.scheme == "http":
         # aiohttp sends proxy_headers only with the CONNECT of an https request; a plain-HTTP
         # request goes to the proxy as it is, so its credentials travel with it.
