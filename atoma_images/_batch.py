@@ -41,7 +41,7 @@ import attrs
 from ._checks import check_callable_or_none, check_whole_number
 from ._errors import AtomaImagesError, InvalidRequestError
 from ._models import ImageRequest, ImagesResponse
-from ._retry import check_policy
+from ._retry import check_policy, policy_for
 from ._usage import UsageMeter
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ class Batch:
                 )
         self._client = client
         self._options = dict(options)
-        policy = client._policy(self._options.get("retries"))  # the client's rule for None
+        policy = policy_for(self._options.get("retries"), client.retries)
         self._gate = _Gate(policy.sleep)
         self._policy = attrs.evolve(policy, sleep=self._gate.sleep)
         # Checked once here, so a bad size is one error and not one per prompt.

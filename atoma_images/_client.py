@@ -27,7 +27,7 @@ from ._errors import InvalidRequestError
 from ._files import write_images
 from ._hooks import CallInfo, Hooks
 from ._models import DEFAULT_MODEL, GeneratedImage, ImageRequest, ImagesResponse, ResponseFormat
-from ._retry import RetryPolicy, check_policy
+from ._retry import RetryPolicy, policy_for
 from ._session import SessionHolder
 from ._settings import (
     DEFAULT_BASE_URL,
@@ -228,7 +228,7 @@ class AsyncImagesClient:
         """
         body = encode_request(request)
         limits = self._limits(timeout)
-        policy = self._policy(retries)
+        policy = policy_for(retries, self.retries)
         check_flag("confidential", confidential)
         session = self._sessions.get()
 
@@ -364,9 +364,6 @@ class AsyncImagesClient:
 
     def _limits(self, timeout: Timeout | float | None) -> Timeout:
         return self.timeout if timeout is None else Timeout.of(timeout)
-
-    def _policy(self, retries: RetryPolicy | None) -> RetryPolicy:
-        return self.retries if retries is None else check_policy(retries)
 
     async def aclose(self) -> None:
         """Close the client's own session (a session passed in is left open). Safe to repeat."""

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
     from ._usage import CallCost
 
-__all__ = ["RetryPolicy", "check_policy"]
+__all__ = ["RetryPolicy", "check_policy", "policy_for"]
 
 T = TypeVar("T")
 
@@ -264,3 +264,8 @@ def check_policy(value: object) -> RetryPolicy:
     if not isinstance(value, RetryPolicy):
         raise InvalidRequestError("retries", value, "allowed: a RetryPolicy or None")
     return value
+
+
+def policy_for(retries: object, default: RetryPolicy) -> RetryPolicy:
+    """A call's policy: its own ``retries`` when given (checked), else ``default``."""
+    return default if retries is None else check_policy(retries)
