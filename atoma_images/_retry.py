@@ -156,7 +156,8 @@ class RetryPolicy:
     ) -> T:
         """``await attempt(remaining)`` until it succeeds or the policy says stop.
 
-        ``attempt`` may take at most ``remaining`` seconds (what is left of the deadline).
+        ``attempt`` may take at most ``remaining`` seconds (what is left of the deadline); a
+        retry with less than `MIN_ATTEMPT` left is not made: the last error ends the call.
         The error that ends the call is re-raised as it is, carrying ``attempts``.
         ``hooks`` hear of each attempt, retry and the call's end (see `Hooks`); ``describe``
         makes the `CallInfo` they get, only if one of them listens.
@@ -178,16 +179,25 @@ class RetryPolicy:
             before_sleep=partial(_before_sleep, cost, record),
             reraise=True,
         )
+        last_error: BaseException | None = None
         try:
             async for try_ in retrying:
+                state = try_.retry_state
+                if (
+                    last_error is not None
+                    and self.deadline - (time.monotonic() - state.start_time) < MIN_ATTEMPT
+                ):
+                    # A wait overran the deadline (a batch's shared wait, a stalled loop): an
+                    # attempt sent now could not be answered in time, and might be billed.
+                    raise last_error
                 with try_:
-                    state = try_.retry_state
                     if hooks.attempt_started:
                         record.attempt_started(state.attempt_number)
                     started = time.monotonic()
                     try:
                         result = await attempt(self.deadline - (started - state.start_time))
                     except BaseException as error:  # cancellation too: hooks see every end
+                        last_error = error
                         if isinstance(error, AtomaImagesError):
                             error.attempts = state.attempt_number
                         if cost is not None:

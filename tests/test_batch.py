@@ -9,6 +9,7 @@ import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from aiohttp import web
 
 from atoma_images import (
     AsyncImagesClient,
@@ -20,10 +21,11 @@ from atoma_images import (
     ImagesClient,
     InvalidRequestError,
     RetryPolicy,
+    ServiceUnavailableError,
 )
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY
+from conftest import API_KEY, serving
 
 UNITS_8X8 = 64
 
@@ -316,3 +318,52 @@ def test_the_sync_client_iterates_reports_progress_and_closes_on_break(
             break
         assert len(threaded_server.posts) <= 1 + 2
         assert client.usage.calls == 5 + len(threaded_server.posts)
+
+
+# -- second pass: the promises a batch keeps (docs/reliability.md) ----------------------------
+
+
+def _envelope(status: int, code: str, **headers: str) -> web.Response:
+    body = {"error": {"code": code, "message": code.lower()}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+async def test_a_batch_wide_wait_never_sends_a_call_past_its_own_deadline() -> None:
+    # "a" is told to wait 30 s, and the whole batch waits with it; "b", with a deadline of
+    # its own far shorter, wakes with no time left. It ends with its own 503 and sends
+    # nothing more: a request with 1 ms to live would be billed and never be received.
+    b_deadline = 0.3
+    posts: list[str] = []
+    a_waits = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.Response:
+        prompt = (await request.json())["prompt"]
+        posts.append(prompt)
+        if prompt == "b":
+            await a_waits.wait()  # "b" fails only once the batch has been told to wait
+            return _envelope(503, "SERVICE_UNAVAILABLE")
+        if posts.count("a") == 1:
+            return _envelope(429, "RATE_LIMITED", **{"Retry-After": "30"})
+        return _envelope(400, "BAD_REQUEST")
+
+    async def long_sleep(seconds: float) -> None:
+        a_waits.set()
+        await asyncio.sleep(b_deadline)  # the 30 s, shortened: still past b's deadline
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", answer)
+    async with serving(app) as root:
+        client = AsyncImagesClient(
+            API_KEY, base_url=f"{root}/v1", retries=RetryPolicy(sleep=long_sleep)
+        )
+        async with client:
+            b_retries = RetryPolicy(deadline=b_deadline, backoff_base=0)
+            items = ["a", {"prompt": "b", "retries": b_retries}]
+            async with client.generate_many(items, concurrency=2, size="8x8") as batch:
+                results = {result.prompt: result async for result in batch}
+    assert posts.count("b") == 1
+    error = results["b"].error
+    assert isinstance(error, ServiceUnavailableError)
+    assert not error.may_have_been_billed
+    assert error.attempts == 1
+    assert batch.summary.maybe_billed_compute_units == 0
