@@ -1,18 +1,21 @@
 """Many prompts through one client: `Batch` (async) and `SyncBatch` (its synchronous face).
 
-A batch runs ``concurrency`` worker tasks. Each takes a slot, pulls the next prompt from the
-source (lazily: a million-line file is read as it goes), waits for the batch's `_Gate`,
-generates, and hands its `BatchResult` over. The slot passes to the result and comes back
-when the caller asks for the next one, so at most ``concurrency`` requests are in flight
-and a caller that stops listening stops the batch from sending more.
+One task, the feeder, reads the source lazily (a million-line file is read as it goes):
+for each prompt it takes a slot, then starts one task for that prompt's call. The call
+waits for the batch's `_Gate`, generates, and hands its `BatchResult` over. The slot passes
+to the result and comes back when a caller asks for the next one, so at most
+``concurrency`` requests are in flight, no more tasks run than there is work for, and a
+caller that stops listening stops the batch from sending more.
 
 Every retry of every call in the batch waits through the one gate: when the server asks a
-call to wait (429 with Retry-After, or a backoff), every worker waits before its next
+call to wait (429 with Retry-After, or a backoff), every call waits before its next
 request, instead of each one spending its own retries against an overloaded server.
 
-Closing the batch (leaving ``async with``, `Batch.aclose`) cancels the calls in flight and
-waits for them. A call cancelled after its request may have been sent is counted in
-`BatchSummary` as possibly billed, and logged once at WARNING.
+When the source ends, or fails, the calls already started finish and are handed over; then
+the batch ends, or raises the source's error. Closing the batch (leaving ``async with``,
+`Batch.aclose`) cancels the calls in flight and waits for them. A call cancelled after its
+request may have been sent is counted in `BatchSummary` as possibly billed, and logged once
+at WARNING.
 
 Where this module fits, and why it is built so: docs/architecture.md.
 """
@@ -20,7 +23,9 @@ Where this module fits, and why it is built so: docs/architecture.md.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import sys
 import time
 from collections.abc import (
     AsyncIterable,
@@ -189,19 +194,15 @@ class Batch:
         self._source: Iterator[Prompt] | AsyncIterator[Prompt] = (
             aiter(prompts) if isinstance(prompts, AsyncIterable) else iter(prompts)
         )
-        self._concurrency = concurrency
         self._on_progress = on_progress
-        self._pulled = 0
-        self._exhausted = False
-        self._workers: list[asyncio.Task[None]] = []  # started on the first next_result()
-        self._running = 0
+        self._feeder: asyncio.Task[None] | None = None  # started on the first next_result()
+        self._calls: set[asyncio.Task[None]] = set()  # one task per call in flight
         self._closed = False
         self._entered = False  # used as ``async with``: that block's end closes the batch
-        self._holding_slot = False
+        self._held = 0  # results handed out whose slot has not come back yet
         # asyncio's primitives bind to the loop that first uses them: the sync client makes
         # the batch in its caller's thread and runs it on its own loop.
         self._slots = asyncio.Semaphore(concurrency)
-        self._pull_lock = asyncio.Lock()
         self._results: asyncio.Queue[BatchResult | _Failed | object] = asyncio.Queue()
         self._counts = {"results": 0, "responses": 0, "errors": 0}
         self._meter = UsageMeter()  # what the batch's calls cost, counted as the client counts
@@ -261,26 +262,27 @@ class Batch:
         return result
 
     async def next_result(self) -> BatchResult | None:
-        """The next result to finish, or None when every prompt has one (the batch closes)."""
+        """The next result to finish, or None when every prompt has one (the batch closes).
+
+        Several tasks may ask at once: each result goes to one of them, and when the batch
+        ends every one of them gets None.
+        """
         if self._closed:
             return None
-        if not self._workers:
-            self._workers = [
-                asyncio.create_task(self._work(), name=f"atoma-images-batch-worker-{number}")
-                for number in range(self._concurrency)
-            ]
-            self._running = self._concurrency
-        if self._holding_slot:  # the caller is done with the previous result
-            self._holding_slot = False
+        if self._feeder is None:
+            self._feeder = asyncio.create_task(self._feed(), name="atoma-images-batch-feeder")
+        if self._held:  # a caller is done with a result it was given: its slot comes back
+            self._held -= 1
             self._slots.release()
         item = await self._results.get()
         if isinstance(item, BatchResult):
-            self._holding_slot = True
+            self._held += 1
             self._counts["results"] += 1
             self._counts["responses" if item.ok else "errors"] += 1
             if self._on_progress is not None:
                 self._on_progress(self._counts["results"], self._total)
             return item
+        self._results.put_nowait(_END)  # the end stays there for every other caller waiting
         await self.aclose()
         if isinstance(item, _Failed):
             raise item.error
@@ -291,10 +293,11 @@ class Batch:
         if self._closed:
             return
         self._closed = True
-        for worker in self._workers:
-            worker.cancel()
+        tasks = [*self._calls] if self._feeder is None else [self._feeder, *self._calls]
+        for task in tasks:
+            task.cancel()
         try:
-            await asyncio.gather(*self._workers, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
         finally:  # even when the loop is shutting down and cancels this wait
             while not self._results.empty():
                 item = self._results.get_nowait()
@@ -309,40 +312,51 @@ class Batch:
                 self._meter.usage.maybe_billed_compute_units,
             )
 
-    # -- the workers' side ---------------------------------------------------------------
+    # -- the batch's own tasks -----------------------------------------------------------
 
-    async def _work(self) -> None:
+    async def _feed(self) -> None:
+        """Start a call for each prompt as slots free up; when the source ends or fails, let
+        the calls already started finish, then end the batch (with the source's error)."""
+        end: _Failed | object = _END
         try:
-            while True:
-                # The slot passes to the result; next_result() gives it back.
+            for index in itertools.count():
+                # The slot passes to the call, then to its result; next_result() gives it back.
                 await self._slots.acquire()
-                pulled = await self._pull()
-                if pulled is None:
-                    self._slots.release()
+                item = await self._next_item()
+                if item is _END:
                     break
-                await self._gate.wait()
-                self._results.put_nowait(await self._settle(*pulled))
-        except Exception as error:  # the source failed (or a bug): the caller gets it
-            self._results.put_nowait(_Failed(error))
-        self._running -= 1
-        if self._running == 0:
-            self._results.put_nowait(_END)
+                call = asyncio.create_task(
+                    self._call(index, item), name=f"atoma-images-batch-call-{index}"
+                )
+                self._calls.add(call)
+                call.add_done_callback(self._calls.discard)
+        except Exception as error:  # the source failed: the caller gets its error
+            end = _Failed(error)
+        except asyncio.CancelledError as error:
+            if self._closed or _cancelling():
+                raise  # the batch is closing, or the loop is shutting down
+            end = _Failed(error)  # the source's own: an end, as any other error of it
+        if self._calls:  # calls already sent are paid for: their results come first
+            await asyncio.wait(set(self._calls))
+        self._results.put_nowait(end)
 
-    async def _pull(self) -> tuple[int, object] | None:
-        # One worker at a time: an async generator cannot be advanced twice at once.
-        async with self._pull_lock:
-            if self._exhausted:
-                return None
-            try:
-                if isinstance(self._source, AsyncIterator):
-                    item: object = await anext(self._source)
-                else:
-                    item = next(self._source)
-            except (StopIteration, StopAsyncIteration):
-                self._exhausted = True
-                return None
-            index, self._pulled = self._pulled, self._pulled + 1
-            return index, item
+    async def _next_item(self) -> object:
+        """The source's next item, or ``_END``."""
+        try:
+            if isinstance(self._source, AsyncIterator):
+                return await anext(self._source)
+            return next(self._source)
+        except (StopIteration, StopAsyncIteration):
+            return _END
+
+    async def _call(self, index: int, item: object) -> None:
+        try:
+            await self._gate.wait()
+            result = await self._settle(index, item)
+        except Exception as error:  # a bug of ours: the caller gets it, and the batch ends
+            self._results.put_nowait(_Failed(error))
+        else:
+            self._results.put_nowait(result)
 
     async def _settle(self, index: int, item: object) -> BatchResult:
         try:
@@ -387,6 +401,14 @@ class Batch:
             else attrs.evolve(check_policy(retries), sleep=self._gate.sleep)
         )
         return ImageRequest(**fields), call
+
+
+def _cancelling() -> bool:
+    """Whether the running task has been asked to stop (known from Python 3.11)."""
+    task = asyncio.current_task()
+    if sys.version_info >= (3, 11) and task is not None:
+        return task.cancelling() > 0
+    return False
 
 
 def _prompt_of(item: object) -> str:

@@ -108,7 +108,7 @@ async def test_a_plain_async_for_left_by_break_cancels_what_is_in_flight(
         break
     for _ in range(20):  # asyncio closes the dropped iterator in a task of its own
         await asyncio.sleep(0.01)
-    workers = [task for task in asyncio.all_tasks() if "batch-worker" in task.get_name()]
+    workers = [task for task in asyncio.all_tasks() if "atoma-images-batch" in task.get_name()]
     assert workers == []
     summary = batch.summary
     assert summary.results == 1
@@ -147,7 +147,7 @@ async def test_a_closed_batch_answers_none_at_once_rather_than_waiting(
     while await asyncio.wait_for(batch.next_result(), 5) is not None:
         more += 1
     assert more < 9
-    assert [task for task in asyncio.all_tasks() if "batch-worker" in task.get_name()] == []
+    assert [task for task in asyncio.all_tasks() if "atoma-images-batch" in task.get_name()] == []
 
 
 async def test_retries_none_means_the_clients_policy(
@@ -202,7 +202,7 @@ async def test_cancelling_mid_batch_leaves_no_task_and_accounts_for_every_reques
     assert "4 call(s) in flight were cancelled" in warnings[0].getMessage()
 
 
-async def test_a_429_slows_every_worker_down(server: FakeAtomaServer) -> None:
+async def test_a_429_slows_every_call_down(server: FakeAtomaServer) -> None:
     waited_by: list[str] = []
 
     async def recording_sleep(seconds: float) -> None:
@@ -211,16 +211,23 @@ async def test_a_429_slows_every_worker_down(server: FakeAtomaServer) -> None:
         waited_by.append(task.get_name())
         await asyncio.sleep(0)
 
+    # The first request is told to wait; the three sent with it are answered well after.
     server.enqueue(Reply(status=429, headers={"Retry-After": "30"}))
+    server.enqueue(Reply(delay=0.05), times=3)
     retries = RetryPolicy(sleep=recording_sleep)
     async with AsyncImagesClient(API_KEY, base_url=server.base_url, retries=retries) as client:
         prompts = [f"prompt {number}" for number in range(40)]
         async with client.generate_many(prompts, concurrency=4, size="8x8") as batch:
             results = [result async for result in batch]
     assert all(result.ok for result in results)
-    assert len(server.posts) == 41  # one retry: no worker spent retries of its own
-    # The one call told to wait did, and so did every other worker, before its next request.
-    assert set(waited_by) == {f"atoma-images-batch-worker-{number}" for number in range(4)}
+    assert len(server.posts) == 41  # one retry: no call spent retries of its own
+    # The one call told to wait did, and so did every call not yet sent, before its request.
+    sent_before = {post.json()["prompt"] for post in server.posts[1:4]}
+    assert set(waited_by) == {
+        f"atoma-images-batch-call-{number}"
+        for number in range(40)
+        if f"prompt {number}" not in sent_before
+    }
 
 
 async def test_a_batch_mixes_sizes_models_and_requests(
@@ -367,3 +374,92 @@ async def test_a_batch_wide_wait_never_sends_a_call_past_its_own_deadline() -> N
     assert not error.may_have_been_billed
     assert error.attempts == 1
     assert batch.summary.maybe_billed_compute_units == 0
+
+
+async def test_every_consumer_of_a_batch_learns_it_is_over_and_the_bound_holds(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    server.enqueue(Reply(delay=0.02), times=40)
+    batch = client.generate_many([f"prompt {n}" for n in range(40)], concurrency=4, size="8x8")
+    received: list[BatchResult] = []
+
+    async def consume() -> int:
+        while (result := await batch.next_result()) is not None:
+            received.append(result)
+            if len(received) == 20:
+                server.peak_in_flight = 0  # from here on, is the bound still 4?
+        return 1
+
+    # A consumer left waiting for ever would hold the test: the 10 s guard only fails it.
+    ended = await asyncio.wait_for(asyncio.gather(*(consume() for _ in range(6))), 10)
+    assert ended == [1] * 6
+    assert sorted(result.index for result in received) == list(range(40))
+    assert server.peak_in_flight == 4
+    assert await batch.next_result() is None
+
+
+async def test_a_source_that_fails_part_way_hands_over_the_calls_already_sent(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    server.enqueue(Reply(delay=0.05), times=3)  # still in flight when the source fails
+
+    def prompts() -> Iterator[str]:
+        yield from ("a fox", "an owl", "a boat")
+        raise OSError("disk gone")
+
+    received: list[BatchResult] = []
+    async with client.generate_many(prompts(), concurrency=4, size="8x8") as batch:
+
+        async def consume() -> None:
+            async for result in batch:
+                received.append(result)
+
+        with pytest.raises(OSError, match="disk gone"):  # after the calls already sent
+            await consume()
+    assert sorted(result.prompt for result in received) == ["a boat", "a fox", "an owl"]
+    assert all(result.ok for result in received)
+    assert len(server.posts) == 3
+    assert batch.summary.cancelled_prompts == ()
+    assert batch.summary.compute_units == 3 * UNITS_8X8
+
+
+async def test_a_source_that_ends_with_its_own_cancellation_ends_the_batch(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    async def prompts() -> AsyncIterator[str]:
+        yield "a fox"
+        raise asyncio.CancelledError  # as when what the source reads from was cancelled
+
+    received: list[BatchResult] = []
+
+    async def consume() -> None:
+        async with client.generate_many(prompts(), concurrency=2, size="8x8") as batch:
+            async for result in batch:
+                received.append(result)
+
+    consumer = asyncio.create_task(consume())
+    # A batch waiting for ever would hold the test: the 10 s guard only fails it.
+    done, _ = await asyncio.wait([consumer], timeout=10)
+    assert consumer in done
+    assert consumer.cancelled()  # the source's own error, as it is
+    assert [result.prompt for result in received] == ["a fox"]
+    assert received[0].ok
+    assert len(server.posts) == 1
+    assert [t for t in asyncio.all_tasks() if "atoma-images-batch" in t.get_name()] == []
+
+
+async def test_a_concurrency_far_above_the_prompts_starts_only_the_tasks_the_work_needs(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    prompts = ["a fox", "an owl", "a boat"]
+    most = 0
+    async with client.generate_many(prompts, concurrency=20_000, size="8x8") as batch:
+        first = asyncio.create_task(batch.next_result())
+        while not first.done():  # the batch's tasks, counted at every turn of the loop
+            tasks = [t for t in asyncio.all_tasks() if "atoma-images-batch" in t.get_name()]
+            most = max(most, len(tasks))
+            await asyncio.sleep(0)
+        results = [first.result()] + [result async for result in batch]
+    assert 1 < most <= len(prompts) + 1  # one per call, and the one that reads the source
+    assert sorted(result.prompt for result in results if result) == sorted(prompts)
+    assert len(server.posts) == 3
