@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import attrs
 
-from ._checks import check_callable_or_none, check_whole_number
+from ._checks import check_plain_callable_or_none, check_whole_number
 from ._errors import AtomaImagesError, InvalidRequestError
 from ._models import ImageRequest, ImagesResponse
 from ._retry import check_policy, policy_for
@@ -177,7 +177,7 @@ class Batch:
                 "prompts", prompts, "allowed: an iterable or async iterable of prompts"
             )
         check_whole_number("concurrency", concurrency, 1)
-        check_callable_or_none("on_progress", on_progress)
+        check_plain_callable_or_none("on_progress", on_progress)
         for name in options:
             if name not in _OPTIONS:
                 raise InvalidRequestError(
@@ -280,7 +280,7 @@ class Batch:
             self._counts["results"] += 1
             self._counts["responses" if item.ok else "errors"] += 1
             if self._on_progress is not None:
-                self._on_progress(self._counts["results"], self._total)
+                _report_progress(self._on_progress, self._counts["results"], self._total)
             return item
         self._results.put_nowait(_END)  # the end stays there for every other caller waiting
         await self.aclose()
@@ -403,6 +403,17 @@ class Batch:
         return ImageRequest(**fields), call
 
 
+def _report_progress(
+    on_progress: Callable[[int, int | None], object], done: int, total: int | None
+) -> None:
+    """Call ``on_progress``; if it fails, log it: the result it reports is paid for, and is
+    handed over all the same."""
+    try:
+        on_progress(done, total)
+    except Exception:
+        logger.warning("atoma-images: batch on_progress %r failed", on_progress, exc_info=True)
+
+
 def _cancelling() -> bool:
     """Whether the running task has been asked to stop (known from Python 3.11)."""
     task = asyncio.current_task()
@@ -429,7 +440,7 @@ class SyncBatch:
         run: Callable[[Coroutine[Any, Any, Any]], Any],
         on_progress: Callable[[int, int | None], object] | None,
     ) -> None:
-        check_callable_or_none("on_progress", on_progress)
+        check_plain_callable_or_none("on_progress", on_progress)
         self._batch = batch
         self._run = run
         self._on_progress = on_progress
@@ -445,7 +456,9 @@ class SyncBatch:
         try:
             while (result := self._run(self._batch.next_result())) is not None:
                 if self._on_progress is not None:  # in the caller's thread, not the loop's
-                    self._on_progress(self._batch.summary.results, self._batch.total)
+                    _report_progress(
+                        self._on_progress, self._batch.summary.results, self._batch.total
+                    )
                 yield result
         finally:
             self.close()

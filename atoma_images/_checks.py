@@ -7,6 +7,8 @@ own arguments, all call these (docs/architecture.md, "One home per rule").
 
 from __future__ import annotations
 
+import inspect
+
 from yarl import URL
 
 from ._errors import InvalidRequestError
@@ -14,6 +16,7 @@ from ._errors import InvalidRequestError
 __all__ = [
     "check_callable_or_none",
     "check_flag",
+    "check_plain_callable_or_none",
     "check_whole_number",
     "http_url",
     "is_http_url",
@@ -35,6 +38,18 @@ def check_flag(field: str, value: object) -> None:
 def check_callable_or_none(field: str, value: object) -> None:
     if value is not None and not callable(value):
         raise InvalidRequestError(field, value, "allowed: a callable or None")
+
+
+def check_plain_callable_or_none(field: str, value: object) -> None:
+    """A callable or None, but not an ``async def`` one: the package calls it and does not
+    await it, so its body would never run."""
+    check_callable_or_none(field, value)
+    if inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(
+        getattr(value, "__call__", None)  # noqa: B004 - an object with an async __call__
+    ):
+        raise InvalidRequestError(
+            field, value, "allowed: a plain function (an async def one would never be awaited)"
+        )
 
 
 def is_http_url(url: URL) -> bool:

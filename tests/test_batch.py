@@ -398,6 +398,45 @@ async def test_every_consumer_of_a_batch_learns_it_is_over_and_the_bound_holds(
     assert await batch.next_result() is None
 
 
+async def test_a_failing_on_progress_never_loses_a_result(
+    client: AsyncImagesClient, server: FakeAtomaServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    def on_progress(done: int, total: int | None) -> None:
+        raise RuntimeError("the progress bar broke")
+
+    prompts = ["a fox", "an owl", "a boat"]
+    with caplog.at_level(logging.WARNING, logger="atoma_images"):
+        async with client.generate_many(prompts, size="8x8", on_progress=on_progress) as batch:
+            results = [result async for result in batch]
+    assert sorted(result.prompt for result in results) == sorted(prompts)
+    assert all(result.ok for result in results)
+    assert batch.summary.unclaimed == ()
+    assert len(server.posts) == 3
+    failed = [r for r in caplog.records if "on_progress" in r.getMessage()]
+    assert len(failed) == 3
+    assert all(r.levelno == logging.WARNING and r.exc_info for r in failed)
+
+
+def test_a_failing_on_progress_never_loses_a_result_in_a_sync_batch(
+    threaded_server: FakeAtomaServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    def on_progress(done: int, total: int | None) -> None:
+        raise RuntimeError("the progress bar broke")
+
+    prompts = ["a fox", "an owl", "a boat"]
+    with (
+        ImagesClient(API_KEY, base_url=threaded_server.base_url) as client,
+        caplog.at_level(logging.WARNING, logger="atoma_images"),
+    ):
+        batch = client.generate_many(prompts, size="8x8", on_progress=on_progress)
+        results = list(batch)
+    assert sorted(result.prompt for result in results) == sorted(prompts)
+    assert all(result.ok for result in results)
+    assert batch.summary.unclaimed == ()
+    assert len(threaded_server.posts) == 3
+    assert len([r for r in caplog.records if "on_progress" in r.getMessage()]) == 3
+
+
 async def test_a_source_that_fails_part_way_hands_over_the_calls_already_sent(
     client: AsyncImagesClient, server: FakeAtomaServer
 ) -> None:
@@ -463,3 +502,30 @@ async def test_a_concurrency_far_above_the_prompts_starts_only_the_tasks_the_wor
     assert 1 < most <= len(prompts) + 1  # one per call, and the one that reads the source
     assert sorted(result.prompt for result in results if result) == sorted(prompts)
     assert len(server.posts) == 3
+
+
+async def _progress_coroutine(done: int, total: int | None) -> None:
+    return None
+
+
+async def test_an_async_on_progress_is_refused_when_the_batch_is_made(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    # It would be called and never awaited: no progress, and a "never awaited" warning.
+    with pytest.raises(InvalidRequestError) as refused:
+        client.generate_many(["a fox"], on_progress=_progress_coroutine)
+    assert refused.value.field == "on_progress"
+    assert "async" in str(refused.value)
+    assert server.posts == []
+
+
+def test_an_async_on_progress_is_refused_when_a_sync_batch_is_made(
+    threaded_server: FakeAtomaServer,
+) -> None:
+    with (
+        ImagesClient(API_KEY, base_url=threaded_server.base_url) as client,
+        pytest.raises(InvalidRequestError) as refused,
+    ):
+        client.generate_many(["a fox"], on_progress=_progress_coroutine)
+    assert refused.value.field == "on_progress"
+    assert threaded_server.posts == []
