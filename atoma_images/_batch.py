@@ -363,12 +363,19 @@ class Batch:
             request, call = self._request(index, item)
         except InvalidRequestError as error:
             return BatchResult(index=index, prompt=_prompt_of(item), error=error)
+        # This call's own count says what its attempts proved, so that the prompts listed as
+        # maybe billed are those the batch's units count (a call cancelled while it waits
+        # to retry a 503 was not billed).
+        own = UsageMeter()
         try:
-            response = await self._client._generate_request(request, **call, meters=(self._meter,))
+            response = await self._client._generate_request(
+                request, **call, meters=(self._meter, own)
+            )
         except AtomaImagesError as error:
             return BatchResult(index=index, prompt=request.prompt, error=error)
         except asyncio.CancelledError:
-            self._cancelled.append(request.prompt)
+            if own.usage.maybe_billed_calls:
+                self._cancelled.append(request.prompt)
             raise
         return BatchResult(index=index, prompt=request.prompt, response=response)
 

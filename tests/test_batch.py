@@ -504,6 +504,35 @@ async def test_a_concurrency_far_above_the_prompts_starts_only_the_tasks_the_wor
     assert len(server.posts) == 3
 
 
+async def test_closing_a_batch_lists_as_maybe_billed_only_the_calls_that_may_have_been(
+    server: FakeAtomaServer,
+) -> None:
+    # Two calls get a 503 (not billed) and wait to retry; a third is in flight (sent: it
+    # may be billed). Closing the batch lists the one, and counts its units.
+    waiting = 0
+
+    async def sleep_until_cancelled(seconds: float) -> None:
+        nonlocal waiting
+        waiting += 1
+        await asyncio.Event().wait()
+
+    server.enqueue(Reply(status=503), Reply(status=503), Reply(delay=60))
+    retries = RetryPolicy(sleep=sleep_until_cancelled)
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url, retries=retries) as client:
+        batch = client.generate_many(["a fox", "an owl", "a boat"], concurrency=3, size="8x8")
+        pending = asyncio.create_task(batch.next_result())
+        while len(server.posts) < 3 or waiting < 2:  # noqa: ASYNC110 - polling is the point
+            await asyncio.sleep(0.01)
+        await batch.aclose()
+        assert await pending is None
+    in_flight = server.posts[2].json()["prompt"]
+    summary = batch.summary
+    assert summary.cancelled_prompts == (in_flight,)
+    assert summary.maybe_billed_compute_units == UNITS_8X8
+    assert client.usage.maybe_billed_calls == 1
+    assert client.usage.unbilled_failures == 2
+
+
 async def _progress_coroutine(done: int, total: int | None) -> None:
     return None
 
