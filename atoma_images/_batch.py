@@ -171,6 +171,7 @@ class Batch:
         concurrency: int,
         on_progress: Callable[[int, int | None], object] | None,
         options: Mapping[str, Any],
+        pool_size: int | None = None,
     ) -> None:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Iterable, AsyncIterable)):
             raise InvalidRequestError(
@@ -202,7 +203,9 @@ class Batch:
         self._held = 0  # results handed out whose slot has not come back yet
         # asyncio's primitives bind to the loop that first uses them: the sync client makes
         # the batch in its caller's thread and runs it on its own loop.
-        self._slots = asyncio.Semaphore(concurrency)
+        # The batch bounds what it has in flight: bounded by the pool too, none of its calls
+        # waits for a connection another one holds (and fails for a pool timeout).
+        self._slots = asyncio.Semaphore(min(concurrency, pool_size or concurrency))
         self._results: asyncio.Queue[BatchResult | _Failed | object] = asyncio.Queue()
         self._counts = {"results": 0, "responses": 0, "errors": 0}
         self._meter = UsageMeter()  # what the batch's calls cost, counted as the client counts

@@ -289,7 +289,9 @@ class AsyncImagesClient:
             prompts: an iterable or async iterable, read lazily, of prompt strings, of
                 mappings of `generate` options with a ``"prompt"`` key (to mix sizes or
                 models), or of `ImageRequest`.
-            concurrency: the most requests in flight at once.
+            concurrency: the most requests in flight at once; never more than the
+                connection pool holds (``max_connections``, or the limit of a session passed
+                in), so that no call of the batch waits for a connection another one holds.
             on_progress: called as ``on_progress(done, total)`` after each result; ``total``
                 is None when the source has no ``len()``.
             **generate_options: the options of `generate` for every prompt (an item's own
@@ -308,6 +310,7 @@ class AsyncImagesClient:
             concurrency=concurrency,
             on_progress=on_progress,
             options=generate_options,
+            pool_size=self._sessions.pool_size,
         )
 
     async def download(

@@ -48,6 +48,19 @@ class SessionHolder:
     def __attrs_post_init__(self) -> None:
         self.owns_session = self._session is None
 
+    @property
+    def pool_size(self) -> int | None:
+        """How many requests the pool sends to one host at once; None when it sets no limit.
+
+        A session made here: ``max_connections``. One passed in: its connector's limits.
+        """
+        if self.owns_session:
+            return self.max_connections
+        connector = None if self._session is None else self._session.connector
+        if connector is None:
+            return None
+        return min((n for n in (connector.limit, connector.limit_per_host) if n), default=None)
+
     def get(self) -> aiohttp.ClientSession:
         """The session for the running loop, made on first use."""
         if self.state is State.CLOSED:

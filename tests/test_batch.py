@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -22,10 +24,11 @@ from atoma_images import (
     InvalidRequestError,
     RetryPolicy,
     ServiceUnavailableError,
+    Timeout,
 )
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY, serving
+from conftest import API_KEY, FakeSleep, serving
 
 UNITS_8X8 = 64
 
@@ -502,6 +505,35 @@ async def test_a_concurrency_far_above_the_prompts_starts_only_the_tasks_the_wor
     assert 1 < most <= len(prompts) + 1  # one per call, and the one that reads the source
     assert sorted(result.prompt for result in results if result) == sorted(prompts)
     assert len(server.posts) == 3
+
+
+@pytest.mark.parametrize("pool", ["max_connections", "a session passed in"])
+async def test_a_concurrency_above_the_pool_never_fails_for_waiting_on_its_own_pool(
+    server: FakeAtomaServer, fake_sleep: FakeSleep, pool: str
+) -> None:
+    server.enqueue(Reply(delay=0.1), times=6)
+    async with contextlib.AsyncExitStack() as stack:
+        if pool == "max_connections":
+            pool_options: dict[str, object] = {"max_connections": 2}
+        else:
+            connector = aiohttp.TCPConnector(limit=10, limit_per_host=2)
+            session = aiohttp.ClientSession(connector=connector)
+            pool_options = {"session": await stack.enter_async_context(session)}
+        client = AsyncImagesClient(
+            API_KEY,
+            base_url=server.base_url,
+            # A call that waits more than 20 ms for a connection times out.
+            timeout=Timeout(pool=0.02, connect=None),
+            retries=RetryPolicy(sleep=fake_sleep),
+            **pool_options,  # type: ignore[arg-type]
+        )
+        await stack.enter_async_context(client)
+        prompts = [f"prompt {n}" for n in range(6)]
+        async with client.generate_many(prompts, concurrency=6, size="8x8") as batch:
+            results = [result async for result in batch]
+    assert [result.error for result in results] == [None] * 6
+    assert len(server.posts) == 6
+    assert server.peak_in_flight <= 2
 
 
 async def test_closing_a_batch_lists_as_maybe_billed_only_the_calls_that_may_have_been(
