@@ -160,7 +160,8 @@ class Batch:
     left and another started. A plain ``async for`` works too: the batch closes itself when
     it is exhausted, and when the loop is left early asyncio closes the dropped iterator soon
     after (in a task of its own), cancelling what is in flight; `aclose` does it at once.
-    A closed batch has no more results: `next_result` answers None.
+    A closed batch has no more results: `next_result` answers None. Several tasks may read
+    one batch with `next_result`; when it ends, each of them gets None.
     """
 
     def __init__(
@@ -202,9 +203,9 @@ class Batch:
         self._entered = False  # used as ``async with``: that block's end closes the batch
         self._held = 0  # results handed out whose slot has not come back yet
         # asyncio's primitives bind to the loop that first uses them: the sync client makes
-        # the batch in its caller's thread and runs it on its own loop.
-        # The batch bounds what it has in flight: bounded by the pool too, none of its calls
-        # waits for a connection another one holds (and fails for a pool timeout).
+        # the batch in its caller's thread and runs it on its own loop. The bound is the
+        # pool's too, so that no call waits for a connection another one holds (and fails
+        # for a pool timeout against a healthy server).
         self._slots = asyncio.Semaphore(min(concurrency, pool_size or concurrency))
         self._results: asyncio.Queue[BatchResult | _Failed | object] = asyncio.Queue()
         self._counts = {"results": 0, "responses": 0, "errors": 0}
