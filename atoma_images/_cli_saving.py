@@ -1,5 +1,6 @@
-"""Where the command line keeps a paid image: a file name no earlier run used, and a spare
-directory when the output directory refuses it, so that a billed image is never lost silently.
+"""Where the command line keeps a paid image: a file of its own, created exclusively, and a
+spare directory when the output directory refuses it, so that a billed image is never lost
+silently and never written over another.
 
 Where this module fits, and why it is built so: docs/architecture.md.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from ._client import AsyncImagesClient
 from ._errors import AtomaImagesError
-from ._files import write_images
+from ._files import write_new_images
 from ._models import ImagesResponse
 
 __all__ = ["SpareDirectory", "keep_images", "stem_for"]
@@ -53,10 +54,10 @@ class SpareDirectory:
         self.path: Path | None = None
 
     def save(self, images: Sequence[bytes], stem: str) -> list[Path]:
-        """Write ``images`` as `write_images` does; raises OSError if that fails here too."""
+        """Write ``images`` as `write_new_images` does; raises OSError if that fails here too."""
         if self.path is None:
             self.path = Path(tempfile.mkdtemp(prefix="atoma-images-unsaved-"))
-        return write_images(images, self.path, stem)
+        return write_new_images(images, self.path, stem)
 
 
 async def keep_images(
@@ -87,7 +88,7 @@ async def keep_images(
     if not images:
         return [], problems
     try:
-        return write_images(images, directory, stem), problems
+        return write_new_images(images, directory, stem), problems
     except OSError as error:
         problems.append(f"cannot save in {directory} ({error})")
     try:

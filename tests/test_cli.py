@@ -565,6 +565,29 @@ async def test_a_write_that_fails_mid_batch_keeps_the_paid_images_elsewhere(
     assert "Traceback" not in done.stderr
 
 
+async def test_a_name_another_run_takes_meanwhile_is_not_written_over(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+
+    async def generations(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"created": 1, "data": [{"url": f"http://{request.host}/fox"}]})
+
+    async def image(request: web.Request) -> web.Response:
+        # Another run of the same prompt into the same folder saves its image meanwhile.
+        (out / "fox-1.png").write_bytes(b"another run's paid image")
+        return web.Response(body=make_png(8, 8), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    app.router.add_get("/fox", image)
+    async with serving(app) as root:
+        done = await acli("fox", "--base-url", f"{root}/v1", "-o", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["out/fox_2-1.png"]
+    assert (out / "fox-1.png").read_bytes() == b"another run's paid image"
+    assert png_size(out / "fox_2-1.png") == (8, 8)
+
+
 async def test_an_image_that_cannot_be_saved_anywhere_is_reported_billed_and_lost(
     tmp_path: Path,
 ) -> None:

@@ -18,7 +18,7 @@ from atoma_images import (
     NotFoundError,
     ResponseValidationError,
 )
-from atoma_images._files import image_extension
+from atoma_images._files import image_extension, write_new_images
 from atoma_images.testing import FakeAtomaServer, make_png
 
 from conftest import API_KEY, serving
@@ -60,6 +60,16 @@ def test_save_all_refuses_url_images_with_a_pointer(tmp_path: Path) -> None:
     with pytest.raises(ResponseValidationError, match=r"client\.save_all"):
         response.save_all(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_new_images_never_overwrite_a_file_and_take_the_next_free_name(tmp_path: Path) -> None:
+    (tmp_path / "fox-1.png").write_bytes(b"another run's")
+    (tmp_path / "fox_2-2.jpeg").write_bytes(b"another program's")
+    paths = write_new_images([make_png(1, 1), JPEG], tmp_path, "fox")
+    assert [p.name for p in paths] == ["fox_2-1.png", "fox_3-2.jpeg"]
+    assert (tmp_path / "fox-1.png").read_bytes() == b"another run's"
+    assert (tmp_path / "fox_2-2.jpeg").read_bytes() == b"another program's"
+    assert paths[1].read_bytes() == JPEG
 
 
 @pytest.mark.parametrize("stem", ["", "a/b", "../up"])
