@@ -239,7 +239,7 @@ async def generate_all(
                 report_error(result.error, result.prompt, args, out, err)
                 return exit_code(result.error)
             index = result.index if batch else None
-            stem = stem_for(result.prompt, index, directory)
+            stem = stem_for(result.prompt, index)
             try:
                 paths, problems = await keep_images(client, result.response, directory, stem, spare)
             except asyncio.CancelledError:  # Ctrl-C while its images were fetched

@@ -21,30 +21,16 @@ from ._models import ImagesResponse
 __all__ = ["SpareDirectory", "keep_images", "stem_for"]
 
 
-def stem_for(prompt: str, index: int | None, directory: Path) -> str:
-    """A file stem from the prompt that no earlier run has used in ``directory``.
+def stem_for(prompt: str, index: int | None) -> str:
+    """A file stem from the prompt, and its place in the batch when there is one.
 
-    Images are saved as ``<stem>-<n>.<ext>``; a rerun of the same prompt gets ``<slug>_2``
-    (the slug itself never contains ``_``), so nothing is overwritten.
+    Images are saved as ``<stem>-<n>.<ext>``; `write_new_images` takes ``<stem>_2`` when an
+    earlier run has the name (the slug itself never contains ``_``), so nothing is
+    overwritten, and the folder is never listed: a save costs the same however many files
+    the folder holds.
     """
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].strip("-") or "image"
-    base = slug if index is None else f"{index + 1:03d}-{slug}"
-    taken = {m[1] for p in _listing(directory) if (m := _SAVED.fullmatch(p))}
-    stem, number = base, 1
-    while stem in taken:
-        number += 1
-        stem = f"{base}_{number}"
-    return stem
-
-
-_SAVED = re.compile(r"(.+)-[0-9]+\.[a-z]+")
-
-
-def _listing(directory: Path) -> list[str]:
-    try:
-        return [entry.name for entry in directory.iterdir()]
-    except OSError:  # gone since it was checked: the save reports it
-        return []
+    return slug if index is None else f"{index + 1:03d}-{slug}"
 
 
 class SpareDirectory:

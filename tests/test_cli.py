@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 import atoma_images
-from atoma_images.__main__ import EXIT_CODES
+from atoma_images.__main__ import EXIT_CODES, main
 from atoma_images.testing import FakeAtomaServer, Reply, make_png
 
 from conftest import API_KEY, serving
@@ -586,6 +586,37 @@ async def test_a_name_another_run_takes_meanwhile_is_not_written_over(tmp_path: 
     assert done.stdout.splitlines() == ["out/fox_2-1.png"]
     assert (out / "fox-1.png").read_bytes() == b"another run's paid image"
     assert png_size(out / "fox_2-1.png") == (8, 8)
+
+
+def test_saving_a_prompt_never_lists_the_output_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Listing the folder for each prompt made a long run into a big folder quadratic: what a
+    # save costs must not grow with the files the folder holds.
+    out = tmp_path / "out"
+    out.mkdir()
+    for number in range(1, 31):
+        (out / f"{number:03d}-a-fox-1.png").write_bytes(b"an earlier run's")
+    listed: list[str] = []
+    listdir, scandir = os.listdir, os.scandir
+
+    def counted_listdir(path: object = ".") -> object:
+        listed.append(os.fspath(path))  # type: ignore[call-overload]
+        return listdir(path)  # type: ignore[call-overload]
+
+    def counted_scandir(path: object = ".") -> object:
+        listed.append(os.fspath(path))  # type: ignore[call-overload]
+        return scandir(path)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "listdir", counted_listdir)
+    monkeypatch.setattr(os, "scandir", counted_scandir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n" * 30)
+    code = main(["--fake", "--prompts-file", str(prompts), "--size", "8x8", "-o", str(out)])
+    assert code == 0
+    saved = sorted(capsys.readouterr().out.splitlines())
+    assert saved == [f"{out}/{number:03d}-a-fox_2-1.png" for number in range(1, 31)]
+    assert [path for path in listed if Path(path) == out] == []
 
 
 async def test_an_image_that_cannot_be_saved_anywhere_is_reported_billed_and_lost(
