@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-#: Exit codes, by what went wrong (documented in README.md).
+#: Exit codes, by what went wrong (documented in docs/guide-cli.md and README.md).
 EXIT_CODES = {
     "ok": 0,
     "unexpected": 1,
@@ -49,7 +49,10 @@ EXIT_CODES = {
     "connection": 7,
     "invalid response": 8,
     "not saved": 9,
+    # Stopped by a signal: the shell's 128 + its number (SIGHUP, SIGINT, SIGTERM).
+    "hung up": 129,
     "interrupted": 130,
+    "terminated": 143,
 }
 
 

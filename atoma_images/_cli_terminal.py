@@ -117,9 +117,10 @@ class Progress:
         if self.total > 1 and not self.tty:  # a log-friendly line per finished prompt
             emit(self.stream, f"{self.done}/{self.total} done")
 
-    def interrupted(self) -> str:
-        """The line for Ctrl-C: how far the batch got, and what may still be billed."""
-        text = "atoma-images: interrupted"
+    def interrupted(self, by: str | None = None) -> str:
+        """The line for Ctrl-C (or the signal named ``by``): how far the batch got, and what
+        may still be billed."""
+        text = "atoma-images: interrupted" + (f" by {by}" if by else "")
         if self.total > 1:
             text += f" with {self.done}/{self.total} prompts done"
         if self.billed_unsaved:

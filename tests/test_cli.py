@@ -29,7 +29,9 @@ from atoma_images.testing import FakeAtomaServer, Reply, make_png
 from conftest import API_KEY, serving
 from pngcheck import png_size
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+GUIDE = (ROOT / "docs" / "guide-cli.md").read_text()
 # The subprocess must run the copy of the package this test session imported, not whichever
 # copy an editable install of another checkout puts on sys.path.
 PACKAGE_ROOT = str(Path(atoma_images.__file__).resolve().parent.parent)
@@ -290,9 +292,10 @@ def test_spinner_only_on_a_terminal(threaded_server: FakeAtomaServer, tmp_path: 
     assert re.search(r"generating… \d+\.\ds", shown.decode())
 
 
-def test_readme_documents_every_exit_code() -> None:
-    for kind, code in EXIT_CODES.items():
-        assert re.search(rf"\| {code} \| {kind}", README), f"{code} {kind} missing from README"
+def test_readme_and_the_guide_document_every_exit_code() -> None:
+    for name, text in (("README", README), ("the guide", GUIDE)):
+        for kind, code in EXIT_CODES.items():
+            assert re.search(rf"\| {code} \| {kind}", text), f"{code} {kind} missing from {name}"
 
 
 # -- text from the server never drives the terminal -----------------------------------------------
@@ -700,14 +703,19 @@ def started(*arguments: str, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
-def interrupt_once(process: subprocess.Popen[str], ready: Callable[[], bool]) -> tuple[str, str]:
-    """Ctrl-C the CLI once ``ready()`` (the server has the requests); its stdout and stderr."""
+def interrupt_once(
+    process: subprocess.Popen[str],
+    ready: Callable[[], bool],
+    signum: signal.Signals = signal.SIGINT,
+) -> tuple[str, str]:
+    """Ctrl-C the CLI (or send it ``signum``) once ``ready()`` (the server has the requests);
+    its stdout and stderr."""
     try:
         deadline = time.monotonic() + 60
         while not ready() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert ready()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         out, err = process.communicate(timeout=60)
         return out, without_slow_step_notes(err)
     finally:
@@ -757,23 +765,38 @@ def test_ctrl_c_counts_only_finished_prompts_and_says_what_may_be_billed(
     ]
 
 
-def test_ctrl_c_of_one_prompt_says_it_may_be_billed(
-    threaded_server: FakeAtomaServer, tmp_path: Path
+# What `timeout`, `docker stop`, systemd and Kubernetes (SIGTERM) and a closed terminal
+# (SIGHUP) send stops a run as Ctrl-C does: it says what was billed, and exits with 128 + the
+# signal's number.
+STOPS = pytest.mark.parametrize(
+    ("signum", "by", "kind"),
+    [
+        (signal.SIGINT, "", "interrupted"),
+        (signal.SIGTERM, " by SIGTERM", "terminated"),
+        (signal.SIGHUP, " by SIGHUP", "hung up"),
+    ],
+)
+
+
+@STOPS
+def test_a_stop_signal_of_one_prompt_says_it_may_be_billed(
+    threaded_server: FakeAtomaServer, tmp_path: Path, signum: signal.Signals, by: str, kind: str
 ) -> None:
     threaded_server.enqueue(Reply(delay=60))
     process = started("fox", "--base-url", threaded_server.base_url, "--size", "8x8", cwd=tmp_path)
-    out, err = interrupt_once(process, lambda: len(threaded_server.posts) == 1)
-    assert process.returncode == EXIT_CODES["interrupted"]
+    out, err = interrupt_once(process, lambda: len(threaded_server.posts) == 1, signum)
+    assert process.returncode == EXIT_CODES[kind] == 128 + signum
     assert out == ""
     assert err.splitlines() == [
-        "atoma-images: interrupted; 1 request was in flight: if already sent, it may still "
-        "be billed",
+        f"atoma-images: interrupted{by}; 1 request was in flight: if already sent, it may "
+        "still be billed",
         "atoma-images: used 0 compute units; 64 more may have been billed",
     ]
 
 
-def test_ctrl_c_while_a_paid_image_is_fetched_says_it_was_billed_and_where_it_is(
-    threaded_server: FakeAtomaServer, tmp_path: Path
+@STOPS
+def test_a_stop_signal_while_a_paid_image_is_fetched_says_it_was_billed_and_where_it_is(
+    threaded_server: FakeAtomaServer, tmp_path: Path, signum: signal.Signals, by: str, kind: str
 ) -> None:
     with stalled_downloads() as (files, fetching):
         url = f"{files}/fox\x1b]0;owned\x07.png"  # the server's text: shown escaped
@@ -781,13 +804,13 @@ def test_ctrl_c_while_a_paid_image_is_fetched_says_it_was_billed_and_where_it_is
         process = started(
             "fox", "--base-url", threaded_server.base_url, "--size", "8x8", cwd=tmp_path
         )
-        out, err = interrupt_once(process, fetching)
-    assert process.returncode == EXIT_CODES["interrupted"]
+        out, err = interrupt_once(process, fetching, signum)
+    assert process.returncode == EXIT_CODES[kind] == 128 + signum
     assert out == ""
     assert err.splitlines() == [
         "atoma-images: error: generated and billed, but interrupted before its images were "
         f"saved; their URLs: {files}/fox\\x1b]0;owned\\x07.png",
-        "atoma-images: interrupted; 1 prompt was generated and billed but not saved",
+        f"atoma-images: interrupted{by}; 1 prompt was generated and billed but not saved",
         "atoma-images: used 64 compute units",
     ]
 
