@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._checks import without_credentials
 from ._client import AsyncImagesClient
 from ._errors import AtomaImagesError
 from ._files import write_new_images
@@ -67,7 +68,7 @@ async def keep_images(
         if isinstance(item, bytes):
             images.append(item)
         elif isinstance(item, AtomaImagesError):
-            source = f" from {image.url}" if image.url else ""
+            source = f" from {without_credentials(image.url)}" if image.url else ""
             problems.append(f"image {number} could not be fetched{source} ({item})")
         else:
             raise item

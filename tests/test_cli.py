@@ -688,6 +688,55 @@ async def test_a_paid_image_whose_download_fails_is_reported_billed(tmp_path: Pa
     ]
 
 
+@pytest.mark.parametrize(
+    ("fox", "shown"),
+    [
+        (
+            "http://user:s3cret@{host}/files/fox.png",
+            "http://<credentials removed>@{host}/files/fox.png",
+        ),
+        ("http://{host}/files/hop", "http://{host}/files/hop"),  # a redirect to such a URL
+    ],
+)
+async def test_a_download_url_with_a_password_is_reported_billed_and_the_batch_goes_on(
+    tmp_path: Path, fox: str, shown: str
+) -> None:
+    async def generations(request: web.Request) -> web.Response:
+        body = await request.json()
+        url = f"http://{request.host}/files/owl.png"
+        if body["prompt"] == "a fox":  # on the API's own origin, where the key goes
+            url = fox.format(host=request.host)
+        return web.json_response({"created": 1, "data": [{"url": url}]})
+
+    async def hop(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://user:s3cret@{request.host}/files/fox.png")
+
+    async def image(request: web.Request) -> web.Response:
+        return web.Response(body=make_png(8, 8), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    app.router.add_get("/files/hop", hop)
+    app.router.add_get("/files/{name}.png", image)
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\n")
+    async with serving(app) as root:
+        done = await acli(
+            *("--prompts-file", "prompts.txt", "--base-url", f"{root}/v1", "--concurrency", "1"),
+            cwd=tmp_path,
+        )
+    assert done.returncode == EXIT_CODES["not saved"], done.stderr
+    assert done.stdout.splitlines() == ["002-an-owl-1.png"]
+    assert png_size(tmp_path / "002-an-owl-1.png") == (8, 8)
+    (error,) = error_lines(done.stderr)
+    assert error.startswith(
+        'atoma-images: error ("a fox"): generated and billed, but image 1 could not be fetched '
+        f"from {shown.format(host=root.removeprefix('http://'))} ("
+    )
+    assert "user:password@" in error
+    assert "s3cret" not in done.stderr
+    assert done.stderr.splitlines()[-1] == "atoma-images: used 2,097,152 compute units"
+
+
 # -- Ctrl-C ---------------------------------------------------------------------------------------
 
 
