@@ -34,7 +34,6 @@ from . import _confidential
 from ._batch import BatchResult
 from ._cli_report import (
     EXIT_CODES,
-    exit_code,
     report_error,
     report_interrupted_saves,
     report_result,
@@ -236,8 +235,7 @@ async def generate_all(
             progress.clear()
             if result.response is None:
                 assert result.error is not None  # a result holds a response or an error
-                report_error(result.error, result.prompt, args, out, err)
-                return exit_code(result.error)
+                return report_error(result.error, result.prompt, args, out, err)
             index = result.index if batch else None
             stem = stem_for(result.prompt, index)
             try:
@@ -246,10 +244,9 @@ async def generate_all(
                 unsaved.append((result.prompt, result.response))
                 raise
             progress.clear()
-            report_result(
+            return report_result(
                 result.response, paths, result.prompt, args, problems=problems, out=out, err=err
             )
-            return EXIT_CODES["not saved"] if problems else EXIT_CODES["ok"]
 
         results = client.generate_many(
             prompts,
@@ -367,8 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         emit(sys.stderr, f"atoma-images: error: {error}")
         code = EXIT_CODES["invalid input"]
     except AtomaImagesError as error:  # raised before any prompt ran: bad key, option, ...
-        report_error(error, None, args, sys.stdout, sys.stderr)
-        code = exit_code(error)
+        code = report_error(error, None, args, sys.stdout, sys.stderr)
     # However the run ended, once it sent a request its user learns what that cost.
     if progress.usage.calls:
         emit(sys.stderr, spent(progress.usage))

@@ -907,6 +907,72 @@ def test_ctrl_c_reports_every_billed_result_not_yet_saved_in_json_too(
     ]
 
 
+# -- an output that cannot take what is printed ----------------------------------------------------
+
+
+def test_a_path_stdout_cannot_encode_is_printed_escaped_and_every_image_kept(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\n")
+    done = subprocess.run(
+        [*COMMAND, "--fake", "--prompts-file", "prompts.txt", "--size", "8x8", "-o", "dessinés"],
+        cwd=tmp_path,
+        # Output redirected with a narrow encoding, into a folder whose name it cannot encode.
+        env=environment(tmp_path, None, extra={"PYTHONIOENCODING": "ascii"}),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    stderr = without_slow_step_notes(done.stderr.decode())
+    assert done.returncode == 0, stderr
+    assert sorted(done.stdout.decode("ascii").splitlines()) == [
+        "dessin\\xe9s/001-a-fox-1.png",
+        "dessin\\xe9s/002-an-owl-1.png",
+    ]
+    assert [
+        png_size(tmp_path / "dessinés" / name) for name in ("001-a-fox-1.png", "002-an-owl-1.png")
+    ] == [(8, 8), (8, 8)]
+    assert stderr.splitlines()[-1] == "atoma-images: used 128 compute units"
+
+
+def test_a_result_whose_report_fails_does_not_discard_the_others(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    (tmp_path / "prompts.txt").write_text("a fox\na bad one\nan owl\n")
+    threaded_server.enqueue(Reply(), Reply(status=400), Reply())
+    with open("/dev/full", "w") as full:  # every write fails: ENOSPC
+        done = subprocess.run(
+            [
+                *COMMAND,
+                *("--base-url", threaded_server.base_url, "--prompts-file", "prompts.txt"),
+                *("--json", "--size", "8x8", "--concurrency", "1"),
+            ],
+            cwd=tmp_path,
+            env=environment(tmp_path, API_KEY),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    stderr = without_slow_step_notes(done.stderr)
+    assert sorted(path.name for path in tmp_path.glob("*.png")) == [
+        "001-a-fox-1.png",
+        "003-an-owl-1.png",
+    ]
+    reason = "(OSError: [Errno 28] No space left on device)"
+    assert error_lines(stderr) == [
+        'atoma-images: error ("a fox"): generated, billed and saved as 001-a-fox-1.png, but '
+        f"not reported {reason}",
+        'atoma-images: error ("a bad one"): 400 Bad Request (REQUEST_ERROR): fake REQUEST_ERROR',
+        f'atoma-images: error ("a bad one"): its error was not reported in full {reason}',
+        'atoma-images: error ("an owl"): generated, billed and saved as 003-an-owl-1.png, but '
+        f"not reported {reason}",
+    ]
+    assert stderr.splitlines()[-1] == "atoma-images: used 128 compute units"
+    assert done.returncode == EXIT_CODES["unexpected"], stderr
+
+
 # -- a reader that goes away ----------------------------------------------------------------------
 
 
