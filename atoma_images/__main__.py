@@ -7,7 +7,7 @@
 The key comes from ATOMA_API_KEY (or ATOMASDK_BEARER_AUTH). Saved paths go to stdout, one
 per line (or one JSON object per prompt with --json); progress and errors go to stderr, and
 a run that sent anything ends with the compute units it used (and may have used) there too,
-even when Ctrl-C stops it.
+even when Ctrl-C, SIGTERM or SIGHUP stops it.
 
 Every option, the prompts file and the output directory are checked before anything is sent:
 a generation is paid for, so none is made that cannot be kept. Every line shown goes through
@@ -34,7 +34,6 @@ from . import _confidential
 from ._batch import BatchResult
 from ._cli_report import (
     EXIT_CODES,
-    exit_code,
     report_error,
     report_interrupted_saves,
     report_result,
@@ -236,20 +235,18 @@ async def generate_all(
             progress.clear()
             if result.response is None:
                 assert result.error is not None  # a result holds a response or an error
-                report_error(result.error, result.prompt, args, out, err)
-                return exit_code(result.error)
+                return report_error(result.error, result.prompt, args, out, err)
             index = result.index if batch else None
-            stem = stem_for(result.prompt, index, directory)
+            stem = stem_for(result.prompt, index)
             try:
                 paths, problems = await keep_images(client, result.response, directory, stem, spare)
-            except asyncio.CancelledError:  # Ctrl-C while its images were fetched
+            except asyncio.CancelledError:  # stopped (Ctrl-C, SIGTERM) while fetching its images
                 unsaved.append((result.prompt, result.response))
                 raise
             progress.clear()
-            report_result(
+            return report_result(
                 result.response, paths, result.prompt, args, problems=problems, out=out, err=err
             )
-            return EXIT_CODES["not saved"] if problems else EXIT_CODES["ok"]
 
         results = client.generate_many(
             prompts,
@@ -285,35 +282,57 @@ async def generate_all(
     return codes[0] if codes else EXIT_CODES["ok"]
 
 
-async def cancelled_by_ctrl_c(run: Coroutine[Any, Any, T]) -> T:
-    """``await run``, with Ctrl-C cancelling it, then raised as KeyboardInterrupt.
+#: The signals that stop a run as Ctrl-C does, each with its kind of exit in EXIT_CODES (the
+#: shell's 128 + the signal's number): SIGTERM is what `timeout`, `docker stop`, systemd and
+#: Kubernetes send, SIGHUP what a closed terminal or SSH session sends.
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+if sys.platform != "win32":
+    STOP_SIGNALS[signal.SIGHUP] = "hung up"
 
-    asyncio.run does this itself from Python 3.11 on; on 3.10 a Ctrl-C raises KeyboardInterrupt
-    wherever the loop happens to be (between an ``async with``'s enter and exit, say), which
-    can leave the loop unable to unwind the batch. A cancellation unwinds it cleanly.
+
+class Stopped(Exception):
+    """A stop signal cancelled the run: `signum` says which."""
+
+    def __init__(self, signum: signal.Signals) -> None:
+        super().__init__(signum.name)
+        self.signum = signum
+
+
+async def cancelled_by_signal(run: Coroutine[Any, Any, T]) -> T:
+    """``await run``, a stop signal cancelling it, then raised as `Stopped`.
+
+    The run unwinds as a cancellation, so it reports what was billed but not saved, and the
+    usage line, whichever of `STOP_SIGNALS` stopped it (their default kills the process
+    with no word). asyncio.run does this for Ctrl-C alone, and only from Python 3.11 on; on
+    3.10 a Ctrl-C raises KeyboardInterrupt wherever the loop happens to be (between an
+    ``async with``'s enter and exit, say), which can leave the loop unable to unwind the
+    batch. A cancellation unwinds it cleanly.
     """
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
-    pressed = False
+    received: list[signal.Signals] = []
 
-    def on_ctrl_c() -> None:
-        nonlocal pressed
-        pressed = True
+    def on_signal(signum: signal.Signals) -> None:
+        received.append(signum)
         if task is not None:
             task.cancel()
 
-    try:
-        loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
-    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
-        return await run
+    installed: list[signal.Signals] = []
+    for signum in STOP_SIGNALS:
+        try:
+            loop.add_signal_handler(signum, on_signal, signum)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, Windows
+            break  # Ctrl-C is then Python's own KeyboardInterrupt
+        installed.append(signum)
     try:
         return await run
     except asyncio.CancelledError:
-        if pressed:
-            raise KeyboardInterrupt from None
+        if received:
+            raise Stopped(received[0]) from None
         raise
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        for signum in installed:
+            loop.remove_signal_handler(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,18 +353,18 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(sys.stderr, len(prompts))
     try:
         code = asyncio.run(
-            cancelled_by_ctrl_c(generate_all(args, prompts, progress, sys.stdout, sys.stderr))
+            cancelled_by_signal(generate_all(args, prompts, progress, sys.stdout, sys.stderr))
         )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped) as stop:
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
         progress.clear()
-        emit(sys.stderr, progress.interrupted())
-        code = EXIT_CODES["interrupted"]
+        emit(sys.stderr, progress.interrupted(None if signum == signal.SIGINT else signum.name))
+        code = EXIT_CODES[STOP_SIGNALS[signum]]
     except CommandLineError as error:
         emit(sys.stderr, f"atoma-images: error: {error}")
         code = EXIT_CODES["invalid input"]
     except AtomaImagesError as error:  # raised before any prompt ran: bad key, option, ...
-        report_error(error, None, args, sys.stdout, sys.stderr)
-        code = exit_code(error)
+        code = report_error(error, None, args, sys.stdout, sys.stderr)
     # However the run ended, once it sent a request its user learns what that cost.
     if progress.usage.calls:
         emit(sys.stderr, spent(progress.usage))

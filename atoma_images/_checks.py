@@ -20,6 +20,7 @@ __all__ = [
     "check_whole_number",
     "http_url",
     "is_http_url",
+    "without_credentials",
 ]
 
 
@@ -66,3 +67,17 @@ def http_url(text: object) -> URL | None:
     except (TypeError, ValueError):
         return None
     return url if is_http_url(url) else None
+
+
+def without_credentials(raw: object) -> object:
+    """``raw`` as an error may show it, parsed or not: everything up to a URL's last ``@``
+    replaced (a password may hold ``/`` or ``@``), and no query or fragment (one may hold a
+    key)."""
+    if not isinstance(raw, str):
+        return raw
+    scheme, separator, rest = raw.partition("://") if "://" in raw else ("", "", raw)
+    if "?" in rest or "#" in rest:
+        rest = rest.split("?", 1)[0].split("#", 1)[0] + "?<query or fragment removed>"
+    if "@" in rest:
+        rest = "<credentials removed>@" + rest.rpartition("@")[2]
+    return f"{scheme}{separator}{rest}"

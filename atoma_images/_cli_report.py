@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-#: Exit codes, by what went wrong (documented in README.md).
+#: Exit codes, by what went wrong (documented in docs/guide-cli.md and README.md).
 EXIT_CODES = {
     "ok": 0,
     "unexpected": 1,
@@ -49,7 +49,10 @@ EXIT_CODES = {
     "connection": 7,
     "invalid response": 8,
     "not saved": 9,
+    # Stopped by a signal: the shell's 128 + its number (SIGHUP, SIGINT, SIGTERM).
+    "hung up": 129,
     "interrupted": 130,
+    "terminated": 143,
 }
 
 
@@ -100,8 +103,32 @@ def report_result(
     problems: list[str],
     out: TextIO,
     err: TextIO,
+) -> int:
+    """Show where a paid result's images are, and why some are not where asked; its exit
+    code.
+
+    Printing never loses an image: if showing it fails (stdout full, a bug), stderr says
+    where its images are, and the run goes on with the others.
+    """
+    try:
+        _show_result(result, paths, prompt, args, problems=problems, out=out, err=err)
+    except Exception as error:
+        saved = f"saved as {', '.join(map(str, paths))}" if paths else "not saved"
+        _unprinted(error, prompt, args, err, f"generated, billed and {saved}, but not reported")
+        return EXIT_CODES["unexpected"]
+    return EXIT_CODES["not saved"] if problems else EXIT_CODES["ok"]
+
+
+def _show_result(
+    result: ImagesResponse,
+    paths: list[Path],
+    prompt: str,
+    args: argparse.Namespace,
+    *,
+    problems: list[str],
+    out: TextIO,
+    err: TextIO,
 ) -> None:
-    """Show where a paid result's images are, and why some are not where asked."""
     message = ("generated and billed, but " + "; ".join(problems)) if problems else ""
     if message:
         emit(err, f"atoma-images: error{_echo(prompt, args)}: {message}")
@@ -128,6 +155,18 @@ def report_result(
 
 def report_error(
     error: BaseException, prompt: str | None, args: argparse.Namespace, out: TextIO, err: TextIO
+) -> int:
+    """Show why a prompt (or, with ``prompt`` None, the run) failed; its exit code. If
+    showing it fails (stdout full, a bug), stderr says so, and the run goes on."""
+    try:
+        _show_error(error, prompt, args, out, err)
+    except Exception as failure:
+        _unprinted(failure, prompt, args, err, "its error was not reported in full")
+    return exit_code(error)
+
+
+def _show_error(
+    error: BaseException, prompt: str | None, args: argparse.Namespace, out: TextIO, err: TextIO
 ) -> None:
     message = str(error)
     if isinstance(error, InvalidRequestError) and error.field == "api_key":
@@ -146,6 +185,13 @@ def report_error(
             },
         }
         emit(out, json.dumps(record))
+
+
+def _unprinted(
+    error: Exception, prompt: str | None, args: argparse.Namespace, err: TextIO, what: str
+) -> None:
+    """The line on stderr for a result whose report failed."""
+    emit(err, f"atoma-images: error{_echo(prompt, args)}: {what} ({type(error).__name__}: {error})")
 
 
 def _echo(prompt: str | None, args: argparse.Namespace) -> str:

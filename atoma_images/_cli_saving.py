@@ -1,5 +1,6 @@
-"""Where the command line keeps a paid image: a file name no earlier run used, and a spare
-directory when the output directory refuses it, so that a billed image is never lost silently.
+"""Where the command line keeps a paid image: a file of its own, created exclusively, and a
+spare directory when the output directory refuses it, so that a billed image is never lost
+silently and never written over another.
 
 Where this module fits, and why it is built so: docs/architecture.md.
 """
@@ -12,38 +13,25 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._checks import without_credentials
 from ._client import AsyncImagesClient
 from ._errors import AtomaImagesError
-from ._files import write_images
+from ._files import write_new_images
 from ._models import ImagesResponse
 
 __all__ = ["SpareDirectory", "keep_images", "stem_for"]
 
 
-def stem_for(prompt: str, index: int | None, directory: Path) -> str:
-    """A file stem from the prompt that no earlier run has used in ``directory``.
+def stem_for(prompt: str, index: int | None) -> str:
+    """A file stem from the prompt, and its place in the batch when there is one.
 
-    Images are saved as ``<stem>-<n>.<ext>``; a rerun of the same prompt gets ``<slug>_2``
-    (the slug itself never contains ``_``), so nothing is overwritten.
+    Images are saved as ``<stem>-<n>.<ext>``; `write_new_images` takes ``<stem>_2`` when an
+    earlier run has the name (the slug itself never contains ``_``), so nothing is
+    overwritten, and the folder is never listed: a save costs the same however many files
+    the folder holds.
     """
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].strip("-") or "image"
-    base = slug if index is None else f"{index + 1:03d}-{slug}"
-    taken = {m[1] for p in _listing(directory) if (m := _SAVED.fullmatch(p))}
-    stem, number = base, 1
-    while stem in taken:
-        number += 1
-        stem = f"{base}_{number}"
-    return stem
-
-
-_SAVED = re.compile(r"(.+)-[0-9]+\.[a-z]+")
-
-
-def _listing(directory: Path) -> list[str]:
-    try:
-        return [entry.name for entry in directory.iterdir()]
-    except OSError:  # gone since it was checked: the save reports it
-        return []
+    return slug if index is None else f"{index + 1:03d}-{slug}"
 
 
 class SpareDirectory:
@@ -53,10 +41,10 @@ class SpareDirectory:
         self.path: Path | None = None
 
     def save(self, images: Sequence[bytes], stem: str) -> list[Path]:
-        """Write ``images`` as `write_images` does; raises OSError if that fails here too."""
+        """Write ``images`` as `write_new_images` does; raises OSError if that fails here too."""
         if self.path is None:
             self.path = Path(tempfile.mkdtemp(prefix="atoma-images-unsaved-"))
-        return write_images(images, self.path, stem)
+        return write_new_images(images, self.path, stem)
 
 
 async def keep_images(
@@ -80,14 +68,14 @@ async def keep_images(
         if isinstance(item, bytes):
             images.append(item)
         elif isinstance(item, AtomaImagesError):
-            source = f" from {image.url}" if image.url else ""
+            source = f" from {without_credentials(image.url)}" if image.url else ""
             problems.append(f"image {number} could not be fetched{source} ({item})")
         else:
             raise item
     if not images:
         return [], problems
     try:
-        return write_images(images, directory, stem), problems
+        return write_new_images(images, directory, stem), problems
     except OSError as error:
         problems.append(f"cannot save in {directory} ({error})")
     try:

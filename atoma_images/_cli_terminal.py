@@ -50,12 +50,18 @@ def printable(text: str, *, keep_newlines: bool = False) -> str:
 def emit(stream: TextIO, text: str, *, keep_newlines: bool = False) -> None:
     """Write ``text``, made `printable`, and a newline: the one way a line is shown.
 
-    If the reader has gone (``| head -1``), the stream is pointed at the null device and the
-    run goes on: the prompts in flight are paid for, and their images are still saved.
+    What the stream's encoding cannot hold is escaped (``é`` becomes ``\\xe9`` when output
+    is redirected with ``PYTHONIOENCODING=ascii``): a path in a non-ASCII folder is shown,
+    never a crash that drops the images still in memory. If the reader has gone (``| head
+    -1``), the stream is pointed at the null device and the run goes on: the prompts in
+    flight are paid for, and their images are still saved.
     """
+    line = printable(text, keep_newlines=keep_newlines) + "\n"
+    if stream.encoding:  # None for an in-memory stream, which holds any text
+        line = line.encode(stream.encoding, "backslashreplace").decode(stream.encoding)
     try:
         # One write per line: unbuffered (PYTHONUNBUFFERED), print() makes two.
-        stream.write(printable(text, keep_newlines=keep_newlines) + "\n")
+        stream.write(line)
         stream.flush()
     except BrokenPipeError:
         # As the Python docs advise for SIGPIPE, so the flush at exit stays quiet too.
@@ -117,9 +123,10 @@ class Progress:
         if self.total > 1 and not self.tty:  # a log-friendly line per finished prompt
             emit(self.stream, f"{self.done}/{self.total} done")
 
-    def interrupted(self) -> str:
-        """The line for Ctrl-C: how far the batch got, and what may still be billed."""
-        text = "atoma-images: interrupted"
+    def interrupted(self, by: str | None = None) -> str:
+        """The line for Ctrl-C (or the signal named ``by``): how far the batch got, and what
+        may still be billed."""
+        text = "atoma-images: interrupted" + (f" by {by}" if by else "")
         if self.total > 1:
             text += f" with {self.done}/{self.total} prompts done"
         if self.billed_unsaved:

@@ -330,10 +330,12 @@ class AsyncImagesClient:
 
         Raises:
             InvalidRequestError: the image has no http(s) URL (Atoma's backend may answer
-                with a node-local file name: ask for ``response_format="b64_json"``).
+                with a node-local file name: ask for ``response_format="b64_json"``), or
+                its URL holds ``user:password@`` (never shown).
             ResponseValidationError: the image is larger than ``max_bytes``.
             APIStatusError: the URL answered with an error status (404 when it expired), or
-                redirected too often or to something that is not http(s).
+                redirected too often, to something that is not http(s), or to a URL with
+                ``user:password@``.
             APIConnectionError: the download failed.
         """
         if isinstance(image, GeneratedImage) and image.b64_json is not None:

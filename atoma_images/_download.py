@@ -2,8 +2,10 @@
 
 Each hop chooses its headers by origin: the key and the user's headers go only to
 ``base_url``'s origin, any other host gets ``User-Agent`` and ``Accept`` alone. A redirect to
-something that is not http(s), or more than `MAX_REDIRECTS` of them, ends the download with a
-typed error that is not retried.
+something that is not http(s) or that holds ``user:password@``, or more than `MAX_REDIRECTS`
+of them, ends the download with a typed error that is not retried; a URL that holds
+``user:password@`` is refused before anything is sent (aiohttp would send them, or refuse
+them with a bare ValueError beside the key), and no error shows the password.
 
 Where this module fits, and why it is built so: docs/architecture.md.
 """
@@ -15,9 +17,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
+from multidict import CIMultiDict
 from yarl import URL
 
-from ._checks import http_url, is_http_url
+from ._checks import http_url, is_http_url, without_credentials
 from ._convert import error_from_response
 from ._errors import APIStatusError, InvalidRequestError
 from ._hooks import CallInfo
@@ -43,8 +46,16 @@ Get = Callable[[URL, Mapping[str, str], float], Awaitable[Answer]]
 
 
 def download_url(raw: object) -> URL:
-    """The URL of an image result, or `InvalidRequestError` if it is not an http(s) one."""
+    """The URL of an image result, or `InvalidRequestError` if it is not an http(s) one, or
+    holds ``user:password@`` (shown without them)."""
     url = http_url(raw)
+    if url is not None and _has_credentials(url):
+        raise InvalidRequestError(
+            "image.url",
+            without_credentials(raw),
+            "allowed: an http(s) URL without user:password@ (a download sends no credentials "
+            "but the client's own)",
+        )
     if url is None:
         hint = ""
         if isinstance(raw, str) and "://" not in raw:
@@ -129,7 +140,20 @@ def _redirect_target(current: URL, answer: Answer) -> URL | None:
         raise _redirect_error(
             answer, current, f"redirected to {location[:200]!r}, which is not an http(s) URL"
         )
+    if _has_credentials(target):
+        shown = str(without_credentials(location))
+        headers = CIMultiDict(answer.headers)
+        headers["Location"] = shown  # the error keeps the headers: never the password
+        raise _redirect_error(
+            attrs.evolve(answer, headers=headers),
+            current,
+            f"redirected to {shown[:200]!r}, which holds user:password@",
+        )
     return target
+
+
+def _has_credentials(url: URL) -> bool:
+    return url.user is not None or url.password is not None
 
 
 def _redirect_error(answer: Answer, url: URL, problem: str) -> APIStatusError:

@@ -19,7 +19,7 @@ import attrs
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from ._checks import check_whole_number, http_url
+from ._checks import check_whole_number, http_url, without_credentials
 from ._errors import InvalidRequestError
 from ._hooks import DEFAULT_HOOKS, HookSet
 from ._models import DEFAULT_MODEL, ImageRequest
@@ -56,22 +56,8 @@ def _check_api_key(_: object, __: object, value: Any) -> None:
         )
 
 
-def _without_credentials(raw: object) -> object:
-    """``raw`` as an error may show it, parsed or not: everything up to a URL's last ``@``
-    replaced (a password may hold ``/`` or ``@``), and no query or fragment (one may hold a
-    key)."""
-    if not isinstance(raw, str):
-        return raw
-    scheme, separator, rest = raw.partition("://") if "://" in raw else ("", "", raw)
-    if "?" in rest or "#" in rest:
-        rest = rest.split("?", 1)[0].split("#", 1)[0] + "?<query or fragment removed>"
-    if "@" in rest:
-        rest = "<credentials removed>@" + rest.rpartition("@")[2]
-    return f"{scheme}{separator}{rest}"
-
-
 def _to_base_url(raw: object) -> URL:
-    shown = _without_credentials(raw)  # every error below shows this, never raw
+    shown = without_credentials(raw)  # every error below shows this, never raw
     url = http_url(raw)
     if url is None:
         raise InvalidRequestError(

@@ -23,13 +23,15 @@ import pytest
 from aiohttp import web
 
 import atoma_images
-from atoma_images.__main__ import EXIT_CODES
+from atoma_images.__main__ import EXIT_CODES, main
 from atoma_images.testing import FakeAtomaServer, Reply, make_png
 
 from conftest import API_KEY, serving
 from pngcheck import png_size
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+GUIDE = (ROOT / "docs" / "guide-cli.md").read_text()
 # The subprocess must run the copy of the package this test session imported, not whichever
 # copy an editable install of another checkout puts on sys.path.
 PACKAGE_ROOT = str(Path(atoma_images.__file__).resolve().parent.parent)
@@ -290,9 +292,10 @@ def test_spinner_only_on_a_terminal(threaded_server: FakeAtomaServer, tmp_path: 
     assert re.search(r"generating… \d+\.\ds", shown.decode())
 
 
-def test_readme_documents_every_exit_code() -> None:
-    for kind, code in EXIT_CODES.items():
-        assert re.search(rf"\| {code} \| {kind}", README), f"{code} {kind} missing from README"
+def test_readme_and_the_guide_document_every_exit_code() -> None:
+    for name, text in (("README", README), ("the guide", GUIDE)):
+        for kind, code in EXIT_CODES.items():
+            assert re.search(rf"\| {code} \| {kind}", text), f"{code} {kind} missing from {name}"
 
 
 # -- text from the server never drives the terminal -----------------------------------------------
@@ -565,6 +568,60 @@ async def test_a_write_that_fails_mid_batch_keeps_the_paid_images_elsewhere(
     assert "Traceback" not in done.stderr
 
 
+async def test_a_name_another_run_takes_meanwhile_is_not_written_over(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+
+    async def generations(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"created": 1, "data": [{"url": f"http://{request.host}/fox"}]})
+
+    async def image(request: web.Request) -> web.Response:
+        # Another run of the same prompt into the same folder saves its image meanwhile.
+        (out / "fox-1.png").write_bytes(b"another run's paid image")
+        return web.Response(body=make_png(8, 8), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    app.router.add_get("/fox", image)
+    async with serving(app) as root:
+        done = await acli("fox", "--base-url", f"{root}/v1", "-o", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["out/fox_2-1.png"]
+    assert (out / "fox-1.png").read_bytes() == b"another run's paid image"
+    assert png_size(out / "fox_2-1.png") == (8, 8)
+
+
+def test_saving_a_prompt_never_lists_the_output_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Listing the folder for each prompt made a long run into a big folder quadratic: what a
+    # save costs must not grow with the files the folder holds.
+    out = tmp_path / "out"
+    out.mkdir()
+    for number in range(1, 31):
+        (out / f"{number:03d}-a-fox-1.png").write_bytes(b"an earlier run's")
+    listed: list[str] = []
+    listdir, scandir = os.listdir, os.scandir
+
+    def counted_listdir(path: object = ".") -> object:
+        listed.append(os.fspath(path))  # type: ignore[call-overload]
+        return listdir(path)  # type: ignore[call-overload]
+
+    def counted_scandir(path: object = ".") -> object:
+        listed.append(os.fspath(path))  # type: ignore[call-overload]
+        return scandir(path)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "listdir", counted_listdir)
+    monkeypatch.setattr(os, "scandir", counted_scandir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n" * 30)
+    code = main(["--fake", "--prompts-file", str(prompts), "--size", "8x8", "-o", str(out)])
+    assert code == 0
+    saved = sorted(capsys.readouterr().out.splitlines())
+    assert saved == [f"{out}/{number:03d}-a-fox_2-1.png" for number in range(1, 31)]
+    assert [path for path in listed if Path(path) == out] == []
+
+
 async def test_an_image_that_cannot_be_saved_anywhere_is_reported_billed_and_lost(
     tmp_path: Path,
 ) -> None:
@@ -631,6 +688,55 @@ async def test_a_paid_image_whose_download_fails_is_reported_billed(tmp_path: Pa
     ]
 
 
+@pytest.mark.parametrize(
+    ("fox", "shown"),
+    [
+        (
+            "http://user:s3cret@{host}/files/fox.png",
+            "http://<credentials removed>@{host}/files/fox.png",
+        ),
+        ("http://{host}/files/hop", "http://{host}/files/hop"),  # a redirect to such a URL
+    ],
+)
+async def test_a_download_url_with_a_password_is_reported_billed_and_the_batch_goes_on(
+    tmp_path: Path, fox: str, shown: str
+) -> None:
+    async def generations(request: web.Request) -> web.Response:
+        body = await request.json()
+        url = f"http://{request.host}/files/owl.png"
+        if body["prompt"] == "a fox":  # on the API's own origin, where the key goes
+            url = fox.format(host=request.host)
+        return web.json_response({"created": 1, "data": [{"url": url}]})
+
+    async def hop(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://user:s3cret@{request.host}/files/fox.png")
+
+    async def image(request: web.Request) -> web.Response:
+        return web.Response(body=make_png(8, 8), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    app.router.add_get("/files/hop", hop)
+    app.router.add_get("/files/{name}.png", image)
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\n")
+    async with serving(app) as root:
+        done = await acli(
+            *("--prompts-file", "prompts.txt", "--base-url", f"{root}/v1", "--concurrency", "1"),
+            cwd=tmp_path,
+        )
+    assert done.returncode == EXIT_CODES["not saved"], done.stderr
+    assert done.stdout.splitlines() == ["002-an-owl-1.png"]
+    assert png_size(tmp_path / "002-an-owl-1.png") == (8, 8)
+    (error,) = error_lines(done.stderr)
+    assert error.startswith(
+        'atoma-images: error ("a fox"): generated and billed, but image 1 could not be fetched '
+        f"from {shown.format(host=root.removeprefix('http://'))} ("
+    )
+    assert "user:password@" in error
+    assert "s3cret" not in done.stderr
+    assert done.stderr.splitlines()[-1] == "atoma-images: used 2,097,152 compute units"
+
+
 # -- Ctrl-C ---------------------------------------------------------------------------------------
 
 
@@ -646,14 +752,19 @@ def started(*arguments: str, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
-def interrupt_once(process: subprocess.Popen[str], ready: Callable[[], bool]) -> tuple[str, str]:
-    """Ctrl-C the CLI once ``ready()`` (the server has the requests); its stdout and stderr."""
+def interrupt_once(
+    process: subprocess.Popen[str],
+    ready: Callable[[], bool],
+    signum: signal.Signals = signal.SIGINT,
+) -> tuple[str, str]:
+    """Ctrl-C the CLI (or send it ``signum``) once ``ready()`` (the server has the requests);
+    its stdout and stderr."""
     try:
         deadline = time.monotonic() + 60
         while not ready() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert ready()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         out, err = process.communicate(timeout=60)
         return out, without_slow_step_notes(err)
     finally:
@@ -703,23 +814,38 @@ def test_ctrl_c_counts_only_finished_prompts_and_says_what_may_be_billed(
     ]
 
 
-def test_ctrl_c_of_one_prompt_says_it_may_be_billed(
-    threaded_server: FakeAtomaServer, tmp_path: Path
+# What `timeout`, `docker stop`, systemd and Kubernetes (SIGTERM) and a closed terminal
+# (SIGHUP) send stops a run as Ctrl-C does: it says what was billed, and exits with 128 + the
+# signal's number.
+STOPS = pytest.mark.parametrize(
+    ("signum", "by", "kind"),
+    [
+        (signal.SIGINT, "", "interrupted"),
+        (signal.SIGTERM, " by SIGTERM", "terminated"),
+        (signal.SIGHUP, " by SIGHUP", "hung up"),
+    ],
+)
+
+
+@STOPS
+def test_a_stop_signal_of_one_prompt_says_it_may_be_billed(
+    threaded_server: FakeAtomaServer, tmp_path: Path, signum: signal.Signals, by: str, kind: str
 ) -> None:
     threaded_server.enqueue(Reply(delay=60))
     process = started("fox", "--base-url", threaded_server.base_url, "--size", "8x8", cwd=tmp_path)
-    out, err = interrupt_once(process, lambda: len(threaded_server.posts) == 1)
-    assert process.returncode == EXIT_CODES["interrupted"]
+    out, err = interrupt_once(process, lambda: len(threaded_server.posts) == 1, signum)
+    assert process.returncode == EXIT_CODES[kind] == 128 + signum
     assert out == ""
     assert err.splitlines() == [
-        "atoma-images: interrupted; 1 request was in flight: if already sent, it may still "
-        "be billed",
+        f"atoma-images: interrupted{by}; 1 request was in flight: if already sent, it may "
+        "still be billed",
         "atoma-images: used 0 compute units; 64 more may have been billed",
     ]
 
 
-def test_ctrl_c_while_a_paid_image_is_fetched_says_it_was_billed_and_where_it_is(
-    threaded_server: FakeAtomaServer, tmp_path: Path
+@STOPS
+def test_a_stop_signal_while_a_paid_image_is_fetched_says_it_was_billed_and_where_it_is(
+    threaded_server: FakeAtomaServer, tmp_path: Path, signum: signal.Signals, by: str, kind: str
 ) -> None:
     with stalled_downloads() as (files, fetching):
         url = f"{files}/fox\x1b]0;owned\x07.png"  # the server's text: shown escaped
@@ -727,13 +853,13 @@ def test_ctrl_c_while_a_paid_image_is_fetched_says_it_was_billed_and_where_it_is
         process = started(
             "fox", "--base-url", threaded_server.base_url, "--size", "8x8", cwd=tmp_path
         )
-        out, err = interrupt_once(process, fetching)
-    assert process.returncode == EXIT_CODES["interrupted"]
+        out, err = interrupt_once(process, fetching, signum)
+    assert process.returncode == EXIT_CODES[kind] == 128 + signum
     assert out == ""
     assert err.splitlines() == [
         "atoma-images: error: generated and billed, but interrupted before its images were "
         f"saved; their URLs: {files}/fox\\x1b]0;owned\\x07.png",
-        "atoma-images: interrupted; 1 prompt was generated and billed but not saved",
+        f"atoma-images: interrupted{by}; 1 prompt was generated and billed but not saved",
         "atoma-images: used 64 compute units",
     ]
 
@@ -779,6 +905,72 @@ def test_ctrl_c_reports_every_billed_result_not_yet_saved_in_json_too(
         "2 prompts were generated and billed but not saved",
         "atoma-images: used 128 compute units",
     ]
+
+
+# -- an output that cannot take what is printed ----------------------------------------------------
+
+
+def test_a_path_stdout_cannot_encode_is_printed_escaped_and_every_image_kept(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\n")
+    done = subprocess.run(
+        [*COMMAND, "--fake", "--prompts-file", "prompts.txt", "--size", "8x8", "-o", "dessinés"],
+        cwd=tmp_path,
+        # Output redirected with a narrow encoding, into a folder whose name it cannot encode.
+        env=environment(tmp_path, None, extra={"PYTHONIOENCODING": "ascii"}),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    stderr = without_slow_step_notes(done.stderr.decode())
+    assert done.returncode == 0, stderr
+    assert sorted(done.stdout.decode("ascii").splitlines()) == [
+        "dessin\\xe9s/001-a-fox-1.png",
+        "dessin\\xe9s/002-an-owl-1.png",
+    ]
+    assert [
+        png_size(tmp_path / "dessinés" / name) for name in ("001-a-fox-1.png", "002-an-owl-1.png")
+    ] == [(8, 8), (8, 8)]
+    assert stderr.splitlines()[-1] == "atoma-images: used 128 compute units"
+
+
+def test_a_result_whose_report_fails_does_not_discard_the_others(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    (tmp_path / "prompts.txt").write_text("a fox\na bad one\nan owl\n")
+    threaded_server.enqueue(Reply(), Reply(status=400), Reply())
+    with open("/dev/full", "w") as full:  # every write fails: ENOSPC
+        done = subprocess.run(
+            [
+                *COMMAND,
+                *("--base-url", threaded_server.base_url, "--prompts-file", "prompts.txt"),
+                *("--json", "--size", "8x8", "--concurrency", "1"),
+            ],
+            cwd=tmp_path,
+            env=environment(tmp_path, API_KEY),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    stderr = without_slow_step_notes(done.stderr)
+    assert sorted(path.name for path in tmp_path.glob("*.png")) == [
+        "001-a-fox-1.png",
+        "003-an-owl-1.png",
+    ]
+    reason = "(OSError: [Errno 28] No space left on device)"
+    assert error_lines(stderr) == [
+        'atoma-images: error ("a fox"): generated, billed and saved as 001-a-fox-1.png, but '
+        f"not reported {reason}",
+        'atoma-images: error ("a bad one"): 400 Bad Request (REQUEST_ERROR): fake REQUEST_ERROR',
+        f'atoma-images: error ("a bad one"): its error was not reported in full {reason}',
+        'atoma-images: error ("an owl"): generated, billed and saved as 003-an-owl-1.png, but '
+        f"not reported {reason}",
+    ]
+    assert stderr.splitlines()[-1] == "atoma-images: used 128 compute units"
+    assert done.returncode == EXIT_CODES["unexpected"], stderr
 
 
 # -- a reader that goes away ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from atoma_images import (
+    APIStatusError,
     AsyncImagesClient,
     GeneratedImage,
     ImagesClient,
@@ -18,7 +19,7 @@ from atoma_images import (
     NotFoundError,
     ResponseValidationError,
 )
-from atoma_images._files import image_extension
+from atoma_images._files import image_extension, write_new_images
 from atoma_images.testing import FakeAtomaServer, make_png
 
 from conftest import API_KEY, serving
@@ -60,6 +61,16 @@ def test_save_all_refuses_url_images_with_a_pointer(tmp_path: Path) -> None:
     with pytest.raises(ResponseValidationError, match=r"client\.save_all"):
         response.save_all(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_new_images_never_overwrite_a_file_and_take_the_next_free_name(tmp_path: Path) -> None:
+    (tmp_path / "fox-1.png").write_bytes(b"another run's")
+    (tmp_path / "fox_2-2.jpeg").write_bytes(b"another program's")
+    paths = write_new_images([make_png(1, 1), JPEG], tmp_path, "fox")
+    assert [p.name for p in paths] == ["fox_2-1.png", "fox_3-2.jpeg"]
+    assert (tmp_path / "fox-1.png").read_bytes() == b"another run's"
+    assert (tmp_path / "fox_2-2.jpeg").read_bytes() == b"another program's"
+    assert paths[1].read_bytes() == JPEG
 
 
 @pytest.mark.parametrize("stem", ["", "a/b", "../up"])
@@ -141,6 +152,54 @@ async def test_only_http_urls_are_fetched(
     if url.startswith("image-generation"):
         assert "response_format='b64_json'" in str(info.value)
     assert server.requests == []
+
+
+@pytest.fixture
+async def with_credentials() -> AsyncIterator[str]:
+    """A server whose generation answers with a URL holding ``user:s3cret@`` on its own origin,
+    and whose /files/hop redirects to one; it counts the image requests it gets."""
+    fetched: list[str] = []
+
+    async def generations(request: web.Request) -> web.Response:
+        await request.read()
+        url = f"http://user:s3cret@{request.host}/files/fox.png"
+        return web.json_response({"created": 1, "data": [{"url": url}]})
+
+    async def hop(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://user:s3cret@{request.host}/files/fox.png")
+
+    async def image(request: web.Request) -> web.Response:
+        fetched.append(request.path)
+        return web.Response(body=make_png(2, 2), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generations)
+    app.router.add_get("/files/hop", hop)
+    app.router.add_get("/files/fox.png", image)
+    async with serving(app) as root:
+        yield root
+    assert fetched == []  # neither the key nor the URL's password went anywhere
+
+
+async def test_a_url_with_a_password_is_a_typed_error_that_never_shows_it(
+    with_credentials: str,
+) -> None:
+    async with AsyncImagesClient(API_KEY, base_url=f"{with_credentials}/v1") as images:
+        result = await images.generate("fox", size="2x2", response_format="url")
+        with pytest.raises(InvalidRequestError, match="user:password") as info:
+            await images.download(result.images[0])
+    assert info.value.field == "image.url"
+    assert "s3cret" not in f"{info.value} {info.value!r} {info.value.value!r}"
+
+
+async def test_a_redirect_to_a_url_with_a_password_is_a_typed_error_that_never_shows_it(
+    with_credentials: str,
+) -> None:
+    async with AsyncImagesClient(API_KEY, base_url=f"{with_credentials}/v1") as images:
+        with pytest.raises(APIStatusError, match="user:password") as info:
+            await images.download(f"{with_credentials}/files/hop")
+    assert info.value.status == 302
+    assert "s3cret" not in f"{info.value} {info.value!r} {info.value.headers!r}"
 
 
 async def test_node_local_file_names_from_the_real_backend(tmp_path: Path) -> None:
