@@ -6,7 +6,8 @@ loop (`RetryPolicy.run`) calls them, in this order for a call that is retried on
     attempt_started(1) -> attempt_finished(1) -> retry_scheduled(1)
     attempt_started(2) -> attempt_finished(2) -> call_finished
 
-Each method gets one frozen info object. None of them holds the API key, a header or a body:
+Each method gets one frozen info object, and is called, never awaited: an ``async def`` hook
+method is refused when the client is made. None of them holds the API key, a header or a body:
 only the method, the URL without its query, the model, ``n``, ``size``, numbers, the status,
 the error's class name and the request id. A hook that raises is logged at WARNING (logger
 ``atoma_images``) and ignored: instrumentation never breaks a call.
@@ -18,6 +19,7 @@ Where this module fits, and why it is built so: docs/architecture.md.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -169,7 +171,9 @@ class Hooks:
     """Base class of instrumentation hooks: override the methods you need.
 
     Hooks run in the event loop (the client's own thread for `ImagesClient`), inside the
-    call: keep them quick and never block. What they raise is logged and ignored.
+    call: keep them quick and never block. What they raise is logged and ignored. They are
+    called, never awaited: a method made with ``async def`` is refused when the client is
+    made (`InvalidRequestError`).
     """
 
     def attempt_started(self, info: AttemptStarted) -> None:
@@ -237,6 +241,19 @@ class HookSet:
                 raise InvalidRequestError(
                     "hooks", hook, "allowed: instances of a subclass of atoma_images.Hooks"
                 )
+            for event in _EVENTS:
+                # A hook is called, not awaited: an async one would only make a coroutine
+                # that never runs, so the monitoring it was written for would silently not be.
+                method = getattr(hook, event)
+                if inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method):
+                    raise InvalidRequestError(
+                        "hooks",
+                        hook,
+                        f"allowed: hook methods made with 'def'; {type(hook).__name__}."
+                        f"{event} is 'async def', and hooks are called, never awaited (it "
+                        "would never run). Keep it quick and synchronous, or start your own "
+                        "task from it with asyncio.get_running_loop().create_task(...)",
+                    )
         return cls((LoggingHooks(), *hooks))
 
     @property

@@ -332,3 +332,33 @@ async def test_testing_is_off_by_default_and_restored(
 def test_set_testing_takes_a_bool() -> None:
     with pytest.raises(InvalidRequestError):
         set_testing("yes")  # type: ignore[arg-type]
+
+
+class AsyncFinished(Hooks):
+    async def attempt_finished(self, info: AttemptFinished) -> None:  # type: ignore[override]
+        pass
+
+
+class AsyncGeneratorCall(Hooks):
+    async def call_finished(self, info: CallFinished) -> Any:  # type: ignore[override]
+        yield info
+
+
+class AsyncAttribute(Hooks):
+    def __init__(self) -> None:
+        async def started(info: AttemptStarted) -> None:
+            pass
+
+        self.attempt_started = started  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("hook", [AsyncFinished(), AsyncGeneratorCall(), AsyncAttribute()])
+@pytest.mark.parametrize("client_class", [AsyncImagesClient, ImagesClient])
+def test_an_async_hook_method_is_refused_when_the_client_is_made(
+    hook: Hooks, client_class: type[AsyncImagesClient | ImagesClient]
+) -> None:
+    # Hooks are called, never awaited: an async one would make a coroutine that never runs.
+    with pytest.raises(InvalidRequestError, match="async def") as info:
+        client_class(API_KEY, hooks=[Recorder(), hook])
+    assert info.value.field == "hooks"
+    assert "never awaited" in info.value.allowed
