@@ -436,12 +436,20 @@ def environment_proxy(url: URL) -> Proxy | None:
     """The proxy that HTTP_PROXY / HTTPS_PROXY / NO_PROXY name for ``url``, if any.
 
     A proxy without a scheme (``127.0.0.1:3128``) means http://, as curl, requests and httpx
-    read it. Anything else that is not an http(s) URL is an `InvalidRequestError`.
+    read it. Anything else that is not an http(s) URL is an `InvalidRequestError`. NO_PROXY
+    is read as urllib and requests read it: ``*``, a host, a domain (``.example.com`` or
+    ``example.com``, its subdomains too), an IP address, each with or without a port (an
+    entry with a port matches a URL that names that port).
     """
     proxies = urllib.request.getproxies_environment()
     address = proxies.get(url.scheme)
+    if not address or not url.host:
+        return None
+    # urllib matches an entry with a port against "host:port", so the port goes with the host
+    # when the URL names one (as urllib and requests pass it); the host alone would never match.
+    host = url.host if url.explicit_port is None else f"{url.host}:{url.explicit_port}"
     bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
-    if not address or (url.host and bypass(url.host, proxies)):
+    if bypass(host, proxies):
         return None
     variable = f"{url.scheme.upper()}_PROXY"
     proxy = http_url(address if "://" in address else f"http://{address}")

@@ -540,3 +540,49 @@ async def test_a_key_echoed_in_a_malformed_answer_is_in_no_error_or_cause(answer
     assert "[redacted]" in str(info.value)  # what aiohttp read is still shown, without the key
     assert info.value.__cause__ is not None
     assert not [text for text in chain if SECRET in text]
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "through_proxy"),
+    [
+        ("127.0.0.1:{port}", False),  # host:port, as urllib and requests read it
+        ("example.com, 127.0.0.1:{port}", False),  # among others, with spaces
+        ("127.0.0.1", False),  # the host (an IP) alone: any port
+        ("*", False),
+        ("127.0.0.1:{other}", True),  # another port of the same host
+        ("", True),
+    ],
+)
+async def test_no_proxy_with_a_port_keeps_the_key_off_the_proxy(
+    monkeypatch: pytest.MonkeyPatch, no_proxy: str, through_proxy: bool
+) -> None:
+    received: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.readuntil(b"\r\n\r\n"))  # counts what it was sent
+        writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    proxy_server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    proxy_port = proxy_server.sockets[0].getsockname()[1]
+    async with FakeAtomaServer(api_key=SECRET) as server:
+        port = int(server.base_url.split(":")[2].split("/")[0])
+        for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ALL_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy_port}")
+        monkeypatch.setenv("NO_PROXY", no_proxy.format(port=port, other=port + 1))
+        async with AsyncImagesClient(
+            SECRET, base_url=server.base_url, retries=RetryPolicy(max_retries=0)
+        ) as images:
+            if through_proxy:
+                with pytest.raises(APIStatusError):
+                    await images.generate("a fox", size="8x8")
+            else:
+                await images.generate("a fox", size="8x8")
+                with pytest.raises(APIStatusError, match="404"):  # a download: direct too
+                    await images.download(f"{server.base_url.removesuffix('/v1')}/missing")
+    proxy_server.close()
+    await proxy_server.wait_closed()
+    assert len(received) == through_proxy
+    assert len(server.posts) == (not through_proxy)
