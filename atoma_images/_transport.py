@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import logging
 import ssl as ssl_module
@@ -53,6 +54,7 @@ __all__ = [
     "RequestProgress",
     "Secrets",
     "Sender",
+    "answer_status",
     "environment_proxy",
     "progress_trace",
     "send",
@@ -77,6 +79,14 @@ _WITHOUT_MIDDLEWARES: dict[str, Any] = (
     {"middlewares": ()} if tuple(map(int, aiohttp.__version__.split(".")[:2])) >= (3, 12) else {}
 )
 
+
+#: The status of the last answer `send` read in this task, for the hooks of the attempt that
+#: read it: what a successful attempt returns (an images response, a download's bytes) does
+#: not carry its status. An attempt is awaited in its call's own task, so the retry loop reads
+#: the value the attempt's last answer set (`_hooks.CallRecord.attempt_finished`).
+answer_status: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "atoma_images_answer_status", default=None
+)
 
 #: What stands for the key wherever a server echoed it.
 REDACTED = "[redacted]"
@@ -272,6 +282,7 @@ async def send(
         ) as response:
             status = response.status
             limit = max_bytes if status < 300 else MAX_ERROR_BODY
+            answer_status.set(status)
             body = await _read_body(response, limit, secrets)
             answer = Answer(status, secrets.headers(response.headers), secrets.body(body))
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
