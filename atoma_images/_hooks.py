@@ -6,8 +6,10 @@ loop (`RetryPolicy.run`) calls them, in this order for a call that is retried on
     attempt_started(1) -> attempt_finished(1) -> retry_scheduled(1)
     attempt_started(2) -> attempt_finished(2) -> call_finished
 
-Each method gets one frozen info object. None of them holds the API key, a header or a body:
-only the method, the URL without its query, the model, ``n``, ``size``, numbers, the status,
+Each method gets one frozen info object, and is called, never awaited: an ``async def`` hook
+method is refused when the client is made. None of them holds the API key, a header or a body:
+only the method, the URL without its query, the model, ``n``, ``size``, numbers, the status
+(of every answer, a success's too),
 the error's class name and the request id. A hook that raises is logged at WARNING (logger
 ``atoma_images``) and ignored: instrumentation never breaks a call.
 
@@ -18,6 +20,7 @@ Where this module fits, and why it is built so: docs/architecture.md.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -25,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._errors import APIStatusError, InvalidRequestError
+from ._errors import APIStatusError, InvalidRequestError, ResponseValidationError
+from ._transport import answer_status
 from ._usage import may_have_been_billed as error_may_have_been_billed
 
 if TYPE_CHECKING:
@@ -106,7 +110,8 @@ class AttemptFinished:
 
     Attributes:
         duration: seconds the attempt took.
-        status: the HTTP status of an error answer (None for a success or a connection failure).
+        status: the HTTP status of the attempt's answer, a success's (200) as an error's
+            (None when no answer came: a connection failure).
         error: the class name of the error (None for a success).
         may_have_been_billed: False only when this attempt cannot have been billed.
         request_id: the server's ``x-request-id``, when it sent one.
@@ -150,7 +155,8 @@ class CallFinished:
     Attributes:
         attempts: how many attempts were made.
         duration: seconds from the first attempt's start, waits included.
-        status: the HTTP status of an error answer that ended the call, else None.
+        status: the HTTP status of the answer the call ended with, a success's (200) as an
+            error's (None when it ended without one: a connection failure, a cancellation).
         error: the class name of the error that ended the call (None for a success).
         may_have_been_billed: False only when no attempt of the call can have been billed.
         request_id: the server's ``x-request-id`` of the last answer, when it sent one.
@@ -169,7 +175,9 @@ class Hooks:
     """Base class of instrumentation hooks: override the methods you need.
 
     Hooks run in the event loop (the client's own thread for `ImagesClient`), inside the
-    call: keep them quick and never block. What they raise is logged and ignored.
+    call: keep them quick and never block. What they raise is logged and ignored. They are
+    called, never awaited: a method made with ``async def`` is refused when the client is
+    made (`InvalidRequestError`).
     """
 
     def attempt_started(self, info: AttemptStarted) -> None:
@@ -237,6 +245,19 @@ class HookSet:
                 raise InvalidRequestError(
                     "hooks", hook, "allowed: instances of a subclass of atoma_images.Hooks"
                 )
+            for event in _EVENTS:
+                # A hook is called, not awaited: an async one would only make a coroutine
+                # that never runs, so the monitoring it was written for would silently not be.
+                method = getattr(hook, event)
+                if inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method):
+                    raise InvalidRequestError(
+                        "hooks",
+                        hook,
+                        f"allowed: hook methods made with 'def'; {type(hook).__name__}."
+                        f"{event} is 'async def', and hooks are called, never awaited (it "
+                        "would never run). Keep it quick and synchronous, or start your own "
+                        "task from it with asyncio.get_running_loop().create_task(...)",
+                    )
         return cls((LoggingHooks(), *hooks))
 
     @property
@@ -258,10 +279,14 @@ def emit(callbacks: tuple[Callable[[Any], None], ...], info: object) -> None:
 
 
 def outcome(error: BaseException | None) -> tuple[int | None, str | None, str | None]:
-    """(status, error class name, request id) of an attempt's error; all None for success."""
+    """(status, error class name, request id) of an attempt's error; all None for success.
+
+    The status is that of the answer the error stands for: an error status, or a success
+    whose body could not be used (`ResponseValidationError`).
+    """
     if error is None:
         return None, None, None
-    status = error.status if isinstance(error, APIStatusError) else None
+    status = error.status if isinstance(error, (APIStatusError, ResponseValidationError)) else None
     return status, type(error).__name__, getattr(error, "request_id", None)
 
 
@@ -311,8 +336,10 @@ class CallRecord:
     ) -> None:
         self.attempts, self.began = state.attempt_number, state.start_time
         status, name, request_id = outcome(error)
-        if error is None:
-            request_id = getattr(result, "request_id", None)
+        if error is None:  # the answer's status, as the transport read it (an attempt's result
+            # does not carry it); reset, so that it is never taken for a later attempt's
+            status, request_id = answer_status.get(), getattr(result, "request_id", None)
+            answer_status.set(None)
         billed = may_have_been_billed(self.info, error)
         self.billed = self.billed or billed
         self.status, self.request_id = status, request_id
@@ -351,7 +378,7 @@ class CallRecord:
             call=self.info,
             attempts=self.attempts,
             duration=time.monotonic() - self.began if self.attempts else 0.0,
-            status=self.status if error is not None else None,
+            status=self.status,
             error=None if error is None else type(error).__name__,
             may_have_been_billed=self.billed,
             request_id=self.request_id,

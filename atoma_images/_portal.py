@@ -11,6 +11,11 @@ starts the thread, RUNNING, then CLOSED, which is final: nothing restarts a thre
 racing `stop` either was scheduled before the loop stopped (and is cancelled and unwound with
 it) or sees CLOSED.
 
+A forked child inherits the portal's loop but not its thread, so a call there would wait for
+ever: `LoopThread.forget_in_child` gives the child a portal of its own (NOT_STARTED, a new
+lock), and hands back what it inherited, which the child must keep, unused and unclosed (its
+sockets and its epoll are the parent's too: closing them in the child would cut the parent's).
+
 Where this module fits, and why it is built so: docs/architecture.md.
 """
 
@@ -120,6 +125,20 @@ class LoopThread:
             self._loop, self._thread, self._state = loop, thread, PortalState.RUNNING
         assert self._loop is not None
         return self._loop
+
+    def forget_in_child(self) -> asyncio.AbstractEventLoop | None:
+        """In a forked child: start afresh, and return the loop inherited from the parent.
+
+        The loop's thread did not survive the fork, and the lock may have been held by a
+        thread that did not either. A closed portal stays closed; any other is NOT_STARTED
+        again, so the next call starts a loop and a thread of the child's own.
+        """
+        inherited = self._loop
+        self._lock = threading.Lock()
+        if self._state is not PortalState.CLOSED:
+            self._state = PortalState.NOT_STARTED
+        self._loop = self._thread = None
+        return inherited
 
     def stop(self, last: Coroutine[Any, Any, object] | None = None, *, wait: bool = True) -> None:
         """Close the portal for good: cancel what still runs, run ``last``, end the thread.

@@ -15,6 +15,7 @@ import ssl as ssl_module
 import warnings
 import weakref
 from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -44,6 +45,27 @@ _open_clients: weakref.WeakSet[ImagesClient] = weakref.WeakSet()
 def _close_open_clients() -> None:
     for client in list(_open_clients):
         client.close()
+
+
+# A forked child (multiprocessing's fork, gunicorn --preload, Celery prefork) inherits each
+# client's loop but not the thread that ran it: each open client starts afresh there, with a
+# loop, a thread and a session of the child's own (each client's `_start_afresh`, held weakly).
+_in_forked_child: set[weakref.WeakMethod[Callable[[], None]]] = set()
+# What the child inherited: kept, never used and never closed, for the process's life. Its
+# connections and its epoll are shared with the parent, and closing them here would take them
+# from the parent (an unregistered socket, a TLS close_notify on the parent's connection).
+_inherited: list[object] = []
+
+
+def _start_afresh_in_child() -> None:
+    for method in list(_in_forked_child):
+        start_afresh = method()
+        if start_afresh is not None:
+            start_afresh()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_start_afresh_in_child)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -139,7 +161,9 @@ class ImagesClient:
                 "allowed: None; ImagesClient runs its own event loop and session. "
                 "Pass a session to AsyncImagesClient instead",
             )
-        self._client = AsyncImagesClient(
+        # Kept to make the client again in a forked child (_start_afresh).
+        self._make_client = partial(
+            AsyncImagesClient,
             api_key,
             base_url=base_url,
             model=model,
@@ -149,13 +173,14 @@ class ImagesClient:
             max_response_bytes=max_response_bytes,
             headers=headers,
             ssl=ssl,
-            session=session,
             budget=budget,
             hooks=hooks,
         )
+        self._client = self._make_client()
         self._portal = LoopThread("atoma-images")
         self._origin = origin_of(self._client.base_url)
         _open_clients.add(self)
+        _in_forked_child.add(weakref.WeakMethod(self._start_afresh, _in_forked_child.discard))
 
     def __repr__(self) -> str:
         return f"<ImagesClient base_url={self.base_url!r} model={self.model!r}>"
@@ -244,6 +269,17 @@ class ImagesClient:
             call.close()  # never "was never awaited"
             raise
         return self._portal.run(call)  # a RuntimeError once the client is closed
+
+    def _start_afresh(self) -> None:
+        """In a forked child: a portal and an async client (so a session) of the child's own.
+
+        The child's calls then work as the parent's do; what it inherited is kept aside,
+        untouched (`_inherited`). A closed client stays closed.
+        """
+        if self._portal.state is PortalState.CLOSED:
+            return
+        _inherited.append((self._portal.forget_in_child(), self._client))
+        self._client = self._make_client()
 
     def close(self) -> None:
         """Close the client for good: cancel calls still running, close the session, stop

@@ -11,14 +11,22 @@ proves about billing (docs/architecture.md, "Billing honesty"):
 Redirects are never followed here: a paid POST goes where it was sent, and downloads follow
 them one hop at a time, choosing the headers for each origin. The cause of our error is kept
 for diagnosis, with the request's headers (the key) taken out of it.
+
+This is also the one place where a server's answer becomes our values, so it is where the key
+is taken out of it (`Secrets`): a server or gateway that echoes the key (in its message, a
+header, a redirect's ``Location``) has it replaced by ``[redacted]`` before anything reads it,
+so no error, response, hook, span or command-line line downstream can show it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
+import json
 import logging
 import ssl as ssl_module
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from typing import Any
@@ -44,7 +52,9 @@ __all__ = [
     "Answer",
     "Proxy",
     "RequestProgress",
+    "Secrets",
     "Sender",
+    "answer_status",
     "environment_proxy",
     "progress_trace",
     "send",
@@ -68,6 +78,59 @@ _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
 _WITHOUT_MIDDLEWARES: dict[str, Any] = (
     {"middlewares": ()} if tuple(map(int, aiohttp.__version__.split(".")[:2])) >= (3, 12) else {}
 )
+
+
+#: The status of the last answer `send` read in this task, for the hooks of the attempt that
+#: read it: what a successful attempt returns (an images response, a download's bytes) does
+#: not carry its status. An attempt is awaited in its call's own task, so the retry loop reads
+#: the value the attempt's last answer set (`_hooks.CallRecord.attempt_finished`).
+answer_status: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "atoma_images_answer_status", default=None
+)
+
+#: What stands for the key wherever a server echoed it.
+REDACTED = "[redacted]"
+
+
+@attrs.frozen
+class Secrets:
+    """The forms in which a server could echo the key back, to be taken out of its answers.
+
+    The key itself (which covers ``Bearer <key>``), and as it reads inside a JSON string or
+    percent-encoded in a URL, when those differ.
+    """
+
+    forms: tuple[str, ...] = attrs.field(repr=False)
+
+    @classmethod
+    def of(cls, key: str) -> Secrets:
+        if not key:
+            return cls(())
+        in_json = json.dumps(key)[1:-1]
+        forms = (key, in_json, in_json.replace("/", "\\/"), urllib.parse.quote(key, safe=""))
+        return cls(tuple(dict.fromkeys(forms)))  # each form once, in order
+
+    def text(self, text: str) -> str:
+        """``text`` with every form of the key replaced by `REDACTED`."""
+        for form in self.forms:
+            if form in text:
+                text = text.replace(form, REDACTED)
+        return text
+
+    def body(self, body: bytes) -> bytes:
+        """``body`` with every form of the key replaced by `REDACTED`."""
+        for form in self.forms:
+            if form.encode() in body:
+                body = body.replace(form.encode(), REDACTED.encode())
+        return body
+
+    def headers(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """``headers`` (names and values) with every form of the key replaced by `REDACTED`."""
+        if all(self.text(k) == k and self.text(v) == v for k, v in headers.items()):
+            return headers
+        return CIMultiDictProxy(
+            CIMultiDict((self.text(k), self.text(v)) for k, v in headers.items())
+        )
 
 
 @attrs.frozen
@@ -126,6 +189,8 @@ class Sender:
             keeps its own proxy settings).
         api_url: the generations URL, whose proxy is read once, when the client is made
             (so that a bad proxy variable is an error then).
+        secrets: the key (the token of ``headers``' ``Authorization``), taken out of every
+            answer, whichever origin sent it.
     """
 
     headers: Mapping[str, str] = attrs.field(repr=False)
@@ -134,10 +199,13 @@ class Sender:
     own_session: bool
     api_url: URL
     api_proxy: Proxy | None = attrs.field(init=False, repr=False)
+    secrets: Secrets = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         proxy = environment_proxy(self.api_url) if self.own_session else None
         object.__setattr__(self, "api_proxy", proxy)  # frozen: attrs' way for derived fields
+        key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        object.__setattr__(self, "secrets", Secrets.of(key))
 
     async def send(  # noqa: PLR0917 - one call shape for every exchange of a client
         self,
@@ -164,6 +232,7 @@ class Sender:
             proxy=proxy,
             max_bytes=self.max_bytes if max_bytes is None else max_bytes,
             traced=self.own_session,
+            secrets=self.secrets,
         )
 
 
@@ -179,6 +248,7 @@ async def send(
     proxy: Proxy | None,
     max_bytes: int,
     traced: bool,
+    secrets: Secrets,
 ) -> Answer:
     """Send one request and read its answer; raise our error for anything else.
 
@@ -186,7 +256,8 @@ async def send(
     more than that); an error body is cut at `MAX_ERROR_BODY`, since it is read only for
     its message. ``traced``: the session carries `progress_trace`, so a failure is known to
     have come before the request was sent; on any other session, an overall time limit
-    that runs out is taken to mean it may have been sent.
+    that runs out is taken to mean it may have been sent. Every form of the key in
+    ``secrets`` is taken out of the answer, and out of the error and its cause.
     """
     progress = RequestProgress() if traced else None
     if proxy is not None and proxy.headers and url.scheme == "http":
@@ -211,10 +282,13 @@ async def send(
         ) as response:
             status = response.status
             limit = max_bytes if status < 300 else MAX_ERROR_BODY
-            answer = Answer(status, response.headers, await _read_body(response, limit))
+            answer_status.set(status)
+            body = await _read_body(response, limit, secrets)
+            answer = Answer(status, secrets.headers(response.headers), secrets.body(body))
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         unsent = progress is not None and not progress.headers_sent
-        error, cause = _error_for(exc, method, url, unsent), _without_secrets(exc)
+        error = _error_for(exc, method, url, unsent, secrets)
+        cause = _without_secrets(exc, secrets)
     else:
         if logger.isEnabledFor(logging.DEBUG):  # never the body, never the headers
             logger.debug(
@@ -231,10 +305,10 @@ async def send(
     raise error from cause
 
 
-async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read_body(response: aiohttp.ClientResponse, limit: int, secrets: Secrets) -> bytes:
     length = response.content_length
     if length is not None and length > limit and response.status < 300:
-        raise _too_large(response, limit)
+        raise _too_large(response, limit, secrets)
     if length is not None and length <= limit and "Content-Encoding" not in response.headers:
         return await response.read()  # exactly Content-Length bytes: the usual case
     # No length (chunked), compressed (it may grow), or an error body to cut: count as it comes.
@@ -244,25 +318,32 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             if response.status < 300:
-                raise _too_large(response, limit)
+                raise _too_large(response, limit, secrets)
             chunks.append(chunk[: len(chunk) - (size - limit)])  # keep an error body's start
             break
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_large(response: aiohttp.ClientResponse, limit: int) -> ResponseValidationError:
+def _too_large(
+    response: aiohttp.ClientResponse, limit: int, secrets: Secrets
+) -> ResponseValidationError:
+    headers = secrets.headers(response.headers)
     return ResponseValidationError(
         f"the response is larger than the limit ({limit} bytes: max_response_bytes for a "
         "generation, max_bytes for a download); it was not read to the end",
         status=response.status,
-        headers=response.headers,
-        request_id=response.headers.get("x-request-id"),
+        headers=headers,
+        request_id=headers.get("x-request-id"),
     )
 
 
-def _error_for(exc: BaseException, method: str, url: URL, unsent: bool) -> AtomaImagesError:
+def _error_for(
+    exc: BaseException, method: str, url: URL, unsent: bool, secrets: Secrets
+) -> AtomaImagesError:
+    """Our error for aiohttp's ``exc``; what it quotes of the server's bytes is without the key."""
     where = f"{url.host}:{url.port}"
+    said = secrets.text(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return APIConnectionError(
             f"the TLS certificate of {url.host} failed verification ({exc.certificate_error})"
@@ -280,7 +361,8 @@ def _error_for(exc: BaseException, method: str, url: URL, unsent: bool) -> Atoma
         )
     if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy refused the tunnel
         return APIConnectionError(
-            f"the proxy refused to connect to {where} ({exc.status} {exc.message}){_NOT_SENT}",
+            f"the proxy refused to connect to {where} ({exc.status} {secrets.text(exc.message)})"
+            f"{_NOT_SENT}",
             url=str(url),
             transient=exc.status >= 500,
         )
@@ -296,8 +378,7 @@ def _error_for(exc: BaseException, method: str, url: URL, unsent: bool) -> Atoma
         )
     if unsent:
         return APIConnectionError(
-            f"the connection to {where} failed before the request was sent "
-            f"({type(exc).__name__}: {exc}){_NOT_SENT}",
+            f"the connection to {where} failed before the request was sent ({said}){_NOT_SENT}",
             url=str(url),
         )
     consequence = _MAYBE_BILLED if method == "POST" else _DOWNLOAD_ONLY
@@ -306,53 +387,80 @@ def _error_for(exc: BaseException, method: str, url: URL, unsent: bool) -> Atoma
             f"timed out waiting for the response from {url.host}{consequence}", url=str(url)
         )
     return AmbiguousOutcomeError(
-        f"the connection to {url.host} failed after the request was sent "
-        f"({type(exc).__name__}: {exc}){consequence}",
+        f"the connection to {url.host} failed after the request was sent ({said}){consequence}",
         url=str(url),
     )
 
 
-def _without_secrets(exc: BaseException) -> BaseException:
+def _without_secrets(exc: BaseException, secrets: Secrets) -> BaseException:
     """``exc`` for use as a cause, without the secrets aiohttp keeps in its errors.
 
     A response error keeps the request's headers (the key): it is rebuilt without them. A
     connector error keeps the connection key, which holds the proxy's credentials when a
     session passed in reads them from the environment: the OS error underneath it
-    (``os_error``, which our message names too) stands in for it.
+    (``os_error``, which our message names too) stands in for it. An error that quotes a
+    server's bytes holding the key (a malformed header echoing it) gives way to a plain
+    `RuntimeError` with its words, without the key.
     """
+    safe = _without_request_headers(exc)
+    if not any(secrets.text(text) != text for text in _texts_of(safe)):
+        return safe
+    return RuntimeError(secrets.text(f"{type(exc).__name__}: {exc}"))
+
+
+def _without_request_headers(exc: BaseException) -> BaseException:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return exc.certificate_error
     if isinstance(exc, aiohttp.ClientConnectorError):
         return exc.os_error
-    safe: BaseException
-    if isinstance(exc, aiohttp.ClientResponseError):
-        info = exc.request_info
-        kept = CIMultiDict(
-            (k, v) for k, v in info.headers.items() if k.lower() not in _SECRET_HEADERS
-        )
-        safe = type(exc)(
-            aiohttp.RequestInfo(info.url, info.method, CIMultiDictProxy(kept), info.real_url),
-            (),
-            status=exc.status,
-            message=exc.message,
-            headers=exc.headers,
-        )
-    else:
+    if not isinstance(exc, aiohttp.ClientResponseError):
         return exc
+    info = exc.request_info
+    kept = CIMultiDict((k, v) for k, v in info.headers.items() if k.lower() not in _SECRET_HEADERS)
+    safe = type(exc)(
+        aiohttp.RequestInfo(info.url, info.method, CIMultiDictProxy(kept), info.real_url),
+        (),
+        status=exc.status,
+        message=exc.message,
+        headers=exc.headers,
+    )
     safe.__cause__ = exc.__cause__  # what went wrong underneath, which holds no secret
     return safe
+
+
+def _texts_of(exc: BaseException) -> list[str]:
+    """What an error and those chained to it can show: str, args and attributes."""
+    texts: list[str] = []
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        texts += [str(current), repr(current.args), repr(getattr(current, "__dict__", {}))]
+        todo += [current.__cause__, current.__context__]
+    return texts
 
 
 def environment_proxy(url: URL) -> Proxy | None:
     """The proxy that HTTP_PROXY / HTTPS_PROXY / NO_PROXY name for ``url``, if any.
 
     A proxy without a scheme (``127.0.0.1:3128``) means http://, as curl, requests and httpx
-    read it. Anything else that is not an http(s) URL is an `InvalidRequestError`.
+    read it. Anything else that is not an http(s) URL is an `InvalidRequestError`. NO_PROXY
+    is read as urllib and requests read it: ``*``, a host, a domain (``.example.com`` or
+    ``example.com``, its subdomains too), an IP address, each with or without a port (an
+    entry with a port matches a URL that names that port).
     """
     proxies = urllib.request.getproxies_environment()
     address = proxies.get(url.scheme)
+    if not address or not url.host:
+        return None
+    # urllib matches an entry with a port against "host:port", so the port goes with the host
+    # when the URL names one (as urllib and requests pass it); the host alone would never match.
+    host = url.host if url.explicit_port is None else f"{url.host}:{url.explicit_port}"
     bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
-    if not address or (url.host and bypass(url.host, proxies)):
+    if bypass(host, proxies):
         return None
     variable = f"{url.scheme.upper()}_PROXY"
     proxy = http_url(address if "://" in address else f"http://{address}")

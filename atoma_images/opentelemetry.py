@@ -20,6 +20,8 @@ Attributes, from the GenAI semantic conventions where one fits:
 - ``gen_ai.provider.name``: ``"atoma"``; ``gen_ai.output.type``: ``"image"``;
 - ``gen_ai.request.model``, ``gen_ai.request.choice.count`` (``n``);
 - ``server.address``, ``server.port``, ``http.request.method``, ``url.full`` (without query);
+- ``http.response.status_code``: the status of the attempt's answer, a success's too (on the
+  call's span, that of the answer it ended with), as the HTTP semantic conventions ask;
 - ``error.type``: the error's class name, when the call failed (the span status is then ERROR);
 - ours, where the conventions have nothing: ``atoma_images.size``,
   ``atoma_images.attempts``, ``atoma_images.may_have_been_billed``,

@@ -15,6 +15,8 @@ from atoma_images import (
     AsyncImagesClient,
     ImagesClient,
     InvalidRequestError,
+    NotFoundError,
+    ResponseValidationError,
     RetryPolicy,
     ServiceUnavailableError,
 )
@@ -96,13 +98,18 @@ async def test_429_then_200(server: FakeAtomaServer, fake_sleep: FakeSleep) -> N
     first, second = recorder.of("finished")
     assert (first.status, first.error, first.may_have_been_billed) == (429, "RateLimitError", False)
     assert first.request_id == "req-429"
-    assert (second.status, second.error, second.may_have_been_billed) == (None, None, True)
+    assert (second.status, second.error, second.may_have_been_billed) == (200, None, True)
     assert second.request_id == result.request_id
     (retry,) = recorder.of("retry")
     assert (retry.attempt, retry.reason, retry.status) == (1, "status 429", 429)
     assert retry.wait == fake_sleep.waits[0]
     (call,) = recorder.of("call")
-    assert (call.attempts, call.error, call.may_have_been_billed) == (2, None, True)
+    assert (call.attempts, call.status, call.error, call.may_have_been_billed) == (
+        2,
+        200,
+        None,
+        True,
+    )
     assert call.duration >= first.duration + second.duration
     info = call.call
     assert (info.operation, info.method, info.model, info.n, info.size) == (
@@ -332,3 +339,78 @@ async def test_testing_is_off_by_default_and_restored(
 def test_set_testing_takes_a_bool() -> None:
     with pytest.raises(InvalidRequestError):
         set_testing("yes")  # type: ignore[arg-type]
+
+
+class AsyncFinished(Hooks):
+    async def attempt_finished(self, info: AttemptFinished) -> None:  # type: ignore[override]
+        pass
+
+
+class AsyncGeneratorCall(Hooks):
+    async def call_finished(self, info: CallFinished) -> Any:  # type: ignore[override]
+        yield info
+
+
+class AsyncAttribute(Hooks):
+    def __init__(self) -> None:
+        async def started(info: AttemptStarted) -> None:
+            pass
+
+        self.attempt_started = started  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("hook", [AsyncFinished(), AsyncGeneratorCall(), AsyncAttribute()])
+@pytest.mark.parametrize("client_class", [AsyncImagesClient, ImagesClient])
+def test_an_async_hook_method_is_refused_when_the_client_is_made(
+    hook: Hooks, client_class: type[AsyncImagesClient | ImagesClient]
+) -> None:
+    # Hooks are called, never awaited: an async one would make a coroutine that never runs.
+    with pytest.raises(InvalidRequestError, match="async def") as info:
+        client_class(API_KEY, hooks=[Recorder(), hook])
+    assert info.value.field == "hooks"
+    assert "never awaited" in info.value.allowed
+
+
+async def test_every_answer_reports_its_status(
+    server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    # A success (a generation, a download at the end of a redirect), a success whose body is
+    # not usable and an error: each attempt that got an answer says its status.
+    recorder = Recorder()
+    server.enqueue(Reply(status=201), Reply(status=200, body=b"{}"))
+    async with _client(server.base_url, fake_sleep, recorder) as client:
+        created = await client.generate("fox", size="8x8", response_format="url")
+        with pytest.raises(ResponseValidationError):
+            await client.generate("fox", size="8x8")
+        await client.download(created.images[0].url or "")
+        with pytest.raises(NotFoundError):
+            await client.download(f"{server.base_url}/nothing-here")
+    finished = [(info.status, info.error) for info in recorder.of("finished")]
+    assert finished == [
+        (201, None),
+        (200, "ResponseValidationError"),
+        (200, None),
+        (404, "NotFoundError"),
+    ]
+    assert [info.status for info in recorder.of("call")] == [201, 200, 200, 404]
+
+
+def test_the_sync_client_reports_a_successs_status(threaded_server: FakeAtomaServer) -> None:
+    recorder = Recorder()
+    with ImagesClient(API_KEY, base_url=threaded_server.base_url, hooks=[recorder]) as client:
+        client.generate("fox", size="8x8")
+    assert [info.status for kind, info in recorder.events if kind != "started"] == [200, 200]
+
+
+async def test_a_connection_failure_after_a_success_reports_no_status(
+    server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    # The status of one answer is never taken for a later attempt that got none.
+    recorder = Recorder()
+    async with _client(server.base_url, fake_sleep, recorder) as client:
+        await client.generate("fox", size="8x8")
+        server.enqueue(Reply(fault="drop"))
+        with pytest.raises(AmbiguousOutcomeError):
+            await client.generate("fox", size="8x8")
+    assert [info.status for info in recorder.of("finished")] == [200, None]
+    assert [info.status for info in recorder.of("call")] == [200, None]

@@ -182,3 +182,21 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
         OpenTelemetryHooks()
     assert info.value.extra == "opentelemetry"
     assert "atoma-images[opentelemetry]" in str(info.value)
+
+
+async def test_a_successful_attempt_carries_its_status_code(
+    server: FakeAtomaServer,
+    fake_sleep: FakeSleep,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+) -> None:
+    # OpenTelemetry's HTTP conventions: http.response.status_code on every answer, a
+    # success's too.
+    server.enqueue(Reply(status=503))
+    async with _client(server.base_url, fake_sleep, provider) as client:
+        await client.generate("fox", size="8x8")
+    call, (failed, served) = _split(exporter)
+    assert dict(failed.attributes or {})["http.response.status_code"] == 503
+    assert dict(served.attributes or {})["http.response.status_code"] == 200
+    assert dict(call.attributes or {})["http.response.status_code"] == 200
+    assert served.status.status_code is StatusCode.UNSET

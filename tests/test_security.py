@@ -3,29 +3,49 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
+import os
 import ssl
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import pytest
 import trustme
 from aiohttp import web
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+import atoma_images
 from atoma_images import (
     APIConnectionError,
     APIStatusError,
     AsyncImagesClient,
     AtomaImagesError,
+    AttemptFinished,
+    AttemptStarted,
+    CallFinished,
+    Hooks,
     ImagesClient,
+    ImagesResponse,
     InvalidRequestError,
+    ResponseValidationError,
     RetryPolicy,
+    RetryScheduled,
 )
-from atoma_images.testing import FakeAtomaServer, Reply
+from atoma_images.opentelemetry import OpenTelemetryHooks
+from atoma_images.testing import FakeAtomaServer, Reply, make_png
 
 from conftest import serving
 
 SECRET = "sk-live-7f3a9c2e5b1d4e8f"
+# The subprocess runs the copy of the package this test session imported.
+PACKAGE_ROOT = str(Path(atoma_images.__file__).resolve().parent.parent)
 
 
 def every_text_of(error: BaseException) -> list[str]:
@@ -321,3 +341,248 @@ def test_headers_that_are_not_a_mapping_are_named_by_type_not_shown() -> None:
         AsyncImagesClient(SECRET, headers=[("X-Gateway-Token", "gw-SECRET-token")])  # type: ignore[arg-type]
     assert "got 'list'" in str(info.value)
     assert not [text for text in every_text_of(info.value) if "gw-SECRET" in text]
+
+
+# A key with the characters a JSON writer may escape ("/" as "\/") and a URL percent-encodes.
+ODD_SECRET = "sk-live/7f3a+9c2e5b1d4e8f"
+
+
+def echoing_app() -> web.Application:
+    """A server (or a gateway) that echoes the caller's key wherever it can.
+
+    Routes under ``/<mode>/``: ``refused`` (an error status with the key in its message),
+    ``moved`` (a redirect to a URL carrying it), ``garbled`` (a 200 that is not an images
+    response, holding it), ``fine`` (a good answer holding it in an unknown key), ``ftp`` (a
+    download redirected to a non-http URL carrying it). Every answer also has the key in
+    ``x-request-id``, in another header's value and in a header's name. JSON is written with
+    ``/`` escaped (as PHP does), a URL with the key percent-encoded.
+    """
+
+    async def answer(request: web.Request) -> web.Response:
+        token = request.headers.get("Authorization", "Bearer -")
+        key = token.removeprefix("Bearer ")
+        headers = {
+            "x-request-id": f"req-{key}",
+            "X-Echo-Authorization": token,
+            f"X-Seen-{quote(key, safe='')}": "1",
+        }
+        mode = request.match_info["mode"]
+        body: object
+        if mode == "refused":
+            status = 401 if request.method == "POST" else 403
+            body = {"error": {"code": "UNAUTHORIZED", "message": f"Invalid API key: {key}"}}
+        elif mode == "moved":
+            status = 307 if request.method == "POST" else 302
+            headers["Location"] = f"/refused/img?key={quote(key, safe='')}&raw={key}"
+        elif mode == "ftp":
+            status, body = 302, {}
+            headers["Location"] = f"ftp://127.0.0.1/{key}"
+        elif mode == "garbled":
+            status, body = 200, {"created": 1, "data": f"no images for {token}"}
+        else:
+            image = {"b64_json": base64.b64encode(make_png(8, 8)).decode(), "echo": key}
+            status, body = 200, {"created": 1, "data": [image], "auth": token}
+        text = json.dumps(body if mode != "moved" else {}).replace("/", "\\/")
+        return web.Response(status=status, text=text, headers=headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/{mode}/v1/images/generations", answer)
+    app.router.add_get("/{mode}/img", answer)
+    return app
+
+
+class RecordingHooks(Hooks):
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+
+    def attempt_started(self, info: AttemptStarted) -> None:
+        self.seen.append(info)
+
+    def attempt_finished(self, info: AttemptFinished) -> None:
+        self.seen.append(info)
+
+    def retry_scheduled(self, info: RetryScheduled) -> None:
+        self.seen.append(info)
+
+    def call_finished(self, info: CallFinished) -> None:
+        self.seen.append(info)
+
+
+def texts_of_response(response: ImagesResponse) -> list[str]:
+    return [
+        repr(response),
+        repr(response.extra),
+        repr(response.request_id),
+        repr(list(response.headers.items())),
+        *(repr(image.extra) for image in response.images),
+    ]
+
+
+@pytest.mark.parametrize("key", [SECRET, ODD_SECRET])
+async def test_a_key_the_server_echoes_is_in_nothing_the_client_keeps_or_shows(
+    key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    hooks = RecordingHooks()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    texts: list[str] = []
+    errors: list[AtomaImagesError] = []
+    async with serving(echoing_app()) as root:
+        for mode in ("refused", "moved", "garbled", "fine"):
+            async with AsyncImagesClient(
+                key,
+                base_url=f"{root}/{mode}/v1",
+                retries=RetryPolicy(max_retries=0),
+                hooks=[hooks, OpenTelemetryHooks(tracer_provider=provider)],
+            ) as images:
+                if mode == "fine":
+                    response = await images.generate("a fox", size="8x8")
+                    texts += texts_of_response(response)
+                    assert response.request_id == "req-[redacted]"
+                    assert response.extra["auth"] == "Bearer [redacted]"
+                    continue
+                with pytest.raises(AtomaImagesError) as info:
+                    await images.generate("a fox", size="8x8")
+                errors.append(info.value)
+        async with AsyncImagesClient(
+            key, base_url=f"{root}/fine/v1", retries=RetryPolicy(max_retries=0), hooks=[hooks]
+        ) as images:
+            for path in ("refused/img", "moved/img", "ftp/img"):
+                with pytest.raises(AtomaImagesError) as info:
+                    await images.download(f"{root}/{path}")
+                errors.append(info.value)
+    provider.shutdown()
+    for error in errors:
+        texts += every_text_of(error)
+        texts += [repr(getattr(error, name, None)) for name in ("body", "body_excerpt")]
+        texts += [repr(list(getattr(error, "headers", {}).items()))]
+    texts += [repr(info) for info in hooks.seen]
+    texts += [span.to_json() for span in exporter.get_finished_spans()]
+    texts += [record.getMessage() for record in caplog.records]
+    # What the server said is kept, with the key replaced.
+    refused, moved, garbled = errors[:3]
+    assert isinstance(refused, APIStatusError)
+    assert refused.message == "Invalid API key: [redacted]"
+    assert refused.request_id == "req-[redacted]"
+    assert refused.headers["X-Echo-Authorization"] == "Bearer [redacted]"
+    assert "X-Seen-[redacted]" in refused.headers
+    assert isinstance(moved, APIStatusError)
+    assert "[redacted]" in moved.headers["Location"]
+    assert isinstance(garbled, ResponseValidationError)
+    assert "Bearer [redacted]" in garbled.body_excerpt
+    assert [info.request_id for info in hooks.seen if isinstance(info, CallFinished)] == [
+        "req-[redacted]"
+    ] * 7
+    assert len(texts) > 60
+    forms = {key, quote(key, safe=""), key.replace("/", "\\/")}
+    assert not [text for text in texts if any(form in text for form in forms)]
+
+
+async def test_the_command_line_shows_no_key_the_server_echoes(tmp_path: Path) -> None:
+    outputs: list[str] = []
+    async with serving(echoing_app()) as root:
+        for mode in ("refused", "moved", "garbled"):
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "atoma_images",
+                "a fox",
+                "--size",
+                "8x8",
+                "--json",
+                "--debug",
+                "--base-url",
+                f"{root}/{mode}/v1",
+                cwd=tmp_path,
+                env={**os.environ, "ATOMA_API_KEY": ODD_SECRET, "PYTHONPATH": PACKAGE_ROOT},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(process.communicate(), 120)
+            assert process.returncode != 0
+            record = json.loads(out)
+            assert "[redacted]" in record["error"]["message"]
+            outputs += [out.decode(), err.decode()]
+    assert "[redacted]" in outputs[1]
+    forms = (ODD_SECRET, quote(ODD_SECRET, safe=""), ODD_SECRET.replace("/", "\\/"))
+    assert not [text for text in outputs if any(form in text for form in forms)]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: %s\r\n\r\n",
+        b"HTTP/1.1 2OO %s\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Echo\x01%s: 1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\n",
+    ],
+)
+async def test_a_key_echoed_in_a_malformed_answer_is_in_no_error_or_cause(answer: bytes) -> None:
+    # aiohttp's parser quotes the line it could not read, in its error's message.
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer % SECRET.encode())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with AsyncImagesClient(
+        SECRET, base_url=f"http://127.0.0.1:{port}/v1", retries=RetryPolicy(max_retries=0)
+    ) as images:
+        with pytest.raises(AtomaImagesError) as info:
+            await images.generate("a fox", size="8x8")
+    server.close()
+    await server.wait_closed()
+    chain = every_text_of(info.value)
+    assert "[redacted]" in str(info.value)  # what aiohttp read is still shown, without the key
+    assert info.value.__cause__ is not None
+    assert not [text for text in chain if SECRET in text]
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "through_proxy"),
+    [
+        ("127.0.0.1:{port}", False),  # host:port, as urllib and requests read it
+        ("example.com, 127.0.0.1:{port}", False),  # among others, with spaces
+        ("127.0.0.1", False),  # the host (an IP) alone: any port
+        ("*", False),
+        ("127.0.0.1:{other}", True),  # another port of the same host
+        ("", True),
+    ],
+)
+async def test_no_proxy_with_a_port_keeps_the_key_off_the_proxy(
+    monkeypatch: pytest.MonkeyPatch, no_proxy: str, through_proxy: bool
+) -> None:
+    received: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.readuntil(b"\r\n\r\n"))  # counts what it was sent
+        writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    proxy_server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    proxy_port = proxy_server.sockets[0].getsockname()[1]
+    async with FakeAtomaServer(api_key=SECRET) as server:
+        port = int(server.base_url.split(":")[2].split("/")[0])
+        for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ALL_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy_port}")
+        monkeypatch.setenv("NO_PROXY", no_proxy.format(port=port, other=port + 1))
+        async with AsyncImagesClient(
+            SECRET, base_url=server.base_url, retries=RetryPolicy(max_retries=0)
+        ) as images:
+            if through_proxy:
+                with pytest.raises(APIStatusError):
+                    await images.generate("a fox", size="8x8")
+            else:
+                await images.generate("a fox", size="8x8")
+                with pytest.raises(APIStatusError, match="404"):  # a download: direct too
+                    await images.download(f"{server.base_url.removesuffix('/v1')}/missing")
+    proxy_server.close()
+    await proxy_server.wait_closed()
+    assert len(received) == through_proxy
+    assert len(server.posts) == (not through_proxy)

@@ -471,3 +471,75 @@ def test_calls_racing_close_complete_or_fail_clearly_and_leave_no_thread(
             assert isinstance(error, RuntimeError), repr(error)
             assert CLOSED in str(error) or str(error) == CLOSED_WHILE_RUNNING
         assert portal_threads() == []
+
+
+def _generate_in_child(images: ImagesClient) -> None:
+    # Runs in a forked child: exit code 0 if the inherited client works there.
+    images.generate("child", size="8x8")
+
+
+# Python 3.12+ warns before forking a process that runs threads (as this one does: the fake
+# server's and the client's); forking such a process is what this test is about.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_client_used_in_a_forked_child_works_there_and_in_the_parent(
+    threaded_server: FakeAtomaServer,
+) -> None:
+    import multiprocessing
+
+    with ImagesClient(API_KEY, base_url=threaded_server.base_url, timeout=30) as images:
+        images.generate("parent before", size="8x8")  # the portal runs, a connection is pooled
+        child = multiprocessing.get_context("fork").Process(
+            target=_generate_in_child, args=(images,)
+        )
+        child.start()
+        child.join(60)
+        if child.is_alive():  # it hangs: fail, rather than hang the suite
+            child.kill()
+            child.join()
+            pytest.fail("the forked child's call never ended")
+        assert child.exitcode == 0
+        for number in range(3):  # the parent's pooled connection is still its own
+            images.generate(f"parent after {number}", size="8x8")
+    prompts = [post.json()["prompt"] for post in threaded_server.posts]
+    assert prompts == ["parent before", "child", *(f"parent after {n}" for n in range(3))]
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_that_exits_normally_leaves_the_parents_connections_alone(
+    tmp_path: Path,
+) -> None:
+    # A child that ends by sys.exit (a gunicorn worker) runs its finalisers; what it inherited
+    # must not close the parent's pooled connection on its way out.
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from atoma_images import ImagesClient
+        from atoma_images.testing import FakeAtomaServer
+
+        # Not "with": the child must not stop the server it inherited (its thread is the
+        # parent's).
+        server = FakeAtomaServer(api_key="k").__enter__()
+        images = ImagesClient("k", base_url=server.base_url, timeout=10)
+        images.generate("parent before", size="8x8")
+        if os.fork() == 0:
+            images.generate("child", size="8x8")
+            sys.exit(0)
+        _, status = os.wait()
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        for number in range(3):
+            images.generate(f"parent after {number}", size="8x8")
+        print(len(server.posts))
+        images.close()
+        server.__exit__(None, None, None)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-W", "ignore::DeprecationWarning", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["5"]
