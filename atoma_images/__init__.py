@@ -17,6 +17,7 @@ from typing import Any
 
 from ._batch import Batch, BatchResult, BatchSummary, SyncBatch
 from ._client import AsyncImagesClient
+from ._dialect import Dialect
 from ._errors import (
     AmbiguousOutcomeError,
     AmbiguousTimeoutError,
@@ -34,6 +35,7 @@ from ._errors import (
     InternalServerError,
     InvalidRequestError,
     LockedError,
+    NoImageError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
@@ -80,6 +82,7 @@ __all__ = [
     "BudgetExceededError",
     "CallFinished",
     "CallInfo",
+    "Dialect",
     "ExtraNotInstalledError",
     "GatewayTimeoutError",
     "GeneratedImage",
@@ -92,6 +95,7 @@ __all__ = [
     "InvalidRequestError",
     "LockedError",
     "LoggingHooks",
+    "NoImageError",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",

@@ -41,6 +41,7 @@ from ._cli_report import (
 from ._cli_saving import SpareDirectory, keep_images, stem_for
 from ._cli_terminal import PrintableFormatter, Progress, emit, spent
 from ._client import AsyncImagesClient
+from ._dialect import DIALECTS, plan
 from ._errors import (
     AtomaImagesError,
     InvalidRequestError,
@@ -78,9 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
     parser.add_argument("-o", "--output-dir", default=".", help="where to save (default: here)")
     parser.add_argument(
+        "--dialect",
+        choices=DIALECTS,
+        default="atoma",
+        help="the server's API: atoma (default) or openai (OpenAI and servers like it)",
+    )
+    parser.add_argument(
         "--format",
-        choices=["url", "b64_json"],
-        help="ask the server for URLs or base64 (default: the server's own choice)",
+        choices=["b64_json", "url"],
+        help="with --dialect openai: ask for URLs or base64 (default: the server's choice); "
+        "Atoma always answers base64, and refuses url",
     )
     parser.add_argument(
         "--base-url", help="API root ending in /v1 (default: ATOMA_BASE_URL or Atoma's)"
@@ -171,8 +179,11 @@ def check_options(args: argparse.Namespace) -> tuple[RetryPolicy | None, Timeout
     # The library's own checks, made with a stand-in prompt (as AsyncImagesClient checks its
     # model): a bad -n or --size is one error line, not one per prompt. Each prompt is still
     # checked when it is sent.
-    ImageRequest(
-        model=args.model, prompt="-", n=args.n, size=args.size, response_format=args.format
+    plan(
+        args.dialect,
+        ImageRequest(
+            model=args.model, prompt="-", n=args.n, size=args.size, response_format=args.format
+        ),
     )
     if args.confidential:
         _confidential.require("--confidential")
@@ -212,7 +223,7 @@ async def generate_all(
         api_key, base_url = None, args.base_url
         if args.fake:
             server = await stack.enter_async_context(
-                FakeAtomaServer(confidential=args.confidential)
+                FakeAtomaServer(confidential=args.confidential, dialect=args.dialect)
             )
             api_key, base_url = "fake-key", server.base_url
         budget = None if args.max_compute_units is None else Budget(args.max_compute_units)
@@ -224,6 +235,7 @@ async def generate_all(
                 timeout=timeout,
                 retries=retries,
                 budget=budget,
+                dialect=args.dialect,
             )
         )
         prepare_output_dir(directory)  # once the key is known to be there
@@ -233,20 +245,25 @@ async def generate_all(
 
         async def settle(result: BatchResult) -> int:
             progress.clear()
-            if result.response is None:
-                assert result.error is not None  # a result holds a response or an error
-                return report_error(result.error, result.prompt, args, out, err)
-            index = result.index if batch else None
-            stem = stem_for(result.prompt, index)
+            error = result.error
+            # A failed call's partial images (its other requests' images) were billed too.
+            kept = result.response or (
+                error.partial if isinstance(error, AtomaImagesError) else None
+            )
+            code = (
+                EXIT_CODES["ok"] if kept is None else await keep(result.prompt, result.index, kept)
+            )
+            return code if error is None else report_error(error, result.prompt, args, out, err)
+
+        async def keep(prompt: str, index: int, response: ImagesResponse) -> int:
+            stem = stem_for(prompt, index if batch else None)
             try:
-                paths, problems = await keep_images(client, result.response, directory, stem, spare)
+                paths, problems = await keep_images(client, response, directory, stem, spare)
             except asyncio.CancelledError:  # stopped (Ctrl-C, SIGTERM) while fetching its images
-                unsaved.append((result.prompt, result.response))
+                unsaved.append((prompt, response))
                 raise
             progress.clear()
-            return report_result(
-                result.response, paths, result.prompt, args, problems=problems, out=out, err=err
-            )
+            return report_result(response, paths, prompt, args, problems=problems, out=out, err=err)
 
         results = client.generate_many(
             prompts,

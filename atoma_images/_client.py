@@ -1,13 +1,15 @@
 """`AsyncImagesClient`: the public surface of the package.
 
-Each call is an attempt function run by the retry policy's one loop (`RetryPolicy.run`); an
-attempt sends through `_transport.send` and parses with `_convert`. The flow and the module
-map are in docs/architecture.md.
+Each call is planned by its dialect (`_dialect.plan`: on Atoma, one request per image), and
+each request is an attempt function run by the retry policy's one loop (`RetryPolicy.run`);
+an attempt sends through `_transport.send` and parses with `_convert`. The flow and the
+module map are in docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl as ssl_module
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
@@ -17,13 +19,15 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+import attrs
 from yarl import URL
 
 from ._batch import Batch, Prompt
 from ._checks import check_flag, check_whole_number
-from ._convert import encode_request, parse_response
+from ._convert import parse_response
+from ._dialect import Dialect, encode, plan
 from ._download import download, download_url
-from ._errors import InvalidRequestError
+from ._errors import AtomaImagesError, InvalidRequestError
 from ._files import write_images
 from ._hooks import CallInfo, Hooks
 from ._models import DEFAULT_MODEL, GeneratedImage, ImageRequest, ImagesResponse, ResponseFormat
@@ -37,7 +41,16 @@ from ._settings import (
 )
 from ._timeout import Timeout
 from ._transport import Answer, Sender
-from ._usage import Budget, CallCost, Usage, UsageMeter, check_budget, compute_units, settle
+from ._usage import (
+    Budget,
+    CallCost,
+    Usage,
+    UsageMeter,
+    check_budget,
+    compute_units,
+    may_have_been_billed,
+    settle,
+)
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -57,7 +70,12 @@ class AsyncImagesClient:
         api_key: the Atoma API key. Defaults to ``$ATOMA_API_KEY``, then
             ``$ATOMASDK_BEARER_AUTH`` (the Atoma SDK's variable).
         base_url: the API root, ending in ``/v1``. Defaults to ``$ATOMA_BASE_URL``, then
-            ``https://api.atoma.network/v1``. Any OpenAI-compatible server works.
+            ``https://api.atoma.network/v1``.
+        dialect: how the server reads a request: ``"atoma"`` (the default, whatever
+            ``base_url`` is: a self-hosted Atoma proxy has its own address) or ``"openai"``
+            for OpenAI and servers that follow OpenAI's images API. On Atoma each image is
+            a request of its own, sent as ``width``/``height`` with ``"B64Json"``, because
+            its backend reads nothing else (docs/contract.md).
         model: the model used when a call names none.
         timeout: limits for one attempt: a `Timeout`, or a number of seconds for the whole
             attempt. Defaults to ``Timeout()``.
@@ -88,6 +106,7 @@ class AsyncImagesClient:
         session: aiohttp.ClientSession | None = None,
         budget: Budget | None = None,
         hooks: Iterable[Hooks] | None = None,
+        dialect: Dialect = "atoma",
     ) -> None:
         self._settings = settings = ClientSettings.from_arguments(
             api_key,
@@ -101,6 +120,7 @@ class AsyncImagesClient:
             ssl=ssl,
             hooks=hooks,
             budget=budget,
+            dialect=dialect,
         )
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise InvalidRequestError("session", session, "allowed: an aiohttp.ClientSession")
@@ -128,6 +148,11 @@ class AsyncImagesClient:
     def model(self) -> str:
         """The model used when a call names none."""
         return self._settings.model
+
+    @property
+    def dialect(self) -> Dialect:
+        """How the server reads a request: ``"atoma"`` or ``"openai"``."""
+        return self._settings.dialect
 
     @property
     def timeout(self) -> Timeout:
@@ -160,6 +185,7 @@ class AsyncImagesClient:
         response_format: ResponseFormat | None = None,
         style: str | None = None,
         user: str | None = None,
+        extra_body: Mapping[str, Any] | None = None,
         timeout: Timeout | float | None = None,
         retries: RetryPolicy | None = None,
         confidential: bool = False,
@@ -167,16 +193,27 @@ class AsyncImagesClient:
     ) -> ImagesResponse:
         """Generate ``n`` images for ``prompt``.
 
+        On Atoma (the default dialect) the ``n`` images are ``n`` requests of one image,
+        sent at once through the pool, each with its own retries; the response holds all
+        of them and ``compute_units`` their sum. If some fail, the error of a failed one is
+        raised with ``partial`` set to the images that came back (billed, never dropped).
+
         Args:
             prompt: what to draw, 1 to 1000 characters.
             model: the model; defaults to the client's.
             n: how many images, 1 to 10.
-            size: ``"WIDTHxHEIGHT"``.
-            quality: passed to the server as is.
-            response_format: ``"url"`` or ``"b64_json"``; leave it out to get the server's
-                default (Atoma's backend answers with base64 data).
-            style: passed to the server as is.
+            size: ``"WIDTHxHEIGHT"``; on Atoma both sides multiples of 16 (its backend
+                rounds each side up to one, so another size would not be what was billed).
+            quality: passed to the server as is (Atoma's backend ignores it).
+            response_format: ``"b64_json"``, ``"url"`` or None. On Atoma, None and
+                ``"b64_json"`` both give the image's bytes and ``"url"`` is refused (its
+                backend answers a file name nobody serves). On OpenAI's API, None leaves
+                the field out (gpt-image models refuse it) and the server picks.
+            style: passed to the server as is (Atoma's backend ignores it).
             user: an end-user id for the server's abuse tracking.
+            extra_body: keys merged into the request body, for backend options such as
+                ``{"seed": 42}``: JSON values, no None, and none of the keys the client
+                writes itself.
             timeout: limits for each attempt of this call (overrides the client's).
             retries: the retry policy of this call (overrides the client's).
             confidential: encrypt the request for a node running in a TEE, and decrypt and
@@ -207,6 +244,7 @@ class AsyncImagesClient:
             response_format=response_format,
             style=style,
             user=user,
+            extra_body=extra_body,
         )
         return await self._generate_request(
             request, timeout=timeout, retries=retries, confidential=confidential, budget=budget
@@ -226,20 +264,37 @@ class AsyncImagesClient:
 
         ``meters`` count the call besides the client's own (a batch's).
         """
-        body = encode_request(request)
+        dialect = self.dialect
+        parts = plan(dialect, request)  # InvalidRequestError here: nothing sent
         limits = self._limits(timeout)
         policy = policy_for(retries, self.retries)
         check_flag("confidential", confidential)
         session = self._sessions.get()
+        meters = (self._meter, *meters)
+        # Every request's cost is reserved in every budget before the first is sent (or
+        # BudgetExceededError, and nothing is sent).
+        costs = CallCost.reserve(
+            compute_units(parts[0]), check_budget(budget), self.budget, requests=len(parts)
+        )
+        calls = [
+            self._request(part, encode(dialect, part), limits, policy, cost, confidential, session)
+            for part, cost in zip(parts, costs, strict=True)
+        ]
+        if len(calls) == 1:
+            return await settle(calls[0], costs[0], meters)
+        return await _all_of(calls, costs, meters)
 
-        async def attempt(remaining: float) -> ImagesResponse:
-            answer = await self._sender.send(
-                session, "POST", self._url, body, limits.for_attempt(remaining)
-            )
-            return parse_response(answer.status, answer.headers, answer.body, self._url)
-
-        # The cost is reserved in every budget before anything is sent (or BudgetExceededError).
-        cost = CallCost.reserve(compute_units(request), check_budget(budget), self.budget)
+    def _request(  # noqa: PLR0917 - one request's parts, in order
+        self,
+        request: ImageRequest,
+        body: bytes,
+        limits: Timeout,
+        policy: RetryPolicy,
+        cost: CallCost,
+        confidential: bool,
+        session: aiohttp.ClientSession,
+    ) -> Awaitable[ImagesResponse]:
+        """One request of a call, in the policy's attempt loop (not yet awaited)."""
         if confidential:
             from . import _confidential  # noqa: PLC0415 - cryptography costs import time
 
@@ -249,7 +304,7 @@ class AsyncImagesClient:
                 timeout = limits.for_attempt(seconds)
                 return self._sender.send(session, "POST", url, body, timeout, max_bytes)
 
-            call = _confidential.generate(
+            return _confidential.generate(
                 post,
                 self._settings.base_url,
                 request,
@@ -259,10 +314,15 @@ class AsyncImagesClient:
                 self._settings.hooks,
                 cost,
             )
-        else:
-            describe = partial(CallInfo.of, "generate", "POST", self._url, request)
-            call = policy.run(attempt, self._settings.hooks, describe, cost)
-        return await settle(call, cost, (self._meter, *meters))
+
+        async def attempt(remaining: float) -> ImagesResponse:
+            answer = await self._sender.send(
+                session, "POST", self._url, body, limits.for_attempt(remaining)
+            )
+            return parse_response(answer.status, answer.headers, answer.body, self._url)
+
+        describe = partial(CallInfo.of, "generate", "POST", self._url, request)
+        return policy.run(attempt, self._settings.hooks, describe, cost)
 
     def generate_many(
         self,
@@ -329,9 +389,9 @@ class AsyncImagesClient:
         nothing but ``User-Agent`` and ``Accept``.
 
         Raises:
-            InvalidRequestError: the image has no http(s) URL (Atoma's backend may answer
-                with a node-local file name: ask for ``response_format="b64_json"``), or
-                its URL holds ``user:password@`` (never shown).
+            InvalidRequestError: the image has no http(s) URL (such as the node-local file
+                name Atoma's backend answers to a request without ``"B64Json"``, which
+                ``dialect="atoma"`` always sends), or its URL holds ``user:password@``.
             ResponseValidationError: the image is larger than ``max_bytes``.
             APIStatusError: the URL answered with an error status (404 when it expired), or
                 redirected too often, to something that is not http(s), or to a URL with
@@ -389,3 +449,76 @@ class AsyncImagesClient:
         sessions = getattr(self, "_sessions", None)  # absent if __init__ raised
         if sessions is not None:
             sessions.warn_if_open()
+
+
+async def _all_of(
+    calls: list[Awaitable[ImagesResponse]],
+    costs: list[CallCost],
+    meters: tuple[UsageMeter, ...],
+) -> ImagesResponse:
+    """Run the requests of one call at once: one response of all their images, or the error
+    of the first that failed, with ``partial`` set to what the others brought back.
+
+    Cancelling it cancels them all and returns only when none is left running. Each
+    request is counted once, from how it ended; one cancelled before it started cost nothing.
+    """
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        await asyncio.wait(tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await _until_done(tasks)
+        _count(tasks, costs, meters)
+        raise
+    responses, errors = _count(tasks, costs, meters)
+    together = _merged(responses) if responses else None
+    if not errors:
+        assert together is not None
+        return together
+    error = errors[0]
+    if isinstance(error, AtomaImagesError):
+        error.partial = together
+        # The call was billed for what came back, and maybe for what did not.
+        if together is not None or any(map(may_have_been_billed, errors)):
+            error.may_have_been_billed = True
+    raise error
+
+
+async def _until_done(tasks: list[asyncio.Task[ImagesResponse]]) -> None:
+    """Wait until every task has ended, however often the waiting is cancelled: the caller
+    raises its own cancellation once nothing it started is left running."""
+    pending = [task for task in tasks if not task.done()]
+    while pending:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait(pending)
+        pending = [task for task in pending if not task.done()]
+
+
+def _count(
+    tasks: list[asyncio.Task[ImagesResponse]],
+    costs: list[CallCost],
+    meters: tuple[UsageMeter, ...],
+) -> tuple[list[ImagesResponse], list[BaseException]]:
+    """Each ended request, counted in the meters: its response (with its cost) or its error."""
+    responses: list[ImagesResponse] = []
+    errors: list[BaseException] = []
+    for task, cost in zip(tasks, costs, strict=True):
+        error = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if error is None:
+            response = task.result()
+            cost.finish(len(response.data), meters)
+            responses.append(attrs.evolve(response, compute_units=cost.units))
+        else:
+            cost.finish(None, meters)
+            errors.append(error)
+    return responses, errors
+
+
+def _merged(responses: list[ImagesResponse]) -> ImagesResponse:
+    """One response of every image, costing the sum; the rest is the first response's."""
+    return attrs.evolve(
+        responses[0],
+        data=tuple(image for response in responses for image in response.data),
+        compute_units=sum(response.compute_units for response in responses),
+    )

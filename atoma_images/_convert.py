@@ -1,6 +1,7 @@
 """The package's one cattrs converter, and the network-free edges of a call.
 
-`encode_request` turns an `ImageRequest` into body bytes; `parse_response` turns
+The converter's dict of an `ImageRequest` is the start of every body (`_dialect.encode`
+writes it for each kind of server); `parse_response` turns
 (status, headers, body bytes) into an `ImagesResponse` or raises the typed error;
 `error_from_response` makes the typed error of an error status. None touches a socket, so
 all are tested without one. JSON is read by the one bounded parser (`_bounded_json`), an
@@ -10,15 +11,15 @@ error body's message by `_error_text`, a wait by `_retry_after` (docs/architectu
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
 from ._bounded_json import load_json
+from ._checks import http_url
 from ._error_text import EXCERPT, error_details
-from ._errors import APIStatusError, ResponseValidationError, status_error_class
+from ._errors import APIStatusError, NoImageError, ResponseValidationError, status_error_class
 from ._models import MAX_IMAGES, GeneratedImage, ImageRequest, ImagesResponse
 from ._retry_after import parse_retry_after
 
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "converter",
-    "encode_request",
     "error_from_response",
     "invalid_response",
     "parse_object",
@@ -85,7 +85,7 @@ def converter() -> cattrs.Converter:
 
     # The dict form of a request is exactly what goes on the wire: fields left at their
     # default are omitted (the optional ones are None, and the proxy reads null as missing),
-    # except n and size, which the proxy requires.
+    # except n and size, which the proxy requires; extra_body is merged in by _dialect.
     conv.register_unstructure_hook(
         ImageRequest,
         make_dict_unstructure_fn(
@@ -94,6 +94,7 @@ def converter() -> cattrs.Converter:
             _cattrs_omit_if_default=True,
             n=override(omit_if_default=False),
             size=override(omit_if_default=False),
+            extra_body=override(omit=True),
         ),
     )
 
@@ -108,8 +109,6 @@ def converter() -> cattrs.Converter:
     def structure_item(obj: Any, _: Any) -> GeneratedImage:
         if type(obj) is not dict:
             raise _Mismatch(f"expected an object, got {type(obj).__name__} {_short(obj)}")
-        if obj.get("url") is None and obj.get("b64_json") is None:
-            raise _Mismatch("the image has neither url nor b64_json")
         known = {k: v for k, v in obj.items() if k in image_fields}
         extra = {k: v for k, v in obj.items() if k not in image_fields}
         return structure_image({**known, "extra": extra}, GeneratedImage)
@@ -151,15 +150,6 @@ def converter() -> cattrs.Converter:
 _RESPONSE_KEYS = frozenset({"created", "data"})
 
 
-def encode_request(request: ImageRequest) -> bytes:
-    """The JSON body for ``request``: the converter's dict of it, as compact UTF-8 JSON.
-
-    ImageRequest has checked every value, lone surrogates included, so it always encodes.
-    """
-    body = converter().unstructure(request)
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-
-
 def parse_response(
     status: int, headers: Mapping[str, str], body: bytes, url: object = None
 ) -> ImagesResponse:
@@ -168,6 +158,7 @@ def parse_response(
     Raises:
         APIStatusError: (a subclass of it) for any status that is not 2xx.
         ResponseValidationError: a 2xx whose body is not an images response.
+        NoImageError: a 2xx with an item that holds no image (a file name, not a URL).
     """
     if not 200 <= status < 300:
         raise error_from_response(status, headers, body, None if url is None else str(url))
@@ -175,7 +166,7 @@ def parse_response(
     fields = {key: obj[key] for key in _RESPONSE_KEYS if key in obj}
     extra = {key: value for key, value in obj.items() if key not in _RESPONSE_KEYS}
     try:
-        return converter().structure(
+        response = converter().structure(
             {
                 **fields,
                 "extra": extra,
@@ -186,6 +177,42 @@ def parse_response(
         )
     except Exception as exc:  # cattrs reports every problem found, grouped
         raise _invalid_fields(exc, status, headers, body) from exc
+    missing = [i for i, image in enumerate(response.data) if not _holds_image(image)]
+    if missing:
+        raise _no_image(response, missing, status, headers, body)
+    return response
+
+
+def _holds_image(image: GeneratedImage) -> bool:
+    """Base64 data, or an http(s) URL to download it from (not a file name on a server)."""
+    return image.b64_json is not None or (image.url is not None and http_url(image.url) is not None)
+
+
+def _no_image(
+    response: ImagesResponse,
+    missing: list[int],
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+) -> NoImageError:
+    first = response.data[missing[0]]
+    if first.url is None:
+        what = "neither base64 data nor a URL"
+    else:
+        what = (
+            f"no base64 data, and its url {first.url[:80]!r} is not an http(s) URL (Atoma's "
+            "backend answers response_format 'Url' with a file name on the node's disk, which "
+            "nothing serves)"
+        )
+    where = ", ".join(f"data[{i}]" for i in missing)
+    return NoImageError(
+        f"{where}: no image: {what}",
+        response=response,
+        status=status,
+        body_excerpt=_excerpt(body),
+        headers=headers,
+        request_id=headers.get("x-request-id"),
+    )
 
 
 def parse_object(

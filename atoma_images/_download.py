@@ -60,8 +60,9 @@ def download_url(raw: object) -> URL:
         hint = ""
         if isinstance(raw, str) and "://" not in raw:
             hint = (
-                " This looks like a file name on the server's node, which it cannot serve:"
-                " ask for response_format='b64_json' to get the image itself"
+                " This looks like a file name on the server's node, which nothing serves:"
+                " Atoma's backend answers so when a request lacks response_format 'B64Json',"
+                " which the client's default dialect='atoma' always sends"
             )
         raise InvalidRequestError("image.url", raw, f"allowed: an http(s) URL.{hint}")
     return url

@@ -26,6 +26,7 @@ AtomaImagesError                      base class; catch this to catch everything
 │       ├── ServiceUnavailableError   503
 │       └── GatewayTimeoutError       504
 └── ResponseValidationError           a success status with a body that is not an images response
+    ├── NoImageError                  a success that holds no image (a file name, not a URL)
     └── ResponseIntegrityError        a confidential answer failed decryption or its hash check
 ```
 
@@ -34,7 +35,9 @@ aiohttp, cattrs and tenacity exceptions never reach the caller: the original is 
 (one generation request each; a confidential attempt locks a node first), and
 ``may_have_been_billed``, which is true only when a request reached the server and its
 outcome is unknown (a connection that failed after sending, a gateway's 502 or 504) or was a
-success the client could not read.
+success the client could not read. A call for several images that Atoma draws one request
+at a time (see `AsyncImagesClient`) raises the error of a failed request with ``partial``
+set to the images the others brought back.
 
 Where this module fits, and why it is built so: docs/architecture.md.
 """
@@ -43,7 +46,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._models import ImagesResponse
 
 __all__ = [
     "APIConnectionError",
@@ -62,6 +68,7 @@ __all__ = [
     "InternalServerError",
     "InvalidRequestError",
     "LockedError",
+    "NoImageError",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
@@ -90,6 +97,10 @@ class AtomaImagesError(Exception):
     attempts: int = 0
     #: True when a request reached the server and may have been processed (and billed).
     may_have_been_billed: bool = False
+    #: A call for several images sent as several requests (Atoma draws one image per
+    #: request): the images that did come back when one of them failed, else None. They
+    #: were billed, so they are never dropped.
+    partial: ImagesResponse | None = None
 
 
 class InvalidRequestError(AtomaImagesError, ValueError):
@@ -343,6 +354,22 @@ class ResponseValidationError(AtomaImagesError):
         if body_excerpt:
             text += f"; body starts {_shorten(body_excerpt, 120)!r}"
         super().__init__(text)
+
+
+class NoImageError(ResponseValidationError):
+    """A success whose answer holds no image: neither base64 data nor an http(s) URL.
+
+    Atoma's backend answers a request without ``response_format: "B64Json"`` with the name of
+    a file on the node's disk (``image-generation-<uuid>.png``), which nothing serves. The
+    server billed the request, so it is not retried (a retry would bill again).
+
+    Attributes:
+        response: the answer as the server sent it.
+    """
+
+    def __init__(self, message: str, *, response: ImagesResponse, **details: Any) -> None:
+        self.response = response
+        super().__init__(message, **details)
 
 
 class ResponseIntegrityError(ResponseValidationError):

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import attrs
@@ -33,7 +35,7 @@ MAX_IMAGES = 10
 # The backend parses each side as an unsigned 32-bit integer.
 _MAX_SIDE = 2**32 - 1
 _SIZE = re.compile(r"([1-9][0-9]{0,9})x([1-9][0-9]{0,9})", re.ASCII)
-_EMPTY: Mapping[str, Any] = {}
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
 _WHITESPACE = b" \t\n\r\x0b\x0c"
 
 
@@ -102,6 +104,44 @@ def _check_response_format(_: object, attribute: attrs.Attribute[Any], value: ob
         raise InvalidRequestError(attribute.name, value, "allowed: 'url', 'b64_json' or None")
 
 
+_EXTRA_BODY_ALLOWED = (
+    "allowed: a mapping of str keys to JSON values (no None, NaN or infinity), for backend "
+    "options such as {'seed': 42}"
+)
+
+
+def _read_only_copy(value: object) -> object:
+    """A mapping as a read-only copy (a caller's later change does not reach the request)."""
+    if value is None:
+        return _EMPTY
+    return MappingProxyType(dict(value)) if isinstance(value, Mapping) else value
+
+
+def _check_extra_body(_: object, __: object, value: object) -> None:
+    """JSON the server can take: str keys, JSON values, no null, NaN or infinity."""
+    if not isinstance(value, Mapping) or not all(type(key) is str for key in value):
+        raise InvalidRequestError("extra_body", value, _EXTRA_BODY_ALLOWED)
+    try:
+        json.dumps(dict(value), allow_nan=False, ensure_ascii=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:  # not JSON, NaN, a lone surrogate
+        raise InvalidRequestError("extra_body", value, f"{_EXTRA_BODY_ALLOWED} ({exc})") from None
+    if _holds_none(value):  # the proxy and the backend read null as missing, or refuse it
+        raise InvalidRequestError(
+            "extra_body", value, f"{_EXTRA_BODY_ALLOWED}; leave a key out rather than send null"
+        )
+
+
+def _holds_none(value: object) -> bool:
+    # Only called on JSON that json.dumps accepted: finite depth, no cycles.
+    if value is None:
+        return True
+    if isinstance(value, Mapping):
+        return any(map(_holds_none, value.values()))
+    if isinstance(value, (list, tuple)):
+        return any(map(_holds_none, value))
+    return False
+
+
 #: What ``response_format`` may be: ``"url"``, ``"b64_json"``, or None for the server's default.
 ResponseFormat = Literal["url", "b64_json"]
 
@@ -112,7 +152,10 @@ class ImageRequest:
 
     Every check raises `InvalidRequestError` naming the field, the value and what is allowed.
     ``n`` and ``size`` are always sent (the Atoma proxy requires both); optional fields are
-    left out of the body when they are None.
+    left out of the body when they are None. How the body is written for each kind of
+    server (``width``/``height`` and ``"B64Json"`` for Atoma) is `_dialect`'s job.
+
+    ``extra_body`` is merged into the body as is, for backend options such as ``seed``.
     """
 
     model: str = attrs.field(validator=_text("a non-empty model name string"))
@@ -129,6 +172,9 @@ class ImageRequest:
     )
     style: str | None = attrs.field(default=None, validator=_check_optional_text)
     user: str | None = attrs.field(default=None, validator=_check_optional_text)
+    extra_body: Mapping[str, Any] = attrs.field(
+        default=_EMPTY, converter=_read_only_copy, validator=_check_extra_body, hash=False
+    )
 
     @property
     def width(self) -> int:
@@ -190,7 +236,8 @@ class GeneratedImage:
         if data is None:
             raise ResponseValidationError(
                 f"this image has no base64 data, only a URL ({self.url!r}); download it with "
-                "client.download(image), or ask for response_format='b64_json'"
+                "client.download(image) (an OpenAI-compatible server sends the bytes when "
+                "asked for response_format='b64_json'; Atoma always does)"
             )
         if data[:5].lower() == "data:":
             data = _data_uri_payload(data)

@@ -20,6 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ._checks import check_whole_number, http_url, without_credentials
+from ._dialect import Dialect, check_dialect
 from ._errors import InvalidRequestError
 from ._hooks import DEFAULT_HOOKS, HookSet
 from ._models import DEFAULT_MODEL, ImageRequest
@@ -149,6 +150,7 @@ class ClientSettings:
     ssl: ssl_module.SSLContext | bool = attrs.field(default=True, validator=_check_ssl)
     hooks: HookSet = attrs.field(default=DEFAULT_HOOKS, converter=_to_hooks)
     budget: Budget | None = attrs.field(default=None, validator=lambda _, __, v: check_budget(v))
+    dialect: Dialect = attrs.field(default="atoma", validator=lambda _, __, v: check_dialect(v))
 
     @classmethod
     def from_arguments(

@@ -15,7 +15,6 @@ import ssl as ssl_module
 import warnings
 import weakref
 from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Mapping
-from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -24,6 +23,7 @@ import aiohttp
 
 from ._batch import Prompt, SyncBatch
 from ._client import DEFAULT_MAX_DOWNLOAD_BYTES, DEFAULT_MAX_RESPONSE_BYTES, AsyncImagesClient
+from ._dialect import Dialect
 from ._errors import InvalidRequestError
 from ._hooks import Hooks
 from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse, ResponseFormat
@@ -152,6 +152,7 @@ class ImagesClient:
         session: aiohttp.ClientSession | None = None,
         budget: Budget | None = None,
         hooks: Iterable[Hooks] | None = None,
+        dialect: Dialect = "atoma",
     ) -> None:
         if session is not None:
             # A session is bound to the loop it was made in; this client runs its own.
@@ -161,21 +162,26 @@ class ImagesClient:
                 "allowed: None; ImagesClient runs its own event loop and session. "
                 "Pass a session to AsyncImagesClient instead",
             )
-        # Kept to make the client again in a forked child (_start_afresh).
-        self._make_client = partial(
-            AsyncImagesClient,
-            api_key,
-            base_url=base_url,
-            model=model,
-            timeout=timeout,
-            retries=retries,
-            max_connections=max_connections,
-            max_response_bytes=max_response_bytes,
-            headers=headers,
-            ssl=ssl,
-            budget=budget,
-            hooks=hooks,
-        )
+
+        # Kept to make the client again in a forked child (_start_afresh). A closure, not a
+        # functools.partial: a partial's repr would show the key.
+        def make_client() -> AsyncImagesClient:
+            return AsyncImagesClient(
+                api_key,
+                base_url=base_url,
+                model=model,
+                timeout=timeout,
+                retries=retries,
+                max_connections=max_connections,
+                max_response_bytes=max_response_bytes,
+                headers=headers,
+                ssl=ssl,
+                budget=budget,
+                hooks=hooks,
+                dialect=dialect,
+            )
+
+        self._make_client = make_client
         self._client = self._make_client()
         self._portal = LoopThread("atoma-images")
         self._origin = origin_of(self._client.base_url)
@@ -192,6 +198,10 @@ class ImagesClient:
     @property
     def model(self) -> str:
         return self._client.model
+
+    @property
+    def dialect(self) -> Dialect:
+        return self._client.dialect
 
     @property
     def timeout(self) -> Timeout:
@@ -217,6 +227,7 @@ class ImagesClient:
         response_format: ResponseFormat | None = None,
         style: str | None = None,
         user: str | None = None,
+        extra_body: Mapping[str, Any] | None = None,
         timeout: Timeout | float | None = None,
         retries: RetryPolicy | None = None,
         confidential: bool = False,
@@ -234,6 +245,7 @@ class ImagesClient:
                 response_format=response_format,
                 style=style,
                 user=user,
+                extra_body=extra_body,
                 timeout=timeout,
                 retries=retries,
                 confidential=confidential,

@@ -146,9 +146,14 @@ class CallCost:
     maybe_billed_attempts: int = 0
 
     @classmethod
-    def reserve(cls, units: int, *budgets: Budget | None) -> CallCost:
-        """The cost of a call of ``units``, its first attempt reserved in every budget."""
-        return cls(units, tuple(reserve(units, *budgets)))
+    def reserve(cls, units: int, *budgets: Budget | None, requests: int = 1) -> list[CallCost]:
+        """The cost of each of ``requests`` requests of ``units``, reserved all at once.
+
+        A call Atoma carries as several requests (one per image) reserves them together
+        before the first is sent, so it fits a budget whole or sends nothing.
+        """
+        held = tuple(reserve(units * requests, *budgets))
+        return [cls(units, held) for _ in range(requests)]
 
     def attempt_failed(self, error: BaseException) -> None:
         if may_have_been_billed(error):
@@ -168,6 +173,13 @@ class CallCost:
             raise BudgetExceededError(asked=error.asked, left=error.left, retry=True) from None
         self.reservations += 1
 
+    def finish(self, images: int | None, meters: Sequence[UsageMeter]) -> None:
+        """The request ended with ``images`` images, or failed (None): count it in every
+        meter and give back what its budgets need not keep. Once per request."""
+        self.release_unspent(succeeded=images is not None)
+        for meter in meters:
+            meter.count(self, images)
+
     def release_unspent(self, succeeded: bool) -> None:
         """Give back the reservations that no billed or possibly billed attempt used."""
         spent = self.maybe_billed_attempts + (1 if succeeded else 0)
@@ -184,7 +196,8 @@ class Usage:
     Calls refused before anything was sent (bad input, a budget) are not counted.
 
     Attributes:
-        calls: generation calls that were sent, or tried to be.
+        calls: generation requests that were sent, or tried to be (on Atoma, a call for
+            ``n`` images is ``n`` requests of one image: its backend draws one per request).
         images: images received.
         compute_units: units billed, for the calls that succeeded.
         maybe_billed_calls: calls with an attempt whose outcome is unknown (sent, then no
@@ -218,13 +231,9 @@ async def settle(
     try:
         response = await call
     except BaseException:
-        cost.release_unspent(succeeded=False)
-        for meter in meters:
-            meter.count(cost, None)
+        cost.finish(None, meters)
         raise
-    cost.release_unspent(succeeded=True)
-    for meter in meters:
-        meter.count(cost, len(response.data))
+    cost.finish(len(response.data), meters)
     return attrs.evolve(response, compute_units=cost.units)
 
 

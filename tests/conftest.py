@@ -73,6 +73,19 @@ async def client(
 
 
 @pytest.fixture
+async def url_server() -> AsyncIterator[FakeAtomaServer]:
+    """A fake server of OpenAI's dialect, whose images are URLs it serves itself."""
+    async with FakeAtomaServer(api_key=API_KEY, dialect="openai") as fake:
+        yield fake
+
+
+@pytest.fixture
+async def url_client(url_server: FakeAtomaServer) -> AsyncIterator[AsyncImagesClient]:
+    async with AsyncImagesClient(API_KEY, base_url=url_server.base_url, dialect="openai") as c:
+        yield c
+
+
+@pytest.fixture
 def threaded_server() -> Iterator[FakeAtomaServer]:
     """The fake server on its own loop thread, for synchronous tests and subprocesses."""
     with FakeAtomaServer(api_key=API_KEY) as fake:

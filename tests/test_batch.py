@@ -30,7 +30,7 @@ from atoma_images.testing import FakeAtomaServer, Reply
 
 from conftest import API_KEY, FakeSleep, serving
 
-UNITS_8X8 = 64
+UNITS_16X16 = 256
 
 
 async def test_200_prompts_at_concurrency_8_with_10_percent_failures(
@@ -41,7 +41,7 @@ async def test_200_prompts_at_concurrency_8_with_10_percent_failures(
         server.enqueue(Reply(status=400) if number % 10 == 0 else Reply(delay=0.01))
     prompts = [f"prompt {number}" for number in range(200)]
     results: list[BatchResult] = []
-    async with client.generate_many(prompts, concurrency=8, size="8x8") as batch:
+    async with client.generate_many(prompts, concurrency=8, size="16x16") as batch:
         async for result in batch:
             results.append(result)
     assert len(results) == 200
@@ -55,7 +55,7 @@ async def test_200_prompts_at_concurrency_8_with_10_percent_failures(
     assert 1 < server.peak_in_flight <= 8
     assert len(server.posts) == 200
     assert batch.summary.responses == 180
-    assert batch.summary.compute_units == 180 * UNITS_8X8 == client.usage.compute_units
+    assert batch.summary.compute_units == 180 * UNITS_16X16 == client.usage.compute_units
 
 
 def _lazy_prompts(count: int) -> Iterator[str]:
@@ -69,7 +69,7 @@ async def test_a_million_prompts_are_read_lazily_and_a_break_stops_the_batch(
     tracemalloc.start()
     try:
         async with client.generate_many(
-            _lazy_prompts(1_000_000), concurrency=8, size="8x8"
+            _lazy_prompts(1_000_000), concurrency=8, size="16x16"
         ) as batch:
             seen = 0
             async for _ in batch:
@@ -95,7 +95,7 @@ async def test_an_async_source_and_a_plain_async_for_with_aclose(
             await asyncio.sleep(0)
             yield f"prompt {number}"
 
-    batch = client.generate_many(prompts(), concurrency=3, size="8x8")
+    batch = client.generate_many(prompts(), concurrency=3, size="16x16")
     seen = [result async for result in _first(batch, 10)]
     await batch.aclose()
     assert len(seen) == 10
@@ -106,7 +106,7 @@ async def test_a_plain_async_for_left_by_break_cancels_what_is_in_flight(
     client: AsyncImagesClient, server: FakeAtomaServer
 ) -> None:
     server.enqueue(Reply(delay=0.3), times=1000)
-    batch = client.generate_many((f"prompt {n}" for n in range(1000)), concurrency=4, size="8x8")
+    batch = client.generate_many((f"prompt {n}" for n in range(1000)), concurrency=4, size="16x16")
     async for _ in batch:
         break
     for _ in range(20):  # asyncio closes the dropped iterator in a task of its own
@@ -125,7 +125,7 @@ async def test_inside_async_with_a_loop_may_be_left_and_another_started(
     client: AsyncImagesClient, server: FakeAtomaServer
 ) -> None:
     prompts = [f"prompt {n}" for n in range(6)]
-    async with client.generate_many(prompts, concurrency=2, size="8x8") as batch:
+    async with client.generate_many(prompts, concurrency=2, size="16x16") as batch:
         first = []
         async for result in batch:
             first.append(result)
@@ -143,7 +143,7 @@ async def test_a_closed_batch_answers_none_at_once_rather_than_waiting(
 ) -> None:
     server.enqueue(Reply())
     server.enqueue(Reply(delay=0.5), times=9)  # in flight while the caller waits
-    batch = client.generate_many([f"prompt {n}" for n in range(10)], concurrency=2, size="8x8")
+    batch = client.generate_many([f"prompt {n}" for n in range(10)], concurrency=2, size="16x16")
     assert (await anext(aiter(batch))).ok  # a loop of one step, dropped: the batch closes
     # Soon after, in a task of asyncio's: a caller waiting for a result then gets None.
     more = 0
@@ -156,7 +156,7 @@ async def test_a_closed_batch_answers_none_at_once_rather_than_waiting(
 async def test_retries_none_means_the_clients_policy(
     client: AsyncImagesClient, server: FakeAtomaServer
 ) -> None:
-    results = [r async for r in client.generate_many(["a fox"], size="8x8", retries=None)]
+    results = [r async for r in client.generate_many(["a fox"], size="16x16", retries=None)]
     assert [r.ok for r in results] == [True]
     assert len(server.posts) == 1
 
@@ -220,7 +220,7 @@ async def test_a_429_slows_every_call_down(server: FakeAtomaServer) -> None:
     retries = RetryPolicy(sleep=recording_sleep)
     async with AsyncImagesClient(API_KEY, base_url=server.base_url, retries=retries) as client:
         prompts = [f"prompt {number}" for number in range(40)]
-        async with client.generate_many(prompts, concurrency=4, size="8x8") as batch:
+        async with client.generate_many(prompts, concurrency=4, size="16x16") as batch:
             results = [result async for result in batch]
     assert all(result.ok for result in results)
     assert len(server.posts) == 41  # one retry: no call spent retries of its own
@@ -238,20 +238,27 @@ async def test_a_batch_mixes_sizes_models_and_requests(
 ) -> None:
     items = [
         "a fox",
-        {"prompt": "an owl", "size": "16x8", "n": 2},
-        ImageRequest(model=client.model, prompt="a boat", size="8x16"),
-        {"size": "8x8"},  # no prompt
+        {"prompt": "an owl", "size": "32x16", "n": 2},
+        ImageRequest(model=client.model, prompt="a boat", size="16x32"),
+        {"size": "16x16"},  # no prompt
         {"prompt": "a kite", "colour": "red"},  # not an option
         42,
         {"prompt": "a cat", "size": "8X8"},
     ]
-    async with client.generate_many(items, size="8x8") as batch:
+    async with client.generate_many(items, size="16x16") as batch:
         results = {result.index: result async for result in batch}
     bodies = [post.json() for post in server.posts]
-    sizes = {body["prompt"]: (body["size"], body["n"]) for body in bodies}
-    assert sizes == {"a fox": ("8x8", 1), "an owl": ("16x8", 2), "a boat": ("8x16", 1)}
+    sizes = sorted((body["prompt"], body["size"], body["n"]) for body in bodies)
+    # On Atoma the owl's two images are two requests of one.
+    assert sizes == [
+        ("a boat", "16x32", 1),
+        ("a fox", "16x16", 1),
+        ("an owl", "32x16", 1),
+        ("an owl", "32x16", 1),
+    ]
     assert results[1].response is not None
-    assert results[1].response.compute_units == 2 * 16 * 8
+    assert len(results[1].response.images) == 2
+    assert results[1].response.compute_units == 2 * 32 * 16
     for index, field in [
         (3, "prompts[3]"),
         (4, "prompts[4]['colour']"),
@@ -267,9 +274,9 @@ async def test_a_batch_mixes_sizes_models_and_requests(
 async def test_budget_refusals_in_a_batch_are_results(
     client: AsyncImagesClient, server: FakeAtomaServer
 ) -> None:
-    budget = Budget(max_compute_units=3 * UNITS_8X8)
+    budget = Budget(max_compute_units=3 * UNITS_16X16)
     prompts = [f"prompt {number}" for number in range(10)]
-    async with client.generate_many(prompts, size="8x8", budget=budget) as batch:
+    async with client.generate_many(prompts, size="16x16", budget=budget) as batch:
         results = [result async for result in batch]
     assert sum(result.ok for result in results) == 3
     assert sum(isinstance(result.error, BudgetExceededError) for result in results) == 7
@@ -281,7 +288,7 @@ async def test_a_failing_source_ends_the_batch_with_its_error(client: AsyncImage
         yield "a fox"
         raise OSError("disk gone")
 
-    async with client.generate_many(prompts(), concurrency=1, size="8x8") as batch:
+    async with client.generate_many(prompts(), concurrency=1, size="16x16") as batch:
         first = await batch.next_result()
         with pytest.raises(OSError, match="disk gone"):
             await batch.next_result()
@@ -319,12 +326,12 @@ def test_the_sync_client_iterates_reports_progress_and_closes_on_break(
 
     with ImagesClient(API_KEY, base_url=threaded_server.base_url) as client:
         prompts = [f"prompt {number}" for number in range(5)]
-        results = list(client.generate_many(prompts, size="8x8", on_progress=on_progress))
+        results = list(client.generate_many(prompts, size="16x16", on_progress=on_progress))
         assert sorted(result.index for result in results) == list(range(5))
         assert progress == [(n, 5, threading.current_thread().name) for n in range(1, 6)]
 
         threaded_server.reset()
-        for _ in client.generate_many(_lazy_prompts(1_000_000), concurrency=2, size="8x8"):
+        for _ in client.generate_many(_lazy_prompts(1_000_000), concurrency=2, size="16x16"):
             break
         assert len(threaded_server.posts) <= 1 + 2
         assert client.usage.calls == 5 + len(threaded_server.posts)
@@ -369,7 +376,7 @@ async def test_a_batch_wide_wait_never_sends_a_call_past_its_own_deadline() -> N
         async with client:
             b_retries = RetryPolicy(deadline=b_deadline, backoff_base=0)
             items = ["a", {"prompt": "b", "retries": b_retries}]
-            async with client.generate_many(items, concurrency=2, size="8x8") as batch:
+            async with client.generate_many(items, concurrency=2, size="16x16") as batch:
                 results = {result.prompt: result async for result in batch}
     assert posts.count("b") == 1
     error = results["b"].error
@@ -383,7 +390,7 @@ async def test_every_consumer_of_a_batch_learns_it_is_over_and_the_bound_holds(
     client: AsyncImagesClient, server: FakeAtomaServer
 ) -> None:
     server.enqueue(Reply(delay=0.02), times=40)
-    batch = client.generate_many([f"prompt {n}" for n in range(40)], concurrency=4, size="8x8")
+    batch = client.generate_many([f"prompt {n}" for n in range(40)], concurrency=4, size="16x16")
     received: list[BatchResult] = []
 
     async def consume() -> int:
@@ -409,7 +416,7 @@ async def test_a_failing_on_progress_never_loses_a_result(
 
     prompts = ["a fox", "an owl", "a boat"]
     with caplog.at_level(logging.WARNING, logger="atoma_images"):
-        async with client.generate_many(prompts, size="8x8", on_progress=on_progress) as batch:
+        async with client.generate_many(prompts, size="16x16", on_progress=on_progress) as batch:
             results = [result async for result in batch]
     assert sorted(result.prompt for result in results) == sorted(prompts)
     assert all(result.ok for result in results)
@@ -431,7 +438,7 @@ def test_a_failing_on_progress_never_loses_a_result_in_a_sync_batch(
         ImagesClient(API_KEY, base_url=threaded_server.base_url) as client,
         caplog.at_level(logging.WARNING, logger="atoma_images"),
     ):
-        batch = client.generate_many(prompts, size="8x8", on_progress=on_progress)
+        batch = client.generate_many(prompts, size="16x16", on_progress=on_progress)
         results = list(batch)
     assert sorted(result.prompt for result in results) == sorted(prompts)
     assert all(result.ok for result in results)
@@ -450,7 +457,7 @@ async def test_a_source_that_fails_part_way_hands_over_the_calls_already_sent(
         raise OSError("disk gone")
 
     received: list[BatchResult] = []
-    async with client.generate_many(prompts(), concurrency=4, size="8x8") as batch:
+    async with client.generate_many(prompts(), concurrency=4, size="16x16") as batch:
 
         async def consume() -> None:
             async for result in batch:
@@ -462,7 +469,7 @@ async def test_a_source_that_fails_part_way_hands_over_the_calls_already_sent(
     assert all(result.ok for result in received)
     assert len(server.posts) == 3
     assert batch.summary.cancelled_prompts == ()
-    assert batch.summary.compute_units == 3 * UNITS_8X8
+    assert batch.summary.compute_units == 3 * UNITS_16X16
 
 
 async def test_a_source_that_ends_with_its_own_cancellation_ends_the_batch(
@@ -475,7 +482,7 @@ async def test_a_source_that_ends_with_its_own_cancellation_ends_the_batch(
     received: list[BatchResult] = []
 
     async def consume() -> None:
-        async with client.generate_many(prompts(), concurrency=2, size="8x8") as batch:
+        async with client.generate_many(prompts(), concurrency=2, size="16x16") as batch:
             async for result in batch:
                 received.append(result)
 
@@ -495,7 +502,7 @@ async def test_a_concurrency_far_above_the_prompts_starts_only_the_tasks_the_wor
 ) -> None:
     prompts = ["a fox", "an owl", "a boat"]
     most = 0
-    async with client.generate_many(prompts, concurrency=20_000, size="8x8") as batch:
+    async with client.generate_many(prompts, concurrency=20_000, size="16x16") as batch:
         first = asyncio.create_task(batch.next_result())
         while not first.done():  # the batch's tasks, counted at every turn of the loop
             tasks = [t for t in asyncio.all_tasks() if "atoma-images-batch" in t.get_name()]
@@ -529,7 +536,7 @@ async def test_a_concurrency_above_the_pool_never_fails_for_waiting_on_its_own_p
         )
         await stack.enter_async_context(client)
         prompts = [f"prompt {n}" for n in range(6)]
-        async with client.generate_many(prompts, concurrency=6, size="8x8") as batch:
+        async with client.generate_many(prompts, concurrency=6, size="16x16") as batch:
             results = [result async for result in batch]
     assert [result.error for result in results] == [None] * 6
     assert len(server.posts) == 6
@@ -551,7 +558,7 @@ async def test_closing_a_batch_lists_as_maybe_billed_only_the_calls_that_may_hav
     server.enqueue(Reply(status=503), Reply(status=503), Reply(delay=60))
     retries = RetryPolicy(sleep=sleep_until_cancelled)
     async with AsyncImagesClient(API_KEY, base_url=server.base_url, retries=retries) as client:
-        batch = client.generate_many(["a fox", "an owl", "a boat"], concurrency=3, size="8x8")
+        batch = client.generate_many(["a fox", "an owl", "a boat"], concurrency=3, size="16x16")
         pending = asyncio.create_task(batch.next_result())
         while len(server.posts) < 3 or waiting < 2:  # noqa: ASYNC110 - polling is the point
             await asyncio.sleep(0.01)
@@ -560,7 +567,7 @@ async def test_closing_a_batch_lists_as_maybe_billed_only_the_calls_that_may_hav
     in_flight = server.posts[2].json()["prompt"]
     summary = batch.summary
     assert summary.cancelled_prompts == (in_flight,)
-    assert summary.maybe_billed_compute_units == UNITS_8X8
+    assert summary.maybe_billed_compute_units == UNITS_16X16
     assert client.usage.maybe_billed_calls == 1
     assert client.usage.unbilled_failures == 2
 

@@ -239,7 +239,7 @@ async def test_not_billed_means_never_received_over_a_fault_matrix(seed: int) ->
     ) -> None:
         try:
             outcomes[prompt] = await client.generate(
-                prompt, size="8x8", timeout=timeout, retries=retries
+                prompt, size="16x16", timeout=timeout, retries=retries
             )
         except BaseException as exc:  # checked below: only our errors may come out
             outcomes[prompt] = exc
@@ -325,7 +325,7 @@ async def test_pool_waits_that_time_out_are_not_billed_and_are_retried() -> None
 
             async def call(prompt: str) -> None:
                 try:
-                    outcomes[prompt] = await client.generate(prompt, size="8x8")
+                    outcomes[prompt] = await client.generate(prompt, size="16x16")
                 except AtomaImagesError as exc:
                     outcomes[prompt] = exc
 

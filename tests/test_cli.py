@@ -143,23 +143,49 @@ def test_fake_saves_pngs_and_prints_their_paths(tmp_path: Path) -> None:
     reason="needs the confidential extra: pip install 'atoma-images[confidential]'",
 )
 def test_fake_confidential_saves_pngs(tmp_path: Path) -> None:
-    done = cli("--fake", "--confidential", "a red fox", "--size", "40x24", "--json", cwd=tmp_path)
+    done = cli(
+        "--fake", "--confidential", "a red fox", "-n", "2", "--size", "48x32", "--json",
+        cwd=tmp_path,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
-    assert record["files"] == ["a-red-fox-1.png"]
-    assert png_size(tmp_path / "a-red-fox-1.png") == (40, 24)
+    assert record["files"] == ["a-red-fox-1.png", "a-red-fox-2.png"]
+    assert [png_size(tmp_path / name) for name in record["files"]] == [(48, 32)] * 2
 
 
 def test_a_second_run_does_not_overwrite(tmp_path: Path) -> None:
-    first = cli("--fake", "fox", "--size", "8x8", cwd=tmp_path, key=None)
-    second = cli("--fake", "fox", "--size", "8x8", cwd=tmp_path, key=None)
+    first = cli("--fake", "fox", "--size", "16x16", cwd=tmp_path, key=None)
+    second = cli("--fake", "fox", "--size", "16x16", cwd=tmp_path, key=None)
     assert (first.stdout.strip(), second.stdout.strip()) == ("fox-1.png", "fox_2-1.png")
+
+
+def test_three_images_on_atoma_are_three_files(tmp_path: Path) -> None:
+    done = cli("--fake", "a red fox", "-n", "3", "--size", "32x16", cwd=tmp_path, key=None)
+    assert done.returncode == 0, done.stderr
+    paths = done.stdout.split()
+    assert paths == ["a-red-fox-1.png", "a-red-fox-2.png", "a-red-fox-3.png"]
+    assert [png_size(tmp_path / p) for p in paths] == [(32, 16)] * 3
+    assert done.stderr.splitlines()[-1] == "atoma-images: used 1,536 compute units"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "phrase"),
+    [(("--format", "url"), "nothing serves"), (("--size", "1000x1000"), "'992x992'")],
+)
+def test_what_atoma_cannot_answer_as_asked_is_refused_before_sending(
+    tmp_path: Path, arguments: tuple[str, ...], phrase: str
+) -> None:
+    done = cli("--fake", "an owl", *arguments, cwd=tmp_path, key=None)
+    assert done.returncode == EXIT_CODES["invalid input"]
+    assert phrase in done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_json_output_and_url_format(tmp_path: Path) -> None:
     done = cli(
-        "--fake", "an owl", "--format", "url", "--json", "--size", "16x16", cwd=tmp_path, key=None
-    )
+        "--fake", "an owl", "--dialect", "openai", "--format", "url", "--json", "--size", "16x16",
+        cwd=tmp_path, key=None,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     (record,) = [json.loads(line) for line in done.stdout.splitlines()]
     assert record["prompt"] == "an owl"
@@ -178,7 +204,7 @@ def test_prompts_file_reports_each_failure_and_goes_on(tmp_path: Path) -> None:
         "--concurrency",
         "2",
         "--size",
-        "8x8",
+        "16x16",
         "--json",
         "-o",
         "out",
@@ -227,14 +253,14 @@ def test_exit_codes_for_server_answers(
         "--max-retries",
         "0",
         "--size",
-        "8x8",
+        "16x16",
         cwd=tmp_path,
     )
     assert done.returncode == EXIT_CODES[kind], done.stderr
     error, cost = done.stderr.strip().splitlines()  # the error, then what the run cost
     assert error.startswith("atoma-images: error: ")
     # An error status is not billed; a lost or unreadable answer may have been (8 x 8 units).
-    unknown = "; 64 more may have been billed" if maybe_billed else ""
+    unknown = "; 256 more may have been billed" if maybe_billed else ""
     assert cost == f"atoma-images: used 0 compute units{unknown}"
     assert done.stdout == ""
 
@@ -269,7 +295,7 @@ def test_debug_shows_the_traceback(threaded_server: FakeAtomaServer, tmp_path: P
 @pytest.mark.slow  # two runs, one on a pseudo-terminal: CI runs it
 def test_spinner_only_on_a_terminal(threaded_server: FakeAtomaServer, tmp_path: Path) -> None:
     threaded_server.latency = 0.5
-    arguments = ("fox", "--base-url", threaded_server.base_url, "--size", "8x8")
+    arguments = ("fox", "--base-url", threaded_server.base_url, "--size", "16x16")
     piped = cli(*arguments, cwd=tmp_path)
     assert piped.returncode == 0
     assert "generating" not in piped.stderr
@@ -475,7 +501,7 @@ def test_a_prompts_file_with_a_bom_indented_comments_and_a_line_separator(
         "--concurrency",
         "1",
         "--size",
-        "8x8",
+        "16x16",
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
@@ -615,7 +641,7 @@ def test_saving_a_prompt_never_lists_the_output_folder(
     monkeypatch.setattr(os, "scandir", counted_scandir)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\n" * 30)
-    code = main(["--fake", "--prompts-file", str(prompts), "--size", "8x8", "-o", str(out)])
+    code = main(["--fake", "--prompts-file", str(prompts), "--size", "16x16", "-o", str(out)])
     assert code == 0
     saved = sorted(capsys.readouterr().out.splitlines())
     assert saved == [f"{out}/{number:03d}-a-fox_2-1.png" for number in range(1, 31)]
@@ -676,7 +702,16 @@ async def test_a_paid_image_whose_download_fails_is_reported_billed(tmp_path: Pa
     app.router.add_get("/files/{name}", files)
     async with serving(app) as root:
         done = await acli(
-            "fox", "--base-url", f"{root}/v1", "--format", "url", "--max-retries", "0", cwd=tmp_path
+            "fox",
+            "--base-url",
+            f"{root}/v1",
+            "--dialect",
+            "openai",
+            "--format",
+            "url",
+            "--max-retries",
+            "0",
+            cwd=tmp_path,
         )
     assert done.returncode == EXIT_CODES["not saved"], done.stderr
     assert done.stdout.splitlines() == ["fox-1.png"]  # the image that did download is kept
@@ -801,7 +836,7 @@ def test_ctrl_c_counts_only_finished_prompts_and_says_what_may_be_billed(
     threaded_server.enqueue(Reply(delay=60), times=2)  # ... the other two take their time
     (tmp_path / "prompts.txt").write_text("a fox\nan owl\na boat\n")
     arguments = ("--prompts-file", "prompts.txt", "--base-url", threaded_server.base_url)
-    process = started(*arguments, "--size", "8x8", "--concurrency", "3", cwd=tmp_path)
+    process = started(*arguments, "--size", "16x16", "--concurrency", "3", cwd=tmp_path)
     assert process.stderr is not None
     assert process.stderr.readline() == "1/3 done\n"
     out, err = interrupt_once(process, lambda: len(threaded_server.posts) == 3)
@@ -810,7 +845,7 @@ def test_ctrl_c_counts_only_finished_prompts_and_says_what_may_be_billed(
     assert err.splitlines() == [
         "atoma-images: interrupted with 1/3 prompts done; "
         "2 requests were in flight: any already sent may still be billed",
-        "atoma-images: used 64 compute units; 128 more may have been billed",
+        "atoma-images: used 256 compute units; 512 more may have been billed",
     ]
 
 
@@ -832,14 +867,16 @@ def test_a_stop_signal_of_one_prompt_says_it_may_be_billed(
     threaded_server: FakeAtomaServer, tmp_path: Path, signum: signal.Signals, by: str, kind: str
 ) -> None:
     threaded_server.enqueue(Reply(delay=60))
-    process = started("fox", "--base-url", threaded_server.base_url, "--size", "8x8", cwd=tmp_path)
+    process = started(
+        "fox", "--base-url", threaded_server.base_url, "--size", "16x16", cwd=tmp_path
+    )
     out, err = interrupt_once(process, lambda: len(threaded_server.posts) == 1, signum)
     assert process.returncode == EXIT_CODES[kind] == 128 + signum
     assert out == ""
     assert err.splitlines() == [
         f"atoma-images: interrupted{by}; 1 request was in flight: if already sent, it may "
         "still be billed",
-        "atoma-images: used 0 compute units; 64 more may have been billed",
+        "atoma-images: used 0 compute units; 256 more may have been billed",
     ]
 
 
@@ -851,7 +888,7 @@ def test_a_stop_signal_while_a_paid_image_is_fetched_says_it_was_billed_and_wher
         url = f"{files}/fox\x1b]0;owned\x07.png"  # the server's text: shown escaped
         threaded_server.enqueue(Reply(body={"created": 1, "data": [{"url": url}]}))
         process = started(
-            "fox", "--base-url", threaded_server.base_url, "--size", "8x8", cwd=tmp_path
+            "fox", "--base-url", threaded_server.base_url, "--size", "16x16", cwd=tmp_path
         )
         out, err = interrupt_once(process, fetching, signum)
     assert process.returncode == EXIT_CODES[kind] == 128 + signum
@@ -860,7 +897,7 @@ def test_a_stop_signal_while_a_paid_image_is_fetched_says_it_was_billed_and_wher
         "atoma-images: error: generated and billed, but interrupted before its images were "
         f"saved; their URLs: {files}/fox\\x1b]0;owned\\x07.png",
         f"atoma-images: interrupted{by}; 1 prompt was generated and billed but not saved",
-        "atoma-images: used 64 compute units",
+        "atoma-images: used 256 compute units",
     ]
 
 
@@ -873,7 +910,7 @@ def test_ctrl_c_reports_every_billed_result_not_yet_saved_in_json_too(
         threaded_server.enqueue(Reply(body={"created": 1, "data": [{"url": url}]}), times=2)
         arguments = ("--prompts-file", "prompts.txt", "--base-url", threaded_server.base_url)
         process = started(
-            *arguments, "--size", "8x8", "--concurrency", "2", "--json", "--debug", cwd=tmp_path
+            *arguments, "--size", "16x16", "--concurrency", "2", "--json", "--debug", cwd=tmp_path
         )
         assert process.stderr is not None
         # --debug logs each answer as it is read. Once both are, and the first result's image
@@ -903,7 +940,7 @@ def test_ctrl_c_reports_every_billed_result_not_yet_saved_in_json_too(
     assert lines[2:] == [
         "atoma-images: interrupted with 0/2 prompts done; "
         "2 prompts were generated and billed but not saved",
-        "atoma-images: used 128 compute units",
+        "atoma-images: used 512 compute units",
     ]
 
 
@@ -915,7 +952,7 @@ def test_a_path_stdout_cannot_encode_is_printed_escaped_and_every_image_kept(
 ) -> None:
     (tmp_path / "prompts.txt").write_text("a fox\nan owl\n")
     done = subprocess.run(
-        [*COMMAND, "--fake", "--prompts-file", "prompts.txt", "--size", "8x8", "-o", "dessinés"],
+        [*COMMAND, "--fake", "--prompts-file", "prompts.txt", "--size", "16x16", "-o", "dessinés"],
         cwd=tmp_path,
         # Output redirected with a narrow encoding, into a folder whose name it cannot encode.
         env=environment(tmp_path, None, extra={"PYTHONIOENCODING": "ascii"}),
@@ -931,8 +968,8 @@ def test_a_path_stdout_cannot_encode_is_printed_escaped_and_every_image_kept(
     ]
     assert [
         png_size(tmp_path / "dessinés" / name) for name in ("001-a-fox-1.png", "002-an-owl-1.png")
-    ] == [(8, 8), (8, 8)]
-    assert stderr.splitlines()[-1] == "atoma-images: used 128 compute units"
+    ] == [(16, 16), (16, 16)]
+    assert stderr.splitlines()[-1] == "atoma-images: used 512 compute units"
 
 
 def test_a_result_whose_report_fails_does_not_discard_the_others(
@@ -945,7 +982,7 @@ def test_a_result_whose_report_fails_does_not_discard_the_others(
             [
                 *COMMAND,
                 *("--base-url", threaded_server.base_url, "--prompts-file", "prompts.txt"),
-                *("--json", "--size", "8x8", "--concurrency", "1"),
+                *("--json", "--size", "16x16", "--concurrency", "1"),
             ],
             cwd=tmp_path,
             env=environment(tmp_path, API_KEY),
@@ -969,7 +1006,7 @@ def test_a_result_whose_report_fails_does_not_discard_the_others(
         'atoma-images: error ("an owl"): generated, billed and saved as 003-an-owl-1.png, but '
         f"not reported {reason}",
     ]
-    assert stderr.splitlines()[-1] == "atoma-images: used 128 compute units"
+    assert stderr.splitlines()[-1] == "atoma-images: used 512 compute units"
     assert done.returncode == EXIT_CODES["unexpected"], stderr
 
 

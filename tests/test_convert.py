@@ -20,6 +20,7 @@ from atoma_images import (
     InsufficientBalanceError,
     InternalServerError,
     LockedError,
+    NoImageError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
@@ -32,33 +33,33 @@ from atoma_images import (
 )
 from atoma_images._convert import (
     converter,
-    encode_request,
     error_from_response,
     parse_response,
 )
+from atoma_images._dialect import encode
 from atoma_images._retry_after import parse_retry_after
 
 NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 
 
 def test_request_body_always_has_n_and_size_and_never_null() -> None:
-    body = json.loads(encode_request(ImageRequest(model="m", prompt="p")))
+    body = json.loads(encode("openai", ImageRequest(model="m", prompt="p")))
     assert body == {"model": "m", "prompt": "p", "n": 1, "size": "1024x1024"}
     full = ImageRequest(
         model="m",
         prompt="p",
         n=3,
-        size="8x8",
+        size="16x16",
         quality="hd",
         response_format="url",
         style="s",
         user="u",
     )
-    assert json.loads(encode_request(full)) == {
+    assert json.loads(encode("openai", full)) == {
         "model": "m",
         "prompt": "p",
         "n": 3,
-        "size": "8x8",
+        "size": "16x16",
         "quality": "hd",
         "response_format": "url",
         "style": "s",
@@ -67,11 +68,11 @@ def test_request_body_always_has_n_and_size_and_never_null() -> None:
 
 
 def test_request_body_is_the_converters_dict_as_compact_json() -> None:
-    request = ImageRequest(model="m", prompt='a "fox"', n=2, size="8x8", user="u")
-    assert encode_request(request) == (
-        b'{"model":"m","prompt":"a \\"fox\\"","n":2,"size":"8x8","user":"u"}'
+    request = ImageRequest(model="m", prompt='a "fox"', n=2, size="16x16", user="u")
+    assert encode("openai", request) == (
+        b'{"model":"m","prompt":"a \\"fox\\"","n":2,"size":"16x16","user":"u"}'
     )
-    assert json.loads(encode_request(request)) == converter().unstructure(request)
+    assert json.loads(encode("openai", request)) == converter().unstructure(request)
     # The defaults the proxy requires are sent even when left as they are.
     assert converter().unstructure(ImageRequest(model="m", prompt="p")) == {
         "model": "m",
@@ -82,7 +83,7 @@ def test_request_body_is_the_converters_dict_as_compact_json() -> None:
 
 
 def test_request_body_keeps_unicode_as_utf8() -> None:
-    body = encode_request(ImageRequest(model="m", prompt="ein Fuchs 🦊 im Schnee"))
+    body = encode("openai", ImageRequest(model="m", prompt="ein Fuchs 🦊 im Schnee"))
     assert "🦊".encode() in body
     assert json.loads(body)["prompt"] == "ein Fuchs 🦊 im Schnee"
 
@@ -94,7 +95,6 @@ def test_parse_accepts_every_image_form_and_keeps_unknown_keys() -> None:
             {"url": "https://x/1.png", "revised_prompt": "better"},
             {"url": None, "b64_json": "data:image/png;base64,aGk="},
             {"b64_json": "aGk=", "seed": 42},
-            {"url": "image-generation-1.png", "b64_json": None},
         ],
         "signature": "sig",
         "response_hash": "hash",
@@ -102,12 +102,7 @@ def test_parse_accepts_every_image_form_and_keeps_unknown_keys() -> None:
     headers = CIMultiDict({"X-Request-Id": "req-1"})
     response = parse_response(200, headers, json.dumps(body).encode())
     assert response.created == 1700000000
-    assert [i.url for i in response.images] == [
-        "https://x/1.png",
-        None,
-        None,
-        "image-generation-1.png",
-    ]
+    assert [i.url for i in response.images] == ["https://x/1.png", None, None]
     assert response.images[0].revised_prompt == "better"
     assert response.images[1].decode() == b"hi"
     assert response.images[2].decode() == b"hi"
@@ -117,10 +112,23 @@ def test_parse_accepts_every_image_form_and_keeps_unknown_keys() -> None:
     assert response.headers["x-request-id"] == "req-1"
 
 
+@pytest.mark.parametrize("url", ["image-generation-1.png", "/files/1.png", "ftp://x/1.png"])
+def test_an_answer_whose_image_is_a_file_name_is_no_image_and_keeps_the_answer(url: str) -> None:
+    body = {"created": 1, "data": [{"b64_json": "aGk="}, {"url": url, "b64_json": None}]}
+    with pytest.raises(NoImageError, match=r"data\[1\]: no image: no base64 data") as caught:
+        parse_response(200, CIMultiDict({"X-Request-Id": "r"}), json.dumps(body).encode())
+    error = caught.value
+    assert isinstance(error, ResponseValidationError)
+    assert error.may_have_been_billed  # the server answered with success: it billed
+    assert [image.url for image in error.response.images] == [None, url]
+    assert error.response.images[0].decode() == b"hi"
+    assert error.request_id == "r"
+
+
 def test_an_answer_with_more_images_than_a_request_can_ask_for_is_refused() -> None:
-    ten = {"created": 1, "data": [{"url": f"u{i}"} for i in range(10)]}
+    ten = {"created": 1, "data": [{"url": f"https://x/{i}"} for i in range(10)]}
     assert len(parse_response(200, NO_HEADERS, json.dumps(ten).encode()).images) == 10
-    eleven = {"created": 1, "data": [{"url": f"u{i}"} for i in range(11)]}
+    eleven = {"created": 1, "data": [{"url": f"https://x/{i}"} for i in range(11)]}
     with pytest.raises(ResponseValidationError, match=r"data: expected at most 10 images, got 11"):
         parse_response(200, NO_HEADERS, json.dumps(eleven).encode())
 
@@ -155,10 +163,10 @@ def test_large_base64_is_kept_as_the_same_string_the_parser_made() -> None:
         (b'{"created": 1, "data": {}}', ["data: expected a list, got dict"]),
         (b'{"created": 1, "data": "x"}', ["data: expected a list, got str"]),
         (b'{"created": 1, "data": [3]}', ["data[0]: expected an object, got int"]),
-        (b'{"created": 1, "data": [{}]}', ["data[0]: the image has neither url nor b64_json"]),
+        (b'{"created": 1, "data": [{}]}', ["data[0]: no image: neither base64 data nor a URL"]),
         (
             b'{"created": 1, "data": [{"url": null, "b64_json": null}]}',
-            ["data[0]: the image has neither"],
+            ["data[0]: no image: neither"],
         ),
         (
             b'{"created": 1, "data": [{"url": 5}]}',

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from atoma_images import ImageRequest
-from atoma_images._convert import encode_request
+from atoma_images._dialect import encode
 from atoma_images.testing import FakeAtomaServer
 
 from conftest import API_KEY
@@ -28,8 +28,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 MODEL = "black-forest-labs/FLUX.1-schnell"
-REQUEST = ImageRequest(model=MODEL, prompt="a red fox", n=2, size="16x8")
-UNITS = 2 * 16 * 8
+REQUEST = ImageRequest(model=MODEL, prompt="a red fox", n=2, size="32x16")
+UNITS = 2 * 32 * 16
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 WRONG_KEY = {"Authorization": "Bearer wrong"}
 
@@ -71,7 +71,7 @@ async def sealed_body(
 
     granted = await lock(node, units)
     sealed = c.seal(
-        encode_request(REQUEST) if plaintext is None else plaintext,
+        encode("atoma", REQUEST) if plaintext is None else plaintext,
         REQUEST,
         c.NodeLock(**{k: v for k, v in granted.items() if v is not None}),
     )
@@ -139,9 +139,9 @@ async def test_a_sealed_request_is_answered_sealed_with_its_hash(node: FakeAtoma
     )
     assert sealed["response_hash"] == c.body_hash(inner)
     images = json.loads(inner)["data"]
+    # The node's backend draws one image whatever n says (the client sends n=1 on Atoma).
     assert [png_size(base64.b64decode(i["b64_json"].partition(",")[2])) for i in images] == [
-        (16, 8),
-        (16, 8),
+        (32, 16)
     ]
 
 
@@ -174,7 +174,7 @@ def flip_ciphertext(body: dict[str, Any]) -> None:
         (spoil("stack_small_id", "1"), 400, "REQUEST_ERROR", "must be integers"),
         (spoil("num_compute_units", None), 400, "REQUEST_ERROR", "must be integers"),
         (spoil("stack_small_id", 99), 425, "UNAVAILABLE_STACK", "No usable lock for stack 99"),
-        (spoil("num_compute_units", UNITS + 1), 425, "UNAVAILABLE_STACK", "covers 256"),
+        (spoil("num_compute_units", UNITS + 1), 425, "UNAVAILABLE_STACK", f"covers {UNITS}"),
         (spoil("nonce", "%%%"), 400, "REQUEST_ERROR", "nonce is not valid base64"),
         (
             spoil("node_dh_public_key", base64.b64encode(b"\x09" * 32).decode()),

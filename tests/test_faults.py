@@ -103,7 +103,7 @@ FAULTS = {
         Reply(status=200, body={"created": 1, "data": [{"revised_prompt": "x"}]}),
         ResponseValidationError,
         1,
-        "neither url nor b64_json",
+        "no image: neither base64 data nor a URL",
     ),
 }
 
@@ -118,7 +118,7 @@ async def test_fault(server: FakeAtomaServer, fake_sleep: FakeSleep, fault: Faul
         timeout=fault.timeout,
     ) as images:
         with pytest.raises(fault.error) as info:
-            await images.generate("a fox", size="8x8")
+            await images.generate("a fox", size="16x16")
         message = str(info.value)
         assert fault.phrase in message
         assert 20 < len(message) < 600
@@ -129,14 +129,14 @@ async def test_fault(server: FakeAtomaServer, fake_sleep: FakeSleep, fault: Faul
             assert info.value.may_have_been_billed
         # The client is still usable afterwards.
         server.reset()
-        assert (await images.generate("a fox", size="8x8")).images
+        assert (await images.generate("a fox", size="16x16")).images
 
 
 async def test_invalid_base64_is_found_on_decode(
     client: AsyncImagesClient, server: FakeAtomaServer
 ) -> None:
     server.enqueue(Reply(status=200, body={"created": 1, "data": [{"b64_json": "%%%not base64"}]}))
-    result = await client.generate("a fox", size="8x8")
+    result = await client.generate("a fox", size="16x16")
     with pytest.raises(ResponseValidationError, match="not valid base64"):
         result.images[0].decode()
     assert len(server.posts) == 1
@@ -152,7 +152,7 @@ async def test_connection_refused_is_retried_then_reported(fake_sleep: FakeSleep
         API_KEY, base_url=f"http://127.0.0.1:{port}/v1", retries=RetryPolicy(sleep=fake_sleep)
     ) as images:
         with pytest.raises(APIConnectionError, match="could not connect") as info:
-            await images.generate("a fox", size="8x8")
+            await images.generate("a fox", size="16x16")
     assert not isinstance(info.value, AmbiguousOutcomeError)
     assert info.value.attempts == 3
 
@@ -165,7 +165,7 @@ async def test_slow_drip_ends_at_the_deadline(server: FakeAtomaServer) -> None:
         API_KEY, base_url=server.base_url, retries=RetryPolicy(deadline=1.0)
     ) as images:
         with pytest.raises(AmbiguousTimeoutError):
-            await images.generate("a fox", size="8x8", timeout=Timeout(read=0.5))
+            await images.generate("a fox", size="16x16", timeout=Timeout(read=0.5))
     elapsed = time.monotonic() - started
     assert 0.9 < elapsed < 3
     assert len(server.posts) == 1
@@ -178,7 +178,7 @@ async def test_response_size_cap_holds_with_bounded_memory(endless: str, sized: 
         tracemalloc.start()
         try:
             with pytest.raises(ResponseValidationError, match="max_response_bytes") as info:
-                await images.generate("a fox", size="8x8")
+                await images.generate("a fox", size="16x16")
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()

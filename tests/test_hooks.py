@@ -13,6 +13,7 @@ import pytest
 from atoma_images import (
     AmbiguousOutcomeError,
     AsyncImagesClient,
+    Dialect,
     ImagesClient,
     InvalidRequestError,
     NotFoundError,
@@ -80,9 +81,15 @@ def _closed_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _client(base_url: str, sleep: Any, *hooks: Hooks, **policy: Any) -> AsyncImagesClient:
+def _client(
+    base_url: str, sleep: Any, *hooks: Hooks, dialect: Dialect = "atoma", **policy: Any
+) -> AsyncImagesClient:
     return AsyncImagesClient(
-        API_KEY, base_url=base_url, retries=RetryPolicy(sleep=sleep, **policy), hooks=hooks
+        API_KEY,
+        base_url=base_url,
+        retries=RetryPolicy(sleep=sleep, **policy),
+        hooks=hooks,
+        dialect=dialect,
     )
 
 
@@ -90,7 +97,7 @@ async def test_429_then_200(server: FakeAtomaServer, fake_sleep: FakeSleep) -> N
     server.enqueue(Reply(status=429, headers={"Retry-After": "2", "x-request-id": "req-429"}))
     recorder = Recorder()
     async with _client(server.base_url, fake_sleep, recorder) as client:
-        result = await client.generate("fox", n=2, size="8x8")
+        result = await client.generate("fox", size="16x16")
         model = client.model
     assert len(server.posts) == 2
     assert recorder.kinds == ["started", "finished", "retry", "started", "finished", "call"]
@@ -116,8 +123,8 @@ async def test_429_then_200(server: FakeAtomaServer, fake_sleep: FakeSleep) -> N
         "generate",
         "POST",
         model,
-        2,
-        "8x8",
+        1,
+        "16x16",
     )
     assert info.url == f"{server.base_url}/images/generations"
     # One object per call: every event of the call carries the same one.
@@ -131,7 +138,7 @@ async def test_ambiguous_drop_is_not_retried(
     recorder = Recorder()
     async with _client(server.base_url, fake_sleep, recorder) as client:
         with pytest.raises(AmbiguousOutcomeError):
-            await client.generate("fox", size="8x8")
+            await client.generate("fox", size="16x16")
     assert len(server.posts) == 1
     assert recorder.kinds == ["started", "finished", "call"]
     (finished,) = recorder.of("finished")
@@ -154,7 +161,7 @@ async def test_ambiguous_drop_retried_when_allowed(
     server.enqueue(Reply(fault="drop"))
     recorder = Recorder()
     async with _client(server.base_url, fake_sleep, recorder, retry_ambiguous=True) as client:
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     assert len(server.posts) == 2
     assert recorder.kinds == ["started", "finished", "retry", "started", "finished", "call"]
     assert recorder.of("retry")[0].reason == "AmbiguousOutcomeError"
@@ -172,7 +179,7 @@ async def test_refused_then_up(fake_sleep: FakeSleep) -> None:
     async with _client(
         f"http://127.0.0.1:{port}/v1", start_server_during_the_wait, recorder
     ) as client:
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     await fake.stop()
     assert len(fake.posts) == 1
     assert recorder.kinds == ["started", "finished", "retry", "started", "finished", "call"]
@@ -193,7 +200,7 @@ async def test_only_error_statuses_bill_nothing(
     recorder = Recorder()
     async with _client(server.base_url, fake_sleep, recorder) as client:
         with pytest.raises(ServiceUnavailableError):
-            await client.generate("fox", size="8x8")
+            await client.generate("fox", size="16x16")
     assert len(recorder.of("started")) == len(server.posts) == 3
     (call,) = recorder.of("call")
     assert (call.attempts, call.status, call.may_have_been_billed) == (3, 503, False)
@@ -205,7 +212,7 @@ async def test_a_raising_hook_changes_nothing(
     server.enqueue(Reply(status=429, headers={"Retry-After": "1"}))
     recorder = Recorder()
     async with _client(server.base_url, fake_sleep, Raising(), recorder) as client:
-        result = await client.generate("fox", size="8x8")
+        result = await client.generate("fox", size="16x16")
     assert result.images
     assert len(server.posts) == 2
     # The hooks after the raising one still ran, every time.
@@ -221,7 +228,7 @@ async def test_hooks_never_see_the_key_headers_or_body(
     server.enqueue(Reply(status=429, headers={"Retry-After": "1"}), Reply(status=500))
     recorder = Recorder()
     async with _client(server.base_url, fake_sleep, recorder) as client:
-        await client.generate("a secret prompt", size="8x8")
+        await client.generate("a secret prompt", size="16x16")
     assert len(recorder.events) == 9
     for _, info in recorder.events:
         everything = repr(attrs.asdict(info))
@@ -232,11 +239,12 @@ async def test_hooks_never_see_the_key_headers_or_body(
 
 
 async def test_download_bills_nothing_and_hides_the_query(
-    server: FakeAtomaServer, fake_sleep: FakeSleep
+    url_server: FakeAtomaServer, fake_sleep: FakeSleep
 ) -> None:
+    server = url_server
     recorder = Recorder()
-    async with _client(server.base_url, fake_sleep, recorder) as client:
-        result = await client.generate("fox", size="8x8", response_format="url")
+    async with _client(server.base_url, fake_sleep, recorder, dialect="openai") as client:
+        result = await client.generate("fox", size="16x16", response_format="url")
         url = f"{result.images[0].url}?X-Signature=s3cr3t#frag"
         await client.download(url)
     started = recorder.of("started")[1].call
@@ -256,7 +264,7 @@ async def test_cancelled_call_is_reported(server: FakeAtomaServer, fake_sleep: F
             sent.set()
 
     async with _client(server.base_url, fake_sleep, recorder, Signal()) as client:
-        task = asyncio.create_task(client.generate("fox", size="8x8"))
+        task = asyncio.create_task(client.generate("fox", size="16x16"))
         await sent.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -274,7 +282,7 @@ def test_sync_client_passes_hooks(threaded_server: FakeAtomaServer) -> None:
         ImagesClient(API_KEY, base_url=threaded_server.base_url, hooks=[recorder]) as client,
         set_testing(True),
     ):
-        client.generate("fox", size="8x8")
+        client.generate("fox", size="16x16")
     assert recorder.kinds == ["started", "finished", "retry", "started", "finished", "call"]
 
 
@@ -305,7 +313,7 @@ async def test_set_testing_skips_waits_but_not_attempts(
     recorder = Recorder()
     async with _client(server.base_url, fake_sleep, recorder) as client:
         with set_testing(True):
-            await client.generate("fox", size="8x8")
+            await client.generate("fox", size="16x16")
     assert len(server.posts) == 3
     assert fake_sleep.waits == []  # not even the policy's own sleep was called
     # The decided waits are still reported: only the sleeping is left out.
@@ -326,7 +334,7 @@ async def test_testing_is_off_by_default_and_restored(
     assert not is_testing()
     server.enqueue(Reply(status=503))
     async with _client(server.base_url, fake_sleep) as client:
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     assert len(fake_sleep.waits) == 1
     setting = set_testing(True)  # the statement form
     try:
@@ -372,16 +380,17 @@ def test_an_async_hook_method_is_refused_when_the_client_is_made(
 
 
 async def test_every_answer_reports_its_status(
-    server: FakeAtomaServer, fake_sleep: FakeSleep
+    url_server: FakeAtomaServer, fake_sleep: FakeSleep
 ) -> None:
+    server = url_server
     # A success (a generation, a download at the end of a redirect), a success whose body is
     # not usable and an error: each attempt that got an answer says its status.
     recorder = Recorder()
     server.enqueue(Reply(status=201), Reply(status=200, body=b"{}"))
-    async with _client(server.base_url, fake_sleep, recorder) as client:
-        created = await client.generate("fox", size="8x8", response_format="url")
+    async with _client(server.base_url, fake_sleep, recorder, dialect="openai") as client:
+        created = await client.generate("fox", size="16x16", response_format="url")
         with pytest.raises(ResponseValidationError):
-            await client.generate("fox", size="8x8")
+            await client.generate("fox", size="16x16")
         await client.download(created.images[0].url or "")
         with pytest.raises(NotFoundError):
             await client.download(f"{server.base_url}/nothing-here")
@@ -398,7 +407,7 @@ async def test_every_answer_reports_its_status(
 def test_the_sync_client_reports_a_successs_status(threaded_server: FakeAtomaServer) -> None:
     recorder = Recorder()
     with ImagesClient(API_KEY, base_url=threaded_server.base_url, hooks=[recorder]) as client:
-        client.generate("fox", size="8x8")
+        client.generate("fox", size="16x16")
     assert [info.status for kind, info in recorder.events if kind != "started"] == [200, 200]
 
 
@@ -408,9 +417,9 @@ async def test_a_connection_failure_after_a_success_reports_no_status(
     # The status of one answer is never taken for a later attempt that got none.
     recorder = Recorder()
     async with _client(server.base_url, fake_sleep, recorder) as client:
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
         server.enqueue(Reply(fault="drop"))
         with pytest.raises(AmbiguousOutcomeError):
-            await client.generate("fox", size="8x8")
+            await client.generate("fox", size="16x16")
     assert [info.status for info in recorder.of("finished")] == [200, None]
     assert [info.status for info in recorder.of("call")] == [200, None]

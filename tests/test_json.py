@@ -70,7 +70,7 @@ def test_without_orjson_the_standard_library_parses() -> None:
         "import sys; sys.modules['orjson'] = None\n"
         "from atoma_images._bounded_json import JSON_BACKEND, __file__ as where\n"
         "from atoma_images._convert import parse_response\n"
-        'answer = parse_response(200, {}, b\'{"created": 1, "data": [{"url": "u"}]}\')\n'
+        'answer = parse_response(200, {}, b\'{"created": 1, "data": [{"url": "https://u"}]}\')\n'
         "print(JSON_BACKEND, answer.images[0].url, where)\n"
     )
     result = subprocess.run(
@@ -81,7 +81,7 @@ def test_without_orjson_the_standard_library_parses() -> None:
         check=True,
         timeout=60,
     )
-    assert result.stdout.split() == ["json", "u", _bounded_json.__file__]
+    assert result.stdout.split() == ["json", "https://u", _bounded_json.__file__]
 
 
 # name: (body, what json.loads(body) gives, or what load_json gives instead)

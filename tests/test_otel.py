@@ -70,7 +70,7 @@ async def test_429_then_200(
 ) -> None:
     server.enqueue(Reply(status=429, headers={"Retry-After": "2"}))
     async with _client(server.base_url, fake_sleep, provider) as client:
-        await client.generate("fox", n=2, size="8x8")
+        await client.generate("fox", size="16x16")
         model = client.model
     call, attempts = _split(exporter)
     assert len(attempts) == len(server.posts) == 2
@@ -81,9 +81,9 @@ async def test_429_then_200(
     assert attributes["gen_ai.operation.name"] == "generate_content"
     assert attributes["gen_ai.provider.name"] == "atoma"
     assert attributes["gen_ai.request.model"] == model
-    assert attributes["gen_ai.request.choice.count"] == 2
+    assert attributes["gen_ai.request.choice.count"] == 1
     assert attributes["gen_ai.output.type"] == "image"
-    assert attributes["atoma_images.size"] == "8x8"
+    assert attributes["atoma_images.size"] == "16x16"
     assert attributes["atoma_images.attempts"] == 2
     assert attributes["atoma_images.may_have_been_billed"] is True
     assert attributes["server.address"] == "127.0.0.1"
@@ -108,7 +108,7 @@ async def test_ambiguous_drop(
     server.enqueue(Reply(fault="drop"))
     async with _client(server.base_url, fake_sleep, provider) as client:
         with pytest.raises(AmbiguousOutcomeError):
-            await client.generate("fox", size="8x8")
+            await client.generate("fox", size="16x16")
     call, attempts = _split(exporter)
     assert len(attempts) == len(server.posts) == 1
     assert call.status.status_code is StatusCode.ERROR
@@ -131,7 +131,7 @@ async def test_refused_then_up(
     async with _client(
         f"http://127.0.0.1:{port}/v1", start_server_during_the_wait, provider
     ) as client:
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     await fake.stop()
     call, (refused, served) = _split(exporter)
     assert len(fake.posts) == 1
@@ -150,7 +150,7 @@ async def test_error_statuses_bill_nothing(
     server.enqueue(Reply(status=503), times=3)
     async with _client(server.base_url, fake_sleep, provider) as client:
         with pytest.raises(ServiceUnavailableError):
-            await client.generate("fox", size="8x8")
+            await client.generate("fox", size="16x16")
     call, attempts = _split(exporter)
     assert len(attempts) == len(server.posts) == 3
     attributes = dict(call.attributes or {})
@@ -168,7 +168,7 @@ async def test_no_key_prompt_or_body_in_any_span(
 ) -> None:
     server.enqueue(Reply(status=500))
     async with _client(server.base_url, fake_sleep, provider) as client:
-        await client.generate("a secret prompt", size="8x8")
+        await client.generate("a secret prompt", size="16x16")
     for span in exporter.get_finished_spans():
         text = span.to_json()
         assert API_KEY not in text
@@ -194,7 +194,7 @@ async def test_a_successful_attempt_carries_its_status_code(
     # success's too.
     server.enqueue(Reply(status=503))
     async with _client(server.base_url, fake_sleep, provider) as client:
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     call, (failed, served) = _split(exporter)
     assert dict(failed.attributes or {})["http.response.status_code"] == 503
     assert dict(served.attributes or {})["http.response.status_code"] == 200

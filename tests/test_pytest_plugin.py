@@ -49,7 +49,7 @@ from atoma_images.testing import Reply, is_testing
 
 def test_sync(atoma_sync_client, atoma_server):
     atoma_server.enqueue(Reply(status=503))
-    result = atoma_sync_client.generate("a red fox", size="8x8")
+    result = atoma_sync_client.generate("a red fox", size="16x16")
     assert result.images
     assert len(atoma_server.posts) == 2  # retried, without waiting
     assert is_testing()
@@ -58,14 +58,14 @@ def test_sync(atoma_sync_client, atoma_server):
 @pytest.mark.asyncio
 async def test_asyncio(atoma_client, atoma_server):
     atoma_server.enqueue(Reply(status=429, headers={"Retry-After": "30"}))
-    result = await atoma_client.generate("a red fox", n=2, size="8x8")
+    result = await atoma_client.generate("a red fox", n=2, size="16x16")
     assert len(result.images) == 2
-    assert len(atoma_server.posts) == 2
+    assert len(atoma_server.posts) == 3  # Atoma: one request per image, one retried
 
 
 @pytest.mark.anyio
 async def test_anyio(atoma_client, atoma_server):
-    result = await atoma_client.generate("a red fox", size="8x8")
+    result = await atoma_client.generate("a red fox", size="16x16")
     assert result.images
     assert atoma_server.posts[0].json()["prompt"] == "a red fox"
 
@@ -102,7 +102,7 @@ def test_forgetting_to_await_fails_clearly(run: pytest.Pytester) -> None:
 
         @pytest.mark.asyncio
         async def test_forgot(atoma_client):
-            result = atoma_client.generate("a red fox", size="8x8")
+            result = atoma_client.generate("a red fox", size="16x16")
             assert result.images
         """
     )
@@ -122,23 +122,23 @@ def test_a_call_never_awaited_fails_the_test(run: pytest.Pytester, warnings: str
 
         @pytest.mark.asyncio
         async def test_asyncio_forgot(atoma_client):
-            atoma_client.generate("a red fox", size="8x8")
+            atoma_client.generate("a red fox", size="16x16")
 
         @pytest.mark.anyio
         async def test_anyio_forgot(atoma_client):
-            atoma_client.generate("a red fox", size="8x8")
+            atoma_client.generate("a red fox", size="16x16")
 
         def test_sync_forgot(atoma_client):
             atoma_client.download("https://example.com/fox.png")
 
         @pytest.mark.asyncio
         async def test_asyncio_awaited(atoma_client):
-            pending = atoma_client.generate("a red fox", size="8x8")
+            pending = atoma_client.generate("a red fox", size="16x16")
             assert (await pending).images
 
         @pytest.mark.anyio
         async def test_anyio_awaited(atoma_client):
-            assert (await atoma_client.generate("a red fox", size="8x8")).images
+            assert (await atoma_client.generate("a red fox", size="16x16")).images
         """
     )
     result = _run(run, warnings=warnings)

@@ -33,7 +33,7 @@ async def assert_pool_is_whole(images: AsyncImagesClient) -> None:
     # Twice as many calls as the pool holds, with a short pool timeout: a leaked
     # connection slot would make some of them wait in vain and fail.
     results = await asyncio.gather(
-        *(images.generate("after", size="8x8", timeout=Timeout(pool=3)) for _ in range(2 * POOL))
+        *(images.generate("after", size="16x16", timeout=Timeout(pool=3)) for _ in range(2 * POOL))
     )
     assert len(results) == 2 * POOL
 
@@ -52,7 +52,7 @@ async def test_a_thousand_calls_cancelled_at_random_moments(server: FakeAtomaSer
             # get a large body and are cancelled while reading it.
             server.enqueue(Reply(status=503), times=20)
             tasks = [
-                asyncio.create_task(images.generate(f"p{i}", size="64x64" if i % 3 else "8x8"))
+                asyncio.create_task(images.generate(f"p{i}", size="64x64" if i % 3 else "16x16"))
                 for i in range(100)
             ]
             for task in tasks:
@@ -96,7 +96,7 @@ async def test_sustained_load_without_errors_or_leaks(server: FakeAtomaServer) -
     async def one(index: int) -> None:
         async with slots:
             try:
-                result = await images.generate(f"p{index}", size="8x8", response_format="url")
+                result = await images.generate(f"p{index}", size="16x16")
                 assert result.images
             except Exception as exc:  # counted and reported below
                 errors.append(exc)

@@ -41,7 +41,7 @@ async def test_429_with_retry_after_waits_then_succeeds(
     client: AsyncImagesClient, server: FakeAtomaServer, fake_sleep: FakeSleep
 ) -> None:
     server.enqueue(Reply(status=429, headers={"Retry-After": "2"}))
-    result = await client.generate("fox", size="8x8")
+    result = await client.generate("fox", size="16x16")
     assert result.images
     assert len(server.posts) == 2
     assert len(fake_sleep.waits) == 1
@@ -54,7 +54,7 @@ async def test_retry_after_too_long_raises_at_once(
 ) -> None:
     server.enqueue(Reply(status=429, headers={"Retry-After": "3600"}))
     with pytest.raises(RateLimitError) as info:
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     assert info.value.retry_after == 3600
     assert info.value.attempts == 1
     assert len(server.posts) == 1
@@ -66,7 +66,7 @@ async def test_503_three_times_gives_up_after_three_posts(
 ) -> None:
     server.enqueue(Reply(status=503), times=3)
     with pytest.raises(ServerError) as info:
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     assert isinstance(info.value, ServiceUnavailableError)
     assert info.value.attempts == 3
     assert len(server.posts) == 3
@@ -79,7 +79,7 @@ async def test_503_three_times_gives_up_after_three_posts(
 async def test_500_is_retried_only_once(client: AsyncImagesClient, server: FakeAtomaServer) -> None:
     server.enqueue(Reply(status=500), times=5)
     with pytest.raises(InternalServerError) as info:
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     assert info.value.attempts == 2
     assert len(server.posts) == 2
 
@@ -90,7 +90,7 @@ async def test_gateway_errors_count_as_server_errors(
 ) -> None:
     server.enqueue(Reply(status=status), times=5)
     with pytest.raises(ServerError):
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     assert len(server.posts) == 2
 
 
@@ -100,7 +100,7 @@ async def test_server_error_budget_is_separate_from_the_total(
     # 503 (retry), 500 (the one server-error retry), 500 (budget spent): three POSTs.
     server.enqueue(Reply(status=503), Reply(status=500), Reply(status=500), Reply(status=200))
     with pytest.raises(InternalServerError) as info:
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     assert info.value.attempts == 3
     assert len(server.posts) == 3
 
@@ -127,7 +127,7 @@ async def test_not_now_statuses_are_retried(
     client: AsyncImagesClient, server: FakeAtomaServer, status: int
 ) -> None:
     server.enqueue(Reply(status=status), times=2)
-    assert (await client.generate("fox", size="8x8")).images
+    assert (await client.generate("fox", size="16x16")).images
     assert len(server.posts) == 3
 
 
@@ -137,7 +137,7 @@ async def test_other_4xx_are_never_retried(
 ) -> None:
     server.enqueue(Reply(status=status), times=3)
     with pytest.raises(APIStatusError) as info:
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     assert info.value.status == status
     assert info.value.attempts == 1
     assert len(server.posts) == 1
@@ -148,11 +148,11 @@ async def test_x_should_retry_header_is_obeyed(
 ) -> None:
     server.enqueue(Reply(status=503, headers={"x-should-retry": "false"}))
     with pytest.raises(ServiceUnavailableError):
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     assert len(server.posts) == 1
     server.reset()
     server.enqueue(Reply(status=400, headers={"x-should-retry": "true"}))
-    assert (await client.generate("fox", size="8x8")).images
+    assert (await client.generate("fox", size="16x16")).images
     assert len(server.posts) == 2
 
 
@@ -167,9 +167,9 @@ async def test_x_should_retry_is_read_case_insensitively(
     server.enqueue(Reply(status=status, headers={"x-should-retry": hint}))
     if posts == 1:
         with pytest.raises(ServiceUnavailableError):
-            await client.generate("fox", size="8x8")
+            await client.generate("fox", size="16x16")
     else:
-        assert (await client.generate("fox", size="8x8")).images
+        assert (await client.generate("fox", size="16x16")).images
     assert len(server.posts) == posts
 
 
@@ -179,7 +179,7 @@ async def test_read_timeout_is_ambiguous_and_not_retried(
     server.enqueue(Reply(fault="stall", delay=5))
     started = time.monotonic()
     with pytest.raises(AmbiguousOutcomeError) as info:
-        await client.generate("fox", size="8x8", timeout=Timeout(read=0.2))
+        await client.generate("fox", size="16x16", timeout=Timeout(read=0.2))
     assert isinstance(info.value, AmbiguousTimeoutError)
     assert isinstance(info.value, APITimeoutError)
     assert "may have been processed and billed" in str(info.value)
@@ -199,7 +199,7 @@ async def test_read_timeout_is_retried_when_asked(
         retries=policy(fake_sleep, retry_ambiguous=True),
         timeout=Timeout(read=0.2),
     ) as images:
-        assert (await images.generate("fox", size="8x8")).images
+        assert (await images.generate("fox", size="16x16")).images
     assert len(server.posts) == 2
 
 
@@ -209,7 +209,7 @@ async def test_dropped_connection_after_sending_is_ambiguous(
 ) -> None:
     server.enqueue(Reply(fault=fault))
     with pytest.raises(AmbiguousOutcomeError) as info:
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     assert not isinstance(info.value, APITimeoutError)
     assert len(server.posts) == 1
     assert info.value.__cause__ is not None  # aiohttp's exception, kept for diagnosis
@@ -226,7 +226,7 @@ async def test_connection_refused_is_retried(fake_sleep: FakeSleep) -> None:
         API_KEY, base_url=f"http://127.0.0.1:{_closed_port()}/v1", retries=policy(fake_sleep)
     ) as images:
         with pytest.raises(APIConnectionError) as info:
-            await images.generate("fox", size="8x8")
+            await images.generate("fox", size="16x16")
     assert not isinstance(info.value, AmbiguousOutcomeError)
     assert "was not sent" in str(info.value)
     assert not info.value.may_have_been_billed
@@ -248,7 +248,7 @@ async def test_refused_then_up_succeeds(fake_sleep: FakeSleep) -> None:
         base_url=f"http://127.0.0.1:{port}/v1",
         retries=RetryPolicy(sleep=start_server_during_the_wait),
     ) as images:
-        assert (await images.generate("fox", size="8x8")).images
+        assert (await images.generate("fox", size="16x16")).images
     await fake.stop()
     assert len(fake.posts) == 1
     assert len(fake_sleep.waits) == 1
@@ -259,7 +259,7 @@ async def test_max_retries_zero_turns_retrying_off(
 ) -> None:
     server.enqueue(Reply(status=503), times=3)
     with pytest.raises(ServiceUnavailableError) as info:
-        await client.generate("fox", size="8x8", retries=RetryPolicy(max_retries=0))
+        await client.generate("fox", size="16x16", retries=RetryPolicy(max_retries=0))
     assert info.value.attempts == 1
     assert len(server.posts) == 1
     assert fake_sleep.waits == []
@@ -272,7 +272,7 @@ async def test_policy_per_call_overrides_the_client(
         API_KEY, base_url=server.base_url, retries=RetryPolicy(max_retries=0)
     ) as images:
         server.enqueue(Reply(status=503))
-        assert (await images.generate("fox", size="8x8", retries=policy(fake_sleep))).images
+        assert (await images.generate("fox", size="16x16", retries=policy(fake_sleep))).images
     assert len(server.posts) == 2
 
 
@@ -281,7 +281,7 @@ async def test_deadline_stops_before_sleeping_past_it(
 ) -> None:
     server.enqueue(Reply(status=503, headers={"Retry-After": "30"}))
     with pytest.raises(ServiceUnavailableError) as info:
-        await client.generate("fox", size="8x8", retries=policy(fake_sleep, deadline=10))
+        await client.generate("fox", size="16x16", retries=policy(fake_sleep, deadline=10))
     assert info.value.retry_after == 30
     assert len(server.posts) == 1
     assert fake_sleep.waits == []
@@ -296,7 +296,7 @@ async def test_no_attempt_outlives_the_deadline(server: FakeAtomaServer, where: 
         async with AsyncImagesClient(
             API_KEY, base_url=server.base_url, retries=short if where == "client" else None
         ) as images:
-            await images.generate("fox", size="8x8", retries=short if where == "call" else None)
+            await images.generate("fox", size="16x16", retries=short if where == "call" else None)
     assert time.monotonic() - started < 1.5
     assert len(server.posts) == 1
 
@@ -309,7 +309,7 @@ async def test_retry_after_variants(
         Reply(status=429, headers={"Retry-After": formatdate(time.time() + 20, usegmt=True)}),
     )
     assert (
-        await client.generate("fox", size="8x8", retries=policy(fake_sleep, max_retries=3))
+        await client.generate("fox", size="16x16", retries=policy(fake_sleep, max_retries=3))
     ).images
     assert 1.5 <= fake_sleep.waits[0] <= 1.9
     assert 18 <= fake_sleep.waits[1] <= 21.1
@@ -327,7 +327,7 @@ async def test_one_info_line_per_retry_without_secrets(
         ),
         Reply(status=503),
     )
-    await client.generate("fox", size="8x8")
+    await client.generate("fox", size="16x16")
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert len(lines) == 2
     assert "attempt 1 failed (status 429)" in lines[0]
@@ -350,7 +350,7 @@ async def test_cancel_during_the_wait_sends_nothing_more(server: FakeAtomaServer
         max_connections=1,
         retries=RetryPolicy(sleep=sleep_forever),
     ) as images:
-        call = asyncio.create_task(images.generate("fox", size="8x8"))
+        call = asyncio.create_task(images.generate("fox", size="16x16"))
         await asyncio.wait_for(waiting.wait(), 5)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -358,13 +358,13 @@ async def test_cancel_during_the_wait_sends_nothing_more(server: FakeAtomaServer
         await asyncio.sleep(0.05)
         assert len(server.posts) == 1
         # With one connection in the pool, this only works if the first was released.
-        assert (await asyncio.wait_for(images.generate("fox", size="8x8"), 5)).images
+        assert (await asyncio.wait_for(images.generate("fox", size="16x16"), 5)).images
 
 
 async def test_cancel_during_the_request_sends_nothing_more(server: FakeAtomaServer) -> None:
     server.enqueue(Reply(delay=5))
     async with AsyncImagesClient(API_KEY, base_url=server.base_url, max_connections=1) as images:
-        call = asyncio.create_task(images.generate("fox", size="8x8"))
+        call = asyncio.create_task(images.generate("fox", size="16x16"))
         while not server.posts:  # noqa: ASYNC110 - polling the server's record is the point
             await asyncio.sleep(0.01)
         call.cancel()
@@ -372,7 +372,7 @@ async def test_cancel_during_the_request_sends_nothing_more(server: FakeAtomaSer
             await call
         await asyncio.sleep(0.05)
         assert len(server.posts) == 1
-        assert (await asyncio.wait_for(images.generate("fox", size="8x8"), 5)).images
+        assert (await asyncio.wait_for(images.generate("fox", size="16x16"), 5)).images
     assert len(server.posts) == 2
 
 
@@ -381,7 +381,7 @@ async def test_invalid_response_is_not_retried(
 ) -> None:
     server.enqueue(Reply(status=200, body=b"nonsense"), times=3)
     with pytest.raises(ResponseValidationError, match="not JSON"):
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     assert len(server.posts) == 1
 
 
@@ -390,7 +390,7 @@ async def test_bad_request_after_a_retry_stops_there(
 ) -> None:
     server.enqueue(Reply(status=429), Reply(status=400), Reply(status=200))
     with pytest.raises(BadRequestError) as info:
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     assert info.value.attempts == 2
     assert len(server.posts) == 2
 
@@ -423,13 +423,13 @@ async def test_a_gateways_502_or_504_may_have_been_billed_and_is_not_sent_again(
     # request and given up while the service worked on and billed it.
     server.enqueue(Reply(status=status, body="<html>gateway</html>"), times=2)
     with pytest.raises(APIStatusError) as info:
-        await client.generate("fox", size="8x8")
+        await client.generate("fox", size="16x16")
     assert info.value.may_have_been_billed
     assert len(server.posts) == 1
     server.reset()
     server.enqueue(Reply(status=status, body="<html>gateway</html>"))
     asked = RetryPolicy(sleep=fake_sleep, retry_ambiguous=True)
-    assert (await client.generate("fox", size="8x8", retries=asked)).images
+    assert (await client.generate("fox", size="16x16", retries=asked)).images
     assert len(server.posts) == 2
 
 
@@ -439,5 +439,5 @@ async def test_an_invalid_success_is_never_sent_again_even_when_ambiguity_is_all
     server.enqueue(Reply(status=200, body=b"not json"), times=2)
     asked = RetryPolicy(sleep=fake_sleep, retry_ambiguous=True)
     with pytest.raises(ResponseValidationError):
-        await client.generate("fox", size="8x8", retries=asked)
+        await client.generate("fox", size="16x16", retries=asked)
     assert len(server.posts) == 1

@@ -74,7 +74,7 @@ async def test_key_appears_in_no_repr_error_chain_or_debug_log(
         policy = RetryPolicy(max_retries=1, backoff_base=0.001)
         async with AsyncImagesClient(SECRET, base_url=server.base_url, retries=policy) as images:
             texts += [repr(images), str(images)]
-            await images.generate("a fox", size="8x8")
+            await images.generate("a fox", size="16x16")
             for reply in (
                 Reply(status=401),
                 Reply(status=500),
@@ -84,7 +84,7 @@ async def test_key_appears_in_no_repr_error_chain_or_debug_log(
                 server.reset()
                 server.enqueue(reply, times=2)
                 with pytest.raises(AtomaImagesError) as info:
-                    await images.generate("a fox", size="8x8")
+                    await images.generate("a fox", size="16x16")
                 texts += every_text_of(info.value)
     with ImagesClient(SECRET, base_url="http://127.0.0.1:9/v1") as sync_images:
         texts += [repr(sync_images), str(sync_images)]
@@ -100,7 +100,7 @@ async def test_a_redirect_to_another_origin_gets_nothing() -> None:
         server.enqueue(Reply(status=307, headers={"Location": target}))
         async with AsyncImagesClient(SECRET, base_url=server.base_url) as images:
             with pytest.raises(APIStatusError, match="redirected"):
-                await images.generate("a fox", size="8x8")
+                await images.generate("a fox", size="16x16")
         assert elsewhere.requests == []  # neither the key nor the paid request went there
 
 
@@ -145,7 +145,7 @@ async def https_server(authority: trustme.CA) -> AsyncIterator[str]:
 async def test_tls_is_verified_by_default(https_server: str) -> None:
     async with AsyncImagesClient(SECRET, base_url=https_server) as images:
         with pytest.raises(APIConnectionError, match="certificate") as info:
-            await images.generate("a fox", size="8x8")
+            await images.generate("a fox", size="16x16")
     assert info.value.attempts == 1  # a bad certificate is not worth retrying
     assert not info.value.may_have_been_billed
 
@@ -156,9 +156,9 @@ async def test_a_custom_ssl_context_or_ssl_false_can_be_passed(
     trusting = ssl.create_default_context()
     authority.configure_trust(trusting)
     async with AsyncImagesClient(SECRET, base_url=https_server, ssl=trusting) as images:
-        assert (await images.generate("a fox", size="8x8")).images
+        assert (await images.generate("a fox", size="16x16")).images
     async with AsyncImagesClient(SECRET, base_url=https_server, ssl=False) as images:
-        assert (await asyncio.wait_for(images.generate("a fox", size="8x8"), 10)).images
+        assert (await asyncio.wait_for(images.generate("a fox", size="16x16"), 10)).images
 
 
 @pytest.mark.parametrize(
@@ -183,7 +183,7 @@ async def test_key_is_in_no_exception_chain_of_a_malformed_answer(answer: bytes)
         SECRET, base_url=f"http://127.0.0.1:{port}/v1", retries=RetryPolicy(max_retries=0)
     ) as images:
         with pytest.raises(AtomaImagesError) as info:
-            await images.generate("a fox", size="8x8")
+            await images.generate("a fox", size="16x16")
     server.close()
     await server.wait_closed()
     chain = every_text_of(info.value)
@@ -289,7 +289,7 @@ async def test_a_proxy_password_is_in_no_exception_chain(
     ) as images:
         texts = [repr(images._sender), repr(images._sender.api_proxy)]
         with pytest.raises(AtomaImagesError) as info:
-            await asyncio.wait_for(images.generate("a fox", size="8x8"), 10)
+            await asyncio.wait_for(images.generate("a fox", size="16x16"), 10)
     if session is not None:
         await session.close()
     server.close()
@@ -438,13 +438,13 @@ async def test_a_key_the_server_echoes_is_in_nothing_the_client_keeps_or_shows(
                 hooks=[hooks, OpenTelemetryHooks(tracer_provider=provider)],
             ) as images:
                 if mode == "fine":
-                    response = await images.generate("a fox", size="8x8")
+                    response = await images.generate("a fox", size="16x16")
                     texts += texts_of_response(response)
                     assert response.request_id == "req-[redacted]"
                     assert response.extra["auth"] == "Bearer [redacted]"
                     continue
                 with pytest.raises(AtomaImagesError) as info:
-                    await images.generate("a fox", size="8x8")
+                    await images.generate("a fox", size="16x16")
                 errors.append(info.value)
         async with AsyncImagesClient(
             key, base_url=f"{root}/fine/v1", retries=RetryPolicy(max_retries=0), hooks=[hooks]
@@ -490,7 +490,7 @@ async def test_the_command_line_shows_no_key_the_server_echoes(tmp_path: Path) -
                 "atoma_images",
                 "a fox",
                 "--size",
-                "8x8",
+                "16x16",
                 "--json",
                 "--debug",
                 "--base-url",
@@ -533,7 +533,7 @@ async def test_a_key_echoed_in_a_malformed_answer_is_in_no_error_or_cause(answer
         SECRET, base_url=f"http://127.0.0.1:{port}/v1", retries=RetryPolicy(max_retries=0)
     ) as images:
         with pytest.raises(AtomaImagesError) as info:
-            await images.generate("a fox", size="8x8")
+            await images.generate("a fox", size="16x16")
     server.close()
     await server.wait_closed()
     chain = every_text_of(info.value)
@@ -577,9 +577,9 @@ async def test_no_proxy_with_a_port_keeps_the_key_off_the_proxy(
         ) as images:
             if through_proxy:
                 with pytest.raises(APIStatusError):
-                    await images.generate("a fox", size="8x8")
+                    await images.generate("a fox", size="16x16")
             else:
-                await images.generate("a fox", size="8x8")
+                await images.generate("a fox", size="16x16")
                 with pytest.raises(APIStatusError, match="404"):  # a download: direct too
                     await images.download(f"{server.base_url.removesuffix('/v1')}/missing")
     proxy_server.close()

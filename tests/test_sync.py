@@ -123,22 +123,22 @@ def test_help_shows_the_arguments_of_generate() -> None:
 
 
 def test_one_line_to_a_png(sync_client: ImagesClient, tmp_path: Path) -> None:
-    path = sync_client.generate("a fox", size="40x30").images[0].save(tmp_path / "f.png")
-    assert png_size(path) == (40, 30)
+    path = sync_client.generate("a fox", size="48x32").images[0].save(tmp_path / "f.png")
+    assert png_size(path) == (48, 32)
 
 
 def test_sequential_calls_reuse_one_connection(
     sync_client: ImagesClient, threaded_server: FakeAtomaServer
 ) -> None:
     for index in range(100):
-        assert isinstance(sync_client.generate(f"p{index}", size="8x8"), ImagesResponse)
+        assert isinstance(sync_client.generate(f"p{index}", size="16x16"), ImagesResponse)
     assert len(threaded_server.posts) == 100
     assert threaded_server.connections == 1
 
 
 def test_works_inside_a_running_event_loop(sync_client: ImagesClient) -> None:
     async def notebook_cell() -> ImagesResponse:
-        return sync_client.generate("inside a loop", size="8x8")  # as in Jupyter
+        return sync_client.generate("inside a loop", size="16x16")  # as in Jupyter
 
     assert asyncio.run(notebook_cell()).images
 
@@ -152,7 +152,7 @@ def test_eight_threads_share_one_client_concurrently(
 
     def work() -> None:
         try:
-            results.append(sync_client.generate("t", size="8x8"))
+            results.append(sync_client.generate("t", size="16x16"))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -170,10 +170,10 @@ def test_same_errors_as_the_async_client(
     sync_client: ImagesClient, threaded_server: FakeAtomaServer
 ) -> None:
     with pytest.raises(InvalidRequestError):
-        sync_client.generate("", size="8x8")
+        sync_client.generate("", size="16x16")
     threaded_server.enqueue(Reply(status=400))
     with pytest.raises(BadRequestError):
-        sync_client.generate("fox", size="8x8")
+        sync_client.generate("fox", size="16x16")
     assert len(threaded_server.posts) == 1
 
 
@@ -182,8 +182,8 @@ def test_timeout_cancels_and_the_client_stays_usable(
 ) -> None:
     threaded_server.enqueue(Reply(delay=3))
     with pytest.raises(AmbiguousTimeoutError):
-        sync_client.generate("slow", size="8x8", timeout=0.2, retries=RetryPolicy(max_retries=0))
-    assert sync_client.generate("fast", size="8x8").images
+        sync_client.generate("slow", size="16x16", timeout=0.2, retries=RetryPolicy(max_retries=0))
+    assert sync_client.generate("fast", size="16x16").images
 
 
 # -- Ctrl-C ----------------------------------------------------------------------------------
@@ -269,15 +269,15 @@ def test_ctrl_c_while_the_loop_is_busy_raises_it_and_sends_nothing(
         # A warm connection: the call would not pause to connect, so once the loop is free
         # it would write its POST at once, before a cancellation could reach it. Only the
         # call's own check that it was abandoned keeps it from being sent.
-        assert images.generate("warm", size="8x8").images
+        assert images.generate("warm", size="16x16").images
         (warm,) = threaded_server.posts
         threaded_server.reset()
         images._portal.run(running_loop()).call_soon_threadsafe(hold_the_loop)
         with pytest.raises(KeyboardInterrupt):
-            images.generate("interrupted before it was sent", size="8x8")
+            images.generate("interrupted before it was sent", size="16x16")
         assert images._portal.run(other_tasks()) == 0
         assert threaded_server.posts == []
-        assert images.generate("next", size="8x8").images  # the client stays usable
+        assert images.generate("next", size="16x16").images  # the client stays usable
     assert problems == []
     # The interrupted request never reached the server, not even later than this call (had
     # it been written, it would have been before "next" was), and "next" went over the warm
@@ -305,26 +305,26 @@ def test_ctrl_c_cancels_a_request_under_way_and_the_next_call_works(
         interrupter.start()
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
-            images.generate("interrupted", size="8x8")
+            images.generate("interrupted", size="16x16")
         assert time.monotonic() - started < 20  # did not wait for the 30 s answer
         interrupter.join()
         # Nothing is left running on the client's loop...
         assert images._portal.run(other_tasks()) == 0
         # ...and its only connection was released: the next call goes through.
-        assert images.generate("next", size="8x8").images
+        assert images.generate("next", size="16x16").images
     assert problems == []
     assert len(threaded_server.posts) == 2
 
 
 def test_close_is_idempotent_and_final(threaded_server: FakeAtomaServer) -> None:
     images = ImagesClient(API_KEY, base_url=threaded_server.base_url)
-    images.generate("fox", size="8x8")
+    images.generate("fox", size="16x16")
     (thread,) = portal_threads()
     images.close()
     images.close()
     assert not thread.is_alive()
     with pytest.raises(RuntimeError, match=CLOSED):
-        images.generate("fox", size="8x8")
+        images.generate("fox", size="16x16")
     assert portal_threads() == []
 
 
@@ -334,7 +334,7 @@ def test_unclosed_client_warns_and_cleans_up_without_hanging(
     import gc
 
     images = ImagesClient(API_KEY, base_url=threaded_server.base_url)
-    images.generate("fox", size="8x8")
+    images.generate("fox", size="16x16")
     (thread,) = portal_threads()
     with pytest.warns(ResourceWarning, match="unclosed <ImagesClient"):  # noqa: PT031
         del images
@@ -362,7 +362,7 @@ def test_script_that_never_closes_exits_promptly_and_quietly() -> None:
 
         server = FakeAtomaServer().__enter__()
         client = ImagesClient("k", base_url=server.base_url)
-        print(len(client.generate("fox", size="8x8").images))
+        print(len(client.generate("fox", size="16x16").images))
         """
     )
     started = time.monotonic()
@@ -382,7 +382,7 @@ def test_script_that_never_closes_exits_promptly_and_quietly() -> None:
 def call_in_thread(images: ImagesClient, outcome: list[object]) -> threading.Thread:
     def call() -> None:
         try:
-            outcome.append(images.generate("cut short", size="8x8"))
+            outcome.append(images.generate("cut short", size="16x16"))
         except BaseException as exc:
             outcome.append(exc)
 
@@ -443,7 +443,7 @@ def close_while_eight_threads_call(server: FakeAtomaServer) -> list[BaseExceptio
         ready.wait()
         while True:
             try:
-                images.generate("race", size="8x8")
+                images.generate("race", size="16x16")
             except BaseException as exc:
                 errors.append(exc)
                 return
@@ -475,7 +475,7 @@ def test_calls_racing_close_complete_or_fail_clearly_and_leave_no_thread(
 
 def _generate_in_child(images: ImagesClient) -> None:
     # Runs in a forked child: exit code 0 if the inherited client works there.
-    images.generate("child", size="8x8")
+    images.generate("child", size="16x16")
 
 
 # Python 3.12+ warns before forking a process that runs threads (as this one does: the fake
@@ -487,7 +487,7 @@ def test_a_client_used_in_a_forked_child_works_there_and_in_the_parent(
     import multiprocessing
 
     with ImagesClient(API_KEY, base_url=threaded_server.base_url, timeout=30) as images:
-        images.generate("parent before", size="8x8")  # the portal runs, a connection is pooled
+        images.generate("parent before", size="16x16")  # the portal runs, a connection is pooled
         child = multiprocessing.get_context("fork").Process(
             target=_generate_in_child, args=(images,)
         )
@@ -499,7 +499,7 @@ def test_a_client_used_in_a_forked_child_works_there_and_in_the_parent(
             pytest.fail("the forked child's call never ended")
         assert child.exitcode == 0
         for number in range(3):  # the parent's pooled connection is still its own
-            images.generate(f"parent after {number}", size="8x8")
+            images.generate(f"parent after {number}", size="16x16")
     prompts = [post.json()["prompt"] for post in threaded_server.posts]
     assert prompts == ["parent before", "child", *(f"parent after {n}" for n in range(3))]
 
@@ -520,14 +520,14 @@ def test_a_forked_child_that_exits_normally_leaves_the_parents_connections_alone
         # parent's).
         server = FakeAtomaServer(api_key="k").__enter__()
         images = ImagesClient("k", base_url=server.base_url, timeout=10)
-        images.generate("parent before", size="8x8")
+        images.generate("parent before", size="16x16")
         if os.fork() == 0:
-            images.generate("child", size="8x8")
+            images.generate("child", size="16x16")
             sys.exit(0)
         _, status = os.wait()
         assert os.waitstatus_to_exitcode(status) == 0, status
         for number in range(3):
-            images.generate(f"parent after {number}", size="8x8")
+            images.generate(f"parent after {number}", size="16x16")
         print(len(server.posts))
         images.close()
         server.__exit__(None, None, None)

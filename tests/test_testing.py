@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -44,7 +45,8 @@ GOOD = {"model": "black-forest-labs/FLUX.1-schnell", "prompt": "fox", "n": 1, "s
         ({**GOOD, "model": "unknown/model"}, {}, 400, "No node found for model"),
         (GOOD, {"Authorization": "Bearer wrong"}, 401, "api key"),
         (GOOD, {"Authorization": f"bearer {API_KEY}"}, 401, "api key"),  # case-sensitive prefix
-        ({k: v for k, v in GOOD.items() if k != "prompt"}, {}, 500, "prompt"),
+        # What only the backend refuses comes back as the proxy's 500, without its message.
+        ({k: v for k, v in GOOD.items() if k != "prompt"}, {}, 500, "Inference service"),
         # The body is checked before the key, as the proxy does.
         ({**GOOD, "size": "bad"}, {"Authorization": "Bearer wrong"}, 400, "Invalid size"),
     ],
@@ -58,31 +60,100 @@ async def test_contract_rules(
     assert message in text
 
 
-async def test_answer_has_images_signature_and_hash(server: FakeAtomaServer) -> None:
-    status, body = await post(server, {**GOOD, "n": 3, "response_format": "b64_json"})
+def image_of(item: dict[str, Any]) -> bytes:
+    """The PNG of an answer's item, which must be a data URI as Atoma's backend sends it."""
+    prefix = "data:image/png;base64,"
+    assert item["url"] is None
+    assert item["b64_json"].startswith(prefix)
+    return base64.b64decode(item["b64_json"].removeprefix(prefix))
+
+
+async def test_one_image_whatever_n_and_n_times_the_size_billed(server: FakeAtomaServer) -> None:
+    asked = {**GOOD, "n": 3, "width": 16, "height": 8, "response_format": "B64Json"}
+    status, body = await post(server, asked)
     assert status == 200
     assert isinstance(body["created"], int)
     assert {"signature", "response_hash"} <= body.keys()
-    import base64
-
-    sizes = [png_size(base64.b64decode(item["b64_json"])) for item in body["data"]]
-    assert sizes == [(16, 8)] * 3
-    assert len({item["b64_json"] for item in body["data"]}) == 3  # n different images
+    (item,) = body["data"]  # mistral.rs ignores n
+    assert png_size(image_of(item)) == (16, 16)  # FLUX rounds each side up to 16
+    assert server.billed_compute_units == 3 * 16 * 8  # the proxy bills n x size
 
 
-async def test_url_images_are_served(server: FakeAtomaServer) -> None:
-    _, body = await post(server, {**GOOD, "response_format": "url"})
-    async with aiohttp.ClientSession() as session, session.get(body["data"][0]["url"]) as response:
-        assert response.status == 200
-        assert png_size(await response.read()) == (16, 8)
+async def test_the_size_comes_from_width_and_height_never_from_size(
+    server: FakeAtomaServer,
+) -> None:
+    _, body = await post(server, {**GOOD, "response_format": "B64Json"})
+    assert png_size(image_of(body["data"][0])) == (1280, 720)  # the backend's defaults
+    _, body = await post(server, {**GOOD, "width": 40, "height": 33, "response_format": "B64Json"})
+    assert png_size(image_of(body["data"][0])) == (48, 48)
+    assert server.billed_compute_units == 2 * 16 * 8
 
 
-async def test_local_file_mode_answers_like_the_real_backend() -> None:
-    async with FakeAtomaServer(image_format="local_file") as fake:
-        _, body = await post(fake, GOOD)
-    (item,) = body["data"]
-    assert item["b64_json"] is None
-    assert item["url"].startswith("image-generation-")
+async def test_without_response_format_the_answer_is_a_node_local_file_name(
+    server: FakeAtomaServer,
+) -> None:
+    for asked in (GOOD, {**GOOD, "response_format": "Url"}):
+        _, body = await post(server, asked)
+        (item,) = body["data"]
+        assert item["b64_json"] is None
+        assert item["url"].startswith("image-generation-")
+        assert item["url"].endswith(".png")
+    assert server.billed_compute_units == 2 * 16 * 8
+
+
+@pytest.mark.parametrize("spelling", [None, "url", "b64_json", "b64json", "B64JSON", 1])
+async def test_only_the_backends_own_spellings_parse(
+    server: FakeAtomaServer, spelling: Any
+) -> None:
+    status, body = await post(server, {**GOOD, "response_format": spelling})
+    assert status == 500
+    assert body["error"] == {
+        "code": "INTERNAL_ERROR",
+        "message": "Inference service returned status code error 500 Internal Server Error",
+    }
+    assert server.billed_compute_units == 0
+
+
+@pytest.mark.parametrize(("key", "value"), [("width", None), ("height", -16), ("width", "64")])
+async def test_a_width_or_height_the_backend_cannot_parse_is_a_500(
+    server: FakeAtomaServer, key: str, value: Any
+) -> None:
+    status, _ = await post(server, {**GOOD, key: value, "response_format": "B64Json"})
+    assert status == 500
+
+
+async def test_openai_dialect_serves_urls_and_n_images() -> None:
+    async with FakeAtomaServer(dialect="openai") as fake:
+        _, body = await post(fake, {**GOOD, "n": 2})
+        assert len(body["data"]) == 2
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(body["data"][0]["url"]) as response,
+        ):
+            assert response.status == 200
+            assert png_size(await response.read()) == (16, 8)
+        _, body = await post(fake, {**GOOD, "response_format": "b64_json"})
+        assert png_size(base64.b64decode(body["data"][0]["b64_json"])) == (16, 8)
+        assert fake.billed_compute_units == 3 * 16 * 8
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({**GOOD, "width": 16}, "width", "unknown_parameter"),
+        ({**GOOD, "response_format": "B64Json"}, "response_format", "invalid_value"),
+        ({**GOOD, "model": "gpt-image-1", "response_format": "url"}, "response_format",
+         "unknown_parameter"),
+    ],
+)  # fmt: skip
+async def test_openai_dialect_refuses_what_openai_refuses(
+    body: dict[str, Any], param: str, code: str
+) -> None:
+    async with FakeAtomaServer(dialect="openai") as fake:
+        status, answer = await post(fake, body)
+        assert status == 400
+        assert (answer["error"]["param"], answer["error"]["code"]) == (param, code)
+        assert fake.billed_compute_units == 0
 
 
 async def test_scripted_replies_come_in_order_then_normal_answers(server: FakeAtomaServer) -> None:
@@ -138,8 +209,7 @@ async def exchange(
     [
         ({**GOOD, "n": "1"}, {}, 400, "REQUEST_ERROR"),
         ({**GOOD, "size": "0x8"}, {}, 400, "REQUEST_ERROR"),
-        ({**GOOD, "n": 11}, {}, 400, "REQUEST_ERROR"),
-        ({**GOOD, "response_format": "gif"}, {}, 400, "REQUEST_ERROR"),
+        ({**GOOD, "response_format": "gif"}, {}, 500, "INTERNAL_ERROR"),
         (GOOD, {"Authorization": "Basic x"}, 401, "AUTH_ERROR"),
         ({k: v for k, v in GOOD.items() if k != "prompt"}, {}, 500, "INTERNAL_ERROR"),
     ],
@@ -207,14 +277,14 @@ async def test_the_sync_client_refuses_to_block_the_loop_of_the_server_it_calls(
         # (A short limit, so that without the check the test fails fast rather than hangs.)
         with ImagesClient("any-key", base_url=server.base_url, timeout=2) as client:
             with pytest.raises(RuntimeError, match="could never answer"):
-                client.generate("a teapot", size="8x8")
+                client.generate("a teapot", size="16x16")
             with pytest.raises(RuntimeError, match="could never answer"):
-                list(client.generate_many(["a teapot"], size="8x8"))
+                list(client.generate_many(["a teapot"], size="16x16"))
         assert server.requests == []
 
 
 async def test_the_sync_client_calls_a_server_on_another_thread_from_a_running_loop() -> None:
     # The working form in a notebook: the server in a thread of its own.
     with FakeAtomaServer() as server, ImagesClient("any-key", base_url=server.base_url) as client:
-        assert client.generate("a teapot", size="8x8").images
+        assert client.generate("a teapot", size="16x16").images
         assert len(server.posts) == 1

@@ -81,9 +81,9 @@ async def test_precedence_call_then_client_then_default(
     ) as images:
         if times_out:
             with pytest.raises(AmbiguousTimeoutError):
-                await images.generate("fox", size="8x8", timeout=call_timeout)
+                await images.generate("fox", size="16x16", timeout=call_timeout)
         else:
-            assert (await images.generate("fox", size="8x8", timeout=call_timeout)).images
+            assert (await images.generate("fox", size="16x16", timeout=call_timeout)).images
         assert images.timeout == (
             Timeout() if client_timeout is None else Timeout.of(client_timeout)
         )
@@ -100,10 +100,10 @@ async def test_pool_wait_is_a_timeout_before_sending(server: FakeAtomaServer) ->
         timeout=Timeout(pool=0.1, connect=0.1),
         retries=NO_RETRIES,
     ) as images:
-        first = asyncio.create_task(images.generate("fox", size="8x8"))
+        first = asyncio.create_task(images.generate("fox", size="16x16"))
         await asyncio.sleep(0.05)
         with pytest.raises(APITimeoutError) as info:
-            await images.generate("fox", size="8x8")
+            await images.generate("fox", size="16x16")
         assert not info.value.may_have_been_billed
         assert "was not sent" in str(info.value)
         assert (await first).images
@@ -128,9 +128,9 @@ async def test_a_pool_wait_is_not_sent_even_when_a_stalled_loop_lets_every_limit
             await asyncio.sleep(0.5)
             time.sleep(0.3)  # noqa: ASYNC251 - the blocking stretch is the point
 
-        sent = asyncio.create_task(images.generate("sent", size="8x8"))
+        sent = asyncio.create_task(images.generate("sent", size="16x16"))
         await asyncio.sleep(0.05)  # the first call holds the one connection
-        waiting = asyncio.create_task(images.generate("waiting", size="8x8"))
+        waiting = asyncio.create_task(images.generate("waiting", size="16x16"))
         await stall()
         with pytest.raises(AmbiguousTimeoutError):
             await sent
@@ -204,7 +204,7 @@ async def test_the_read_limit_counts_from_the_last_byte() -> None:
     ):
         started = time.monotonic()
         with pytest.raises(AmbiguousTimeoutError):
-            await images.generate("fox", size="8x8", timeout=Timeout(read=0.6))
+            await images.generate("fox", size="16x16", timeout=Timeout(read=0.6))
         elapsed = time.monotonic() - started
         done.set()
     # 0.4 s to the byte, then 0.6 s of silence: about 1.0 s. A timer that ignored the
@@ -222,10 +222,10 @@ async def test_a_shorter_read_limit_on_a_reused_connection_applies(
     async with AsyncImagesClient(
         API_KEY, base_url=server.base_url, max_connections=1, retries=NO_RETRIES
     ) as images:
-        await images.generate("fox", size="8x8", timeout=Timeout(read=300))
+        await images.generate("fox", size="16x16", timeout=Timeout(read=300))
         server.enqueue(Reply(fault="stall", delay=5))
         started = time.monotonic()
         with pytest.raises(AmbiguousTimeoutError):
-            await images.generate("fox", size="8x8", timeout=Timeout(read=0.3))
+            await images.generate("fox", size="16x16", timeout=Timeout(read=0.3))
         assert time.monotonic() - started < 2.0
     assert server.connections == 1

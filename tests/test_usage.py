@@ -27,44 +27,44 @@ from atoma_images.testing import FakeAtomaServer, Reply
 from conftest import API_KEY
 
 NO_RETRIES = RetryPolicy(max_retries=0)
-UNITS_8X8 = 64  # n x W x H of one 8x8 image
+UNITS_16X16 = 256  # n x W x H of one 16x16 image
 
 
 async def test_a_response_says_what_it_cost(client: AsyncImagesClient) -> None:
-    response = await client.generate("a fox", n=3, size="16x8")
-    assert response.compute_units == 3 * 16 * 8
+    response = await client.generate("a fox", n=3, size="32x16")
+    assert response.compute_units == 3 * 32 * 16
 
 
 async def test_usage_counts_what_the_server_saw(
     client: AsyncImagesClient, server: FakeAtomaServer
 ) -> None:
     assert client.usage == Usage()
-    await client.generate("a fox", n=2, size="8x8")
+    await client.generate("a fox", n=2, size="16x16")
     server.enqueue(Reply(status=400))
     with pytest.raises(BadRequestError):
-        await client.generate("an owl", size="8x8", retries=NO_RETRIES)
+        await client.generate("an owl", size="16x16", retries=NO_RETRIES)
     server.enqueue(Reply(fault="drop"))
     with pytest.raises(AmbiguousOutcomeError):
         await client.generate("a boat", size="16x16", retries=NO_RETRIES)
     with pytest.raises(InvalidRequestError):  # refused before sending: not a call
         await client.generate("a kite", size="8X8")
     assert client.usage == Usage(
-        calls=3,
+        calls=4,  # on Atoma, the call for 2 images is 2 requests
         images=2,
-        compute_units=2 * UNITS_8X8,
+        compute_units=2 * UNITS_16X16,
         maybe_billed_calls=1,
         maybe_billed_compute_units=16 * 16,
         unbilled_failures=1,
     )
-    assert client.usage.max_compute_units == 2 * UNITS_8X8 + 16 * 16
+    assert client.usage.max_compute_units == 2 * UNITS_16X16 + 16 * 16
     assert len(server.posts) == client.usage.calls
 
 
 async def test_100_concurrent_calls_against_a_budget_for_10(server: FakeAtomaServer) -> None:
-    budget = Budget(max_compute_units=10 * UNITS_8X8)
+    budget = Budget(max_compute_units=10 * UNITS_16X16)
     async with AsyncImagesClient(API_KEY, base_url=server.base_url, budget=budget) as client:
         outcomes = await asyncio.gather(
-            *(client.generate(f"prompt {i}", size="8x8") for i in range(100)),
+            *(client.generate(f"prompt {i}", size="16x16") for i in range(100)),
             return_exceptions=True,
         )
     refused = [o for o in outcomes if isinstance(o, BudgetExceededError)]
@@ -74,18 +74,18 @@ async def test_100_concurrent_calls_against_a_budget_for_10(server: FakeAtomaSer
     assert len(server.posts) == 10
     assert budget.remaining == 0
     assert client.usage.calls == 10
-    assert client.usage.compute_units == 10 * UNITS_8X8
+    assert client.usage.compute_units == 10 * UNITS_16X16
 
 
 async def test_a_failure_that_was_not_billed_gives_its_reservation_back(
     client: AsyncImagesClient, server: FakeAtomaServer
 ) -> None:
-    budget = Budget(max_compute_units=UNITS_8X8)
+    budget = Budget(max_compute_units=UNITS_16X16)
     server.enqueue(Reply(status=400))
     with pytest.raises(BadRequestError):
-        await client.generate("a fox", size="8x8", budget=budget, retries=NO_RETRIES)
-    assert budget.remaining == UNITS_8X8
-    await client.generate("a fox", size="8x8", budget=budget)
+        await client.generate("a fox", size="16x16", budget=budget, retries=NO_RETRIES)
+    assert budget.remaining == UNITS_16X16
+    await client.generate("a fox", size="16x16", budget=budget)
     assert budget.remaining == 0
     assert len(server.posts) == 2
 
@@ -93,15 +93,15 @@ async def test_a_failure_that_was_not_billed_gives_its_reservation_back(
 async def test_an_ambiguous_failure_keeps_its_reservation(
     client: AsyncImagesClient, server: FakeAtomaServer
 ) -> None:
-    budget = Budget(max_compute_units=UNITS_8X8)
+    budget = Budget(max_compute_units=UNITS_16X16)
     server.enqueue(Reply(fault="drop"))
     with pytest.raises(AmbiguousOutcomeError):
-        await client.generate("a fox", size="8x8", budget=budget, retries=NO_RETRIES)
+        await client.generate("a fox", size="16x16", budget=budget, retries=NO_RETRIES)
     assert budget.remaining == 0
     with pytest.raises(BudgetExceededError) as refused:
-        await client.generate("a fox", size="8x8", budget=budget)
-    assert (refused.value.asked, refused.value.left) == (UNITS_8X8, 0)
-    assert "64 compute units" in str(refused.value)
+        await client.generate("a fox", size="16x16", budget=budget)
+    assert (refused.value.asked, refused.value.left) == (UNITS_16X16, 0)
+    assert "256 compute units" in str(refused.value)
     assert len(server.posts) == 1
 
 
@@ -109,9 +109,9 @@ async def test_a_cancelled_call_keeps_its_reservation_and_counts_as_maybe_billed
     server: FakeAtomaServer,
 ) -> None:
     server.enqueue(Reply(delay=30))
-    budget = Budget(max_compute_units=UNITS_8X8)
+    budget = Budget(max_compute_units=UNITS_16X16)
     async with AsyncImagesClient(API_KEY, base_url=server.base_url, budget=budget) as client:
-        call = asyncio.create_task(client.generate("a fox", size="8x8"))
+        call = asyncio.create_task(client.generate("a fox", size="16x16"))
         while not server.posts:  # noqa: ASYNC110 - polling the server's record is the point
             await asyncio.sleep(0.01)
         call.cancel()
@@ -119,7 +119,7 @@ async def test_a_cancelled_call_keeps_its_reservation_and_counts_as_maybe_billed
             await call
     assert budget.remaining == 0
     assert client.usage.maybe_billed_calls == 1
-    assert client.usage.maybe_billed_compute_units == UNITS_8X8
+    assert client.usage.maybe_billed_compute_units == UNITS_16X16
 
 
 AMBIGUITY_ALLOWED = RetryPolicy(retry_ambiguous=True, backoff_base=0)
@@ -130,22 +130,22 @@ async def test_a_retried_ambiguous_attempt_is_counted_and_reserved_again(
 ) -> None:
     # Dropped after sending (may have been billed), then retried and answered: two POSTs that
     # may both be billed, so the budget holds two attempts and usage says so.
-    budget = Budget(max_compute_units=2 * UNITS_8X8)
+    budget = Budget(max_compute_units=2 * UNITS_16X16)
     server.enqueue(Reply(fault="drop"))
-    result = await client.generate("a fox", size="8x8", budget=budget, retries=AMBIGUITY_ALLOWED)
-    assert result.compute_units == UNITS_8X8
+    result = await client.generate("a fox", size="16x16", budget=budget, retries=AMBIGUITY_ALLOWED)
+    assert result.compute_units == UNITS_16X16
     assert len(server.posts) == 2
     assert budget.remaining == 0
-    assert client.usage.compute_units == UNITS_8X8
+    assert client.usage.compute_units == UNITS_16X16
     assert client.usage.maybe_billed_calls == 1
-    assert client.usage.maybe_billed_compute_units == UNITS_8X8
-    assert client.usage.max_compute_units == len(server.posts) * UNITS_8X8
+    assert client.usage.maybe_billed_compute_units == UNITS_16X16
+    assert client.usage.max_compute_units == len(server.posts) * UNITS_16X16
 
 
 async def test_a_retry_of_an_ambiguous_attempt_that_does_not_fit_is_not_sent(
     client: AsyncImagesClient, server: FakeAtomaServer
 ) -> None:
-    budget = Budget(max_compute_units=UNITS_8X8)
+    budget = Budget(max_compute_units=UNITS_16X16)
     server.enqueue(Reply(fault="drop"))
     waits: list[float] = []
 
@@ -154,7 +154,7 @@ async def test_a_retry_of_an_ambiguous_attempt_that_does_not_fit_is_not_sent(
 
     policy = RetryPolicy(retry_ambiguous=True, backoff_base=5, sleep=sleep)
     with pytest.raises(BudgetExceededError) as refused:
-        await client.generate("a fox", size="8x8", budget=budget, retries=policy)
+        await client.generate("a fox", size="16x16", budget=budget, retries=policy)
     assert waits == []  # refused before the wait, not after it
     assert len(server.posts) == 1
     assert refused.value.may_have_been_billed  # the first attempt may have been
@@ -169,39 +169,39 @@ async def test_a_call_whose_earlier_attempt_may_have_been_billed_says_so_at_the_
     # The last attempt's 400 bills nothing, but the dropped one before it may have.
     server.enqueue(Reply(fault="drop"), Reply(status=400))
     with pytest.raises(BadRequestError) as info:
-        await client.generate("a fox", size="8x8", retries=AMBIGUITY_ALLOWED)
+        await client.generate("a fox", size="16x16", retries=AMBIGUITY_ALLOWED)
     assert len(server.posts) == 2
     assert info.value.attempts == 2
     assert info.value.may_have_been_billed
-    assert client.usage.maybe_billed_compute_units == UNITS_8X8
+    assert client.usage.maybe_billed_compute_units == UNITS_16X16
     assert client.usage.unbilled_failures == 0
 
 
 async def test_a_call_budget_and_the_client_budget_both_apply(server: FakeAtomaServer) -> None:
-    shared = Budget(max_compute_units=3 * UNITS_8X8)
-    alice = Budget(max_compute_units=2 * UNITS_8X8)
+    shared = Budget(max_compute_units=3 * UNITS_16X16)
+    alice = Budget(max_compute_units=2 * UNITS_16X16)
     async with AsyncImagesClient(API_KEY, base_url=server.base_url, budget=shared) as client:
-        await client.generate("a fox", size="8x8", budget=alice)
-        await client.generate("a fox", size="8x8", budget=alice)
+        await client.generate("a fox", size="16x16", budget=alice)
+        await client.generate("a fox", size="16x16", budget=alice)
         with pytest.raises(BudgetExceededError):  # alice's is spent; the client's is not
-            await client.generate("a fox", size="8x8", budget=alice)
+            await client.generate("a fox", size="16x16", budget=alice)
         bob = Budget(max_compute_units=10**6)
-        await client.generate("an owl", size="8x8", budget=bob)
+        await client.generate("an owl", size="16x16", budget=bob)
         with pytest.raises(BudgetExceededError):  # now the client's is spent
-            await client.generate("an owl", size="8x8", budget=bob)
+            await client.generate("an owl", size="16x16", budget=bob)
     # A refusal by one budget leaves nothing reserved in the other.
-    assert (shared.remaining, alice.remaining, bob.used) == (0, 0, UNITS_8X8)
+    assert (shared.remaining, alice.remaining, bob.used) == (0, 0, UNITS_16X16)
     assert len(server.posts) == 3
 
 
 def test_the_budget_holds_across_threads(threaded_server: FakeAtomaServer) -> None:
-    budget = Budget(max_compute_units=5 * UNITS_8X8)
+    budget = Budget(max_compute_units=5 * UNITS_16X16)
     start = threading.Barrier(20)
 
     def call(client: ImagesClient, number: int) -> str:
         start.wait()
         try:
-            client.generate(f"prompt {number}", size="8x8", budget=budget)
+            client.generate(f"prompt {number}", size="16x16", budget=budget)
         except BudgetExceededError:
             return "refused"
         return "done"
@@ -215,7 +215,7 @@ def test_the_budget_holds_across_threads(threaded_server: FakeAtomaServer) -> No
     assert outcomes.count("done") == 5
     assert outcomes.count("refused") == 15
     assert len(threaded_server.posts) == 5
-    assert usage.compute_units == 5 * UNITS_8X8
+    assert usage.compute_units == 5 * UNITS_16X16
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, "100", True])
@@ -240,14 +240,14 @@ def test_the_cli_caps_a_run_and_says_what_it_used(
     (tmp_path / "prompts.txt").write_text("a fox\nan owl\na boat\n")
     done = cli(
         *("--base-url", threaded_server.base_url, "--prompts-file", "prompts.txt"),
-        *("--size", "8x8", "--concurrency", "1", "--max-compute-units", str(2 * UNITS_8X8)),
+        *("--size", "16x16", "--concurrency", "1", "--max-compute-units", str(2 * UNITS_16X16)),
         cwd=tmp_path,
     )
     assert done.returncode == EXIT_CODES["balance"], done.stderr
     assert len(done.stdout.splitlines()) == 2
     assert len(threaded_server.posts) == 2
     lines = done.stderr.splitlines()
-    assert lines[-1] == f"atoma-images: used {2 * UNITS_8X8:,} compute units"
+    assert lines[-1] == f"atoma-images: used {2 * UNITS_16X16:,} compute units"
     (refusal,) = [line for line in lines if line.startswith("atoma-images: error")]
     assert "budget exceeded" in refusal
     assert "nothing was sent" in refusal
@@ -260,12 +260,12 @@ def test_the_cli_says_what_may_have_been_billed(
     (tmp_path / "prompts.txt").write_text("a fox\nan owl\n")
     done = cli(
         *("--base-url", threaded_server.base_url, "--prompts-file", "prompts.txt"),
-        *("--size", "8x8", "--concurrency", "1", "--max-retries", "0"),
+        *("--size", "16x16", "--concurrency", "1", "--max-retries", "0"),
         cwd=tmp_path,
     )
     assert done.returncode == EXIT_CODES["connection"], done.stderr
     assert done.stderr.splitlines()[-1] == (
-        f"atoma-images: used {UNITS_8X8} compute units; {UNITS_8X8} more may have been billed"
+        f"atoma-images: used {UNITS_16X16} compute units; {UNITS_16X16} more may have been billed"
     )
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "error_code",
     "error_envelope",
     "json_object",
+    "openai_refusal",
     "parse_size",
     "refusal",
 ]
@@ -59,6 +60,15 @@ def error_envelope(status: int, message: str) -> str:
 def refusal(kind: type[web.HTTPException], message: str) -> web.HTTPException:
     """The exception to raise to answer with status ``kind`` and Atoma's error envelope."""
     return kind(text=error_envelope(kind.status_code, message), content_type="application/json")
+
+
+def openai_refusal(
+    kind: type[web.HTTPException], message: str, code: str, param: str | None = None
+) -> web.HTTPException:
+    """The exception to raise to answer as OpenAI's API does: status ``kind`` and its
+    envelope ``{"error": {"message", "type", "param", "code"}}``."""
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    return kind(text=json.dumps({"error": error}), content_type="application/json")
 
 
 def json_object(request: web.Request, raw: bytes) -> dict[str, Any]:

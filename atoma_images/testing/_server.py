@@ -12,23 +12,22 @@ import json
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 from aiohttp import web
 
 from atoma_images import _confidential
+from atoma_images._dialect import Dialect, check_dialect
 from atoma_images._models import DEFAULT_MODEL
 from atoma_images._portal import LoopThread, origin_of, serving_locally
 
-from ._checks import json_object, parse_size, refusal
+from ._checks import json_object, openai_refusal, parse_size, refusal
 from ._faults import Reply, send
 from ._node import FakeConfidentialNode, lock_request, sealed_request
 from ._png import make_png
 
-__all__ = ["FakeAtomaServer", "ImageFormat", "RecordedRequest"]
-
-ImageFormat = Literal["data_uri", "b64_json", "url", "local_file"]
+__all__ = ["FakeAtomaServer", "RecordedRequest"]
 
 GENERATIONS_PATH = "/v1/images/generations"
 CONFIDENTIAL_PATH = "/v1/" + _confidential.PATH
@@ -36,6 +35,24 @@ LOCK_PATH = "/v1/" + _confidential.LOCK_PATH
 # The fake refuses to draw more than this many pixels per image, to keep tests' memory sane.
 MAX_PIXELS = 4096 * 4096
 _MAX_IMAGES = 10
+# What the proxy answers when its node (and so the backend) failed: atoma-proxy
+# src/server/handlers/mod.rs, handle_status_code_error (the backend's own message is lost).
+_BACKEND_FAILED = "Inference service returned status code error 500 Internal Server Error"
+# mistral.rs's ImageGenerationRequest (mistralrs-server/src/openai.rs, v0.3.1 to v0.9.2):
+# the spellings of its response_format enum, and the size it draws when none is named.
+_BACKEND_FORMATS = ("Url", "B64Json")
+_BACKEND_DEFAULT_SIZE = {"width": 1280, "height": 720}
+# Its FLUX pipeline rounds each side up to a multiple of this (diffusion_models/flux/sampling.rs).
+_FLUX_STEP = 16
+# The request keys OpenAI's images API knows; any other is a 400 unknown_parameter.
+_OPENAI_KEYS = frozenset(
+    {
+        "model", "prompt", "n", "size", "quality", "response_format", "style", "user",
+        "background", "moderation", "output_compression", "output_format", "partial_images",
+        "stream",
+    }
+)  # fmt: skip
+_OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", DEFAULT_MODEL)
 # Images served by URL are kept for the last this many; older ones are forgotten.
 _MAX_FILES = 256
 
@@ -57,7 +74,17 @@ class RecordedRequest:
 
 @attrs.define(kw_only=True, eq=False)
 class FakeAtomaServer:
-    """An aiohttp.web server on 127.0.0.1 that answers like Atoma's image API.
+    """An aiohttp.web server on 127.0.0.1 that answers like Atoma's deployed image API.
+
+    By default it answers as Atoma's proxy, node and mistral.rs backend do together
+    (docs/contract.md names the source of each behaviour): the proxy needs ``model``, ``n``
+    and ``size`` and bills ``n * W * H``; the backend reads neither ``n`` nor ``size``, but
+    draws one image at ``width`` x ``height`` (1280 x 720 without them, each side rounded up
+    to a multiple of 16), takes only ``"Url"`` (the default: a node-local file name, no
+    image) and ``"B64Json"`` (a data URI), and anything it cannot parse is a 500.
+    ``dialect="openai"`` answers as OpenAI's images API: unknown keys are a 400
+    ``unknown_parameter``, ``response_format`` is ``"url"`` (served here) or ``"b64_json"``
+    (and refused for gpt-image models, which always answer base64), ``n`` images.
 
     It serves ``POST /v1/images/generations``, ``GET /files/<name>`` (the images of ``"url"``
     answers) and, with ``confidential=True``, ``POST /v1/nodes/lock`` and
@@ -67,11 +94,9 @@ class FakeAtomaServer:
 
     Attributes:
         api_key: the only key accepted; None accepts any non-empty Bearer token.
-        models: the models it has nodes for.
-        image_format: how images come back when the request names no ``response_format``:
-            ``"data_uri"`` (like Atoma's backend), ``"b64_json"`` (bare base64), ``"url"``
-            (served by this server) or ``"local_file"`` (a node-local file name, like the
-            real backend's ``image-generation-<uuid>.png``).
+        models: the models it serves (for ``"openai"``, by default also ``dall-e-2``,
+            ``dall-e-3`` and ``gpt-image-1``).
+        dialect: ``"atoma"`` (the deployed service) or ``"openai"`` (OpenAI's images API).
         latency: seconds every normal answer takes (a real image takes about ten).
         host: the address to listen on.
         port: the port; 0 picks a free one.
@@ -81,8 +106,13 @@ class FakeAtomaServer:
     """
 
     api_key: str | None = attrs.field(default=None, repr=False)
-    models: tuple[str, ...] = (DEFAULT_MODEL,)
-    image_format: ImageFormat = "data_uri"
+    dialect: Dialect = attrs.field(default="atoma", validator=lambda _, __, v: check_dialect(v))
+    models: tuple[str, ...] = attrs.field(
+        default=attrs.Factory(
+            lambda self: _OPENAI_MODELS if self.dialect == "openai" else (DEFAULT_MODEL,),
+            takes_self=True,
+        )
+    )
     latency: float = 0.0
     host: str = "127.0.0.1"
     port: int = 0
@@ -92,6 +122,9 @@ class FakeAtomaServer:
     requests: list[RecordedRequest] = attrs.field(init=False, factory=list, repr=False)
     #: The most generation requests that were being answered at the same time.
     peak_in_flight: int = attrs.field(init=False, default=0, repr=False)
+    #: The compute units billed so far: ``n * W * H`` of every request it generated for,
+    #: whether or not the client read the answer (the proxy bills a success regardless).
+    billed_compute_units: int = attrs.field(init=False, default=0, repr=False)
     _node: FakeConfidentialNode | None = attrs.field(init=False, default=None, repr=False)
     _in_flight: int = attrs.field(init=False, default=0, repr=False)
     _script: collections.deque[Reply] = attrs.field(
@@ -116,10 +149,11 @@ class FakeAtomaServer:
             self._script.extend([reply] * times)
 
     def reset(self) -> None:
-        """Forget recorded requests and scripted replies."""
+        """Forget recorded requests, scripted replies and what was billed."""
         self.requests.clear()
         self._script.clear()
         self.peak_in_flight = 0
+        self.billed_compute_units = 0
 
     @property
     def posts(self) -> list[RecordedRequest]:
@@ -226,8 +260,11 @@ class FakeAtomaServer:
         return node.seal(key, self._images(request, plaintext))
 
     def _images(self, request: web.Request, raw: bytes) -> bytes:
-        """The JSON of the images answer to the request ``raw``."""
-        # The order of checks is the proxy's: body first, key last.
+        """The JSON of the images answer to the request ``raw``; bills what it generates."""
+        if self.dialect == "openai":
+            return self._openai_images(request, raw)
+        # The order of checks is the proxy's: body first, key last
+        # (atoma-proxy src/server/handlers/image_generations.rs and middleware.rs).
         body = json_object(request, raw)
         model, n, size = body.get("model"), body.get("n"), body.get("size")
         if type(model) is not str:
@@ -244,35 +281,81 @@ class FakeAtomaServer:
         if model not in self.models:
             raise refusal(web.HTTPBadRequest, f"No node found for model {model}")
         self._authorize(request)
-        prompt = body.get("prompt")
-        if type(prompt) is not str:
-            raise refusal(web.HTTPInternalServerError, "Failed to generate image: missing prompt")
-        width, height = dims
-        if width * height > MAX_PIXELS or n > _MAX_IMAGES:
-            raise refusal(
-                web.HTTPBadRequest,
-                f"fake server: at most {_MAX_IMAGES} images of {MAX_PIXELS} pixels each",
-            )
-        fmt = body.get("response_format") or self.image_format
-        if fmt not in ("data_uri", "b64_json", "url", "local_file"):
-            raise refusal(web.HTTPBadRequest, f"Invalid response_format {fmt!r}")
-        return _signed_answer(
-            [self._image(fmt, make_png(width, height, f"{prompt}#{i}"), prompt) for i in range(n)]
-        )
+        # The node forwards the body untouched; the backend (mistral.rs) parses it with
+        # serde: what it cannot parse is its 422, which the node and the proxy turn into a
+        # 500 without its message. It reads neither n nor size: one image, width x height.
+        prompt, fmt = body.get("prompt"), body.get("response_format", "Url")
+        width, height = (body.get(key, default) for key, default in _BACKEND_DEFAULT_SIZE.items())
+        if type(prompt) is not str or fmt not in _BACKEND_FORMATS:
+            raise refusal(web.HTTPInternalServerError, _BACKEND_FAILED)
+        if not (_is_usize(width) and _is_usize(height)):
+            raise refusal(web.HTTPInternalServerError, _BACKEND_FAILED)
+        width, height = (-(-side // _FLUX_STEP) * _FLUX_STEP for side in (width, height))
+        if not 0 < width * height <= MAX_PIXELS:
+            raise refusal(web.HTTPBadRequest, f"fake server: at most {MAX_PIXELS} pixels per image")
+        png = make_png(width, height, prompt)
+        self.billed_compute_units += n * dims[0] * dims[1]  # the proxy bills n x size
+        if fmt == "Url":  # saved in the backend's working directory; nothing serves it
+            image = {"url": f"image-generation-{uuid.uuid4()}.png", "b64_json": None}
+        else:
+            image = {"url": None, "b64_json": "data:image/png;base64," + _b64(png)}
+        return _signed_answer([image])
 
-    def _image(self, fmt: str, png: bytes, prompt: str) -> dict[str, Any]:
-        if fmt == "url":
-            name = f"{uuid.uuid4().hex}.png"
-            self._files[name] = png
-            while len(self._files) > _MAX_FILES:
-                self._files.popitem(last=False)
-            return {"url": f"http://{self.host}:{self.port}/files/{name}", "revised_prompt": prompt}
-        if fmt == "local_file":
-            return {"url": f"image-generation-{uuid.uuid4()}.png", "b64_json": None}
-        encoded = base64.b64encode(png).decode()
-        if fmt == "data_uri":
-            return {"url": None, "b64_json": "data:image/png;base64," + encoded}
-        return {"b64_json": encoded, "revised_prompt": prompt}
+    def _openai_images(self, request: web.Request, raw: bytes) -> bytes:
+        """OpenAI's images API: the key first, then every key of the body, n images."""
+        self._authorize(request)
+        body = json_object(request, raw)
+        for key in body:
+            if key not in _OPENAI_KEYS:
+                raise openai_refusal(
+                    web.HTTPBadRequest, f"Unknown parameter: '{key}'.", "unknown_parameter", key
+                )
+        model, prompt = body.get("model", "dall-e-2"), body.get("prompt")
+        if type(prompt) is not str or not prompt:
+            raise openai_refusal(
+                web.HTTPBadRequest, "Missing required parameter: 'prompt'.", "missing", "prompt"
+            )
+        if model not in self.models:
+            raise openai_refusal(
+                web.HTTPNotFound, f"The model '{model}' does not exist.", "model_not_found"
+            )
+        n, dims = body.get("n", 1), parse_size(body.get("size", "1024x1024"))
+        if type(n) is not int or not 1 <= n <= _MAX_IMAGES:
+            raise openai_refusal(web.HTTPBadRequest, f"Invalid n: {n!r}.", "invalid_value", "n")
+        if dims is None or dims[0] * dims[1] > MAX_PIXELS:
+            raise openai_refusal(web.HTTPBadRequest, "Invalid size.", "invalid_value", "size")
+        if model.startswith("gpt-image"):  # always base64; the field itself is refused
+            if "response_format" in body:
+                raise openai_refusal(
+                    web.HTTPBadRequest,
+                    "Unknown parameter: 'response_format'.",
+                    "unknown_parameter",
+                    "response_format",
+                )
+            fmt = "b64_json"
+        else:
+            fmt = body.get("response_format", "url")
+            if fmt not in ("url", "b64_json"):
+                raise openai_refusal(
+                    web.HTTPBadRequest,
+                    f"Invalid value: {fmt!r}. Supported values are: 'url' and 'b64_json'.",
+                    "invalid_value",
+                    "response_format",
+                )
+        width, height = dims
+        self.billed_compute_units += n * width * height
+        data = [self._openai_image(fmt, make_png(width, height, f"{prompt}#{i}"), prompt)
+                for i in range(n)]  # fmt: skip
+        return json.dumps({"created": int(time.time()), "data": data}).encode()
+
+    def _openai_image(self, fmt: str, png: bytes, prompt: str) -> dict[str, Any]:
+        if fmt == "b64_json":
+            return {"b64_json": _b64(png), "revised_prompt": prompt}
+        name = f"{uuid.uuid4().hex}.png"
+        self._files[name] = png
+        while len(self._files) > _MAX_FILES:
+            self._files.popitem(last=False)
+        return {"url": f"http://{self.host}:{self.port}/files/{name}", "revised_prompt": prompt}
 
     def _authorize(self, request: web.Request) -> None:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -300,6 +383,15 @@ class FakeAtomaServer:
         if png is None:
             raise refusal(web.HTTPNotFound, "no such file")
         return web.Response(body=png, content_type="image/png")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _is_usize(value: object) -> bool:
+    """Whether serde would read ``value`` as a Rust ``usize``."""
+    return type(value) is int and value >= 0
 
 
 def _signed_answer(data: list[dict[str, Any]]) -> bytes:
