@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 import attrs
 
 from ._checks import check_plain_callable_or_none, check_whole_number
+from ._dialect import plan
 from ._errors import AtomaImagesError, InvalidRequestError
 from ._models import ImageRequest, ImagesResponse
 from ._retry import check_policy, policy_for
@@ -206,7 +207,8 @@ class Batch:
         # the batch in its caller's thread and runs it on its own loop. The bound is the
         # pool's too, so that no call waits for a connection another one holds (and fails
         # for a pool timeout against a healthy server).
-        self._slots = asyncio.Semaphore(min(concurrency, pool_size or concurrency))
+        self._bound = min(concurrency, pool_size or concurrency)
+        self._slots = asyncio.Semaphore(self._bound)
         self._results: asyncio.Queue[BatchResult | _Failed | object] = asyncio.Queue()
         self._counts = {"results": 0, "responses": 0, "errors": 0}
         self._meter = UsageMeter()  # what the batch's calls cost, counted as the client counts
@@ -329,8 +331,13 @@ class Batch:
                 item = await self._next_item()
                 if item is _END:
                     break
+                # On Atoma a call for n images is n requests at once: each holds a
+                # connection, so it holds a slot while in flight (as many as there are).
+                extra = self._requests_of(index, item) - 1
+                for _ in range(extra):
+                    await self._slots.acquire()
                 call = asyncio.create_task(
-                    self._call(index, item), name=f"atoma-images-batch-call-{index}"
+                    self._call(index, item, extra), name=f"atoma-images-batch-call-{index}"
                 )
                 self._calls.add(call)
                 call.add_done_callback(self._calls.discard)
@@ -353,7 +360,16 @@ class Batch:
         except (StopIteration, StopAsyncIteration):
             return _END
 
-    async def _call(self, index: int, item: object) -> None:
+    def _requests_of(self, index: int, item: object) -> int:
+        """How many requests the call for ``item`` sends at once (at most the bound)."""
+        try:
+            request, _ = self._request(index, item)
+            requests = len(plan(self._client.dialect, request))
+        except InvalidRequestError:  # reported by its call, which sends nothing
+            return 1
+        return min(requests, self._bound)
+
+    async def _call(self, index: int, item: object, extra_slots: int) -> None:
         try:
             await self._gate.wait()
             result = await self._settle(index, item)
@@ -361,6 +377,9 @@ class Batch:
             self._results.put_nowait(_Failed(error))
         else:
             self._results.put_nowait(result)
+        finally:  # the slots of its other requests; the first goes with its result
+            for _ in range(extra_slots):
+                self._slots.release()
 
     async def _settle(self, index: int, item: object) -> BatchResult:
         try:

@@ -29,6 +29,7 @@ import pytest
 from atoma_images import (
     AsyncImagesClient,
     AtomaImagesError,
+    Budget,
     ImagesResponse,
     RetryPolicy,
     Timeout,
@@ -311,6 +312,54 @@ async def test_not_billed_means_never_received_over_a_fault_matrix(seed: int) ->
             assert not error.may_have_been_billed
             assert "waiting for a connection" in str(error)
             assert error.attempts == 1
+
+
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow)])
+async def test_n_images_on_atoma_agree_with_the_bill_over_a_fault_matrix(seed: int) -> None:
+    """On Atoma a call for 3 images is 3 requests, each meeting its own fault: every call's
+    outcome, the client's usage and its budget agree with what the server may have billed."""
+    unit = 16 * 16
+    budget = Budget(max_compute_units=10**9)
+    policy = RetryPolicy(sleep=FakeSleep(), max_retries=2)
+    limits = Timeout(total=0.8, read=0.4, connect=0.3, pool=1.0)
+    outcomes: dict[str, ImagesResponse | BaseException] = {}
+
+    async def call(client: AsyncImagesClient, prompt: str) -> None:
+        try:
+            outcomes[prompt] = await client.generate(prompt, n=3, size="16x16")
+        except BaseException as exc:  # checked below: only our errors may come out
+            outcomes[prompt] = exc
+
+    async with (
+        fault_server(FaultServer(seed)) as (server, url),
+        AsyncImagesClient(
+            "k", base_url=url, max_connections=9, timeout=limits, retries=policy, budget=budget
+        ) as client,
+    ):
+        await asyncio.gather(*(call(client, f"seed {seed} call {i}") for i in range(12)))
+    billable = [r for r in server.received if r.billable]
+    images = 0
+    for prompt, outcome in outcomes.items():
+        sent = len([r for r in billable if r.prompt == prompt])
+        if isinstance(outcome, ImagesResponse):
+            assert len(outcome.images) == 3
+            assert sent == 3, prompt
+            images += 3
+            continue
+        assert isinstance(outcome, AtomaImagesError), outcome
+        came_back = 0 if outcome.partial is None else len(outcome.partial.images)
+        assert came_back <= sent, prompt  # every image handed back was billed by the server
+        images += came_back
+        if not outcome.may_have_been_billed:
+            assert (sent, outcome.partial) == (0, None), prompt
+    usage = client.usage
+    assert usage.images == images
+    assert usage.compute_units == images * unit
+    # Every request the server may have billed is billed or maybe billed on the client's side.
+    assert len(billable) * unit == usage.max_compute_units == budget.used
+    kinds = {type(o).__name__ for o in outcomes.values()}
+    assert "ImagesResponse" in kinds, kinds
+    assert any(isinstance(o, AtomaImagesError) and o.partial for o in outcomes.values()), kinds
 
 
 async def test_pool_waits_that_time_out_are_not_billed_and_are_retried() -> None:

@@ -423,3 +423,14 @@ async def test_a_connection_failure_after_a_success_reports_no_status(
             await client.generate("fox", size="16x16")
     assert [info.status for info in recorder.of("finished")] == [200, None]
     assert [info.status for info in recorder.of("call")] == [200, None]
+
+
+async def test_hooks_see_every_request_of_a_call_for_several_images(
+    server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    recorder = Recorder()
+    async with _client(server.base_url, fake_sleep, recorder) as client:
+        await client.generate("fox", n=3, size="16x16")
+    calls = recorder.of("call")
+    assert len(calls) == len(server.posts) == 3  # Atoma: one request per image
+    assert [(c.call.n, c.status, c.may_have_been_billed) for c in calls] == [(1, 200, True)] * 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from atoma_images import (
 from atoma_images.__main__ import EXIT_CODES
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY
+from conftest import API_KEY, FakeSleep
 
 NO_RETRIES = RetryPolicy(max_retries=0)
 UNITS_16X16 = 256  # n x W x H of one 16x16 image
@@ -273,3 +274,117 @@ def test_the_cli_refuses_a_negative_cap(tmp_path: Path) -> None:
     done = cli("--fake", "a fox", "--max-compute-units", "-1", cwd=tmp_path, key=None)
     assert done.returncode == EXIT_CODES["invalid input"]
     assert "invalid --max-compute-units: got -1; allowed: an integer >= 0" in done.stderr
+
+
+# -- n images on Atoma: n requests of one, each billed on its own ------------------------------
+
+UNITS_3 = 3 * UNITS_16X16
+
+
+def agrees_with_the_bill(client: AsyncImagesClient, server: FakeAtomaServer) -> None:
+    """What the client counts brackets what the server billed, and the budget holds both."""
+    usage = client.usage
+    assert usage.compute_units <= server.billed_compute_units <= usage.max_compute_units
+    assert client.budget is not None
+    assert client.budget.used == usage.max_compute_units  # nothing billable was given back
+
+
+def clients_tasks() -> list[asyncio.Task[object]]:
+    """The running tasks of the client's code (the fake server's own tasks left out)."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if not task.done()
+        and "atoma_images" in task.get_coro().cr_code.co_filename  # type: ignore[union-attr]
+        and "testing" not in task.get_coro().cr_code.co_filename  # type: ignore[union-attr]
+    ]
+
+
+@pytest.fixture
+async def budgeted(server: FakeAtomaServer) -> AsyncIterator[AsyncImagesClient]:
+    async with AsyncImagesClient(
+        API_KEY,
+        base_url=server.base_url,
+        budget=Budget(max_compute_units=100 * UNITS_3),
+        retries=RetryPolicy(sleep=FakeSleep()),
+    ) as client:
+        yield client
+
+
+async def test_three_images_with_a_503_then_200_among_them(
+    budgeted: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    server.enqueue(Reply(status=503))
+    result = await budgeted.generate("a fox", n=3, size="16x16")
+    assert len(result.images) == 3
+    assert len(server.posts) == 4  # the refused request was sent again, and only it
+    assert result.compute_units == server.billed_compute_units == UNITS_3
+    assert budgeted.usage.compute_units == UNITS_3
+    agrees_with_the_bill(budgeted, server)
+
+
+async def test_three_images_with_one_refused_raise_its_error_with_the_others(
+    budgeted: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    server.enqueue(Reply(status=400))
+    with pytest.raises(BadRequestError) as caught:
+        await budgeted.generate("a fox", n=3, size="16x16")
+    error = caught.value
+    assert error.partial is not None
+    assert len(error.partial.images) == 2  # billed: never dropped
+    assert all(image.decode() for image in error.partial.images)
+    assert error.partial.compute_units == server.billed_compute_units == 2 * UNITS_16X16
+    assert error.may_have_been_billed  # the call was billed, for what came back
+    assert budgeted.usage.compute_units == 2 * UNITS_16X16
+    assert budgeted.usage.maybe_billed_compute_units == 0
+    agrees_with_the_bill(budgeted, server)
+
+
+async def test_three_images_with_an_ambiguous_drop_count_it_as_maybe_billed(
+    budgeted: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    # The server generates (and bills) the image, and the answer is cut off half-way.
+    server.enqueue(Reply(fault="drop_mid_body"))
+    with pytest.raises(AmbiguousOutcomeError) as caught:
+        await budgeted.generate("a fox", n=3, size="16x16")
+    error = caught.value
+    assert error.may_have_been_billed
+    assert error.partial is not None
+    assert len(error.partial.images) == 2
+    assert len(server.posts) == 3  # an ambiguous request is never sent again
+    assert server.billed_compute_units == UNITS_3
+    assert budgeted.usage.compute_units == 2 * UNITS_16X16
+    assert budgeted.usage.maybe_billed_compute_units == UNITS_16X16
+    agrees_with_the_bill(budgeted, server)
+
+
+async def test_three_images_all_refused_say_not_billed_and_give_the_budget_back(
+    budgeted: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    server.enqueue(Reply(status=400), times=3)
+    with pytest.raises(BadRequestError) as caught:
+        await budgeted.generate("a fox", n=3, size="16x16")
+    assert caught.value.partial is None
+    assert not caught.value.may_have_been_billed
+    assert server.billed_compute_units == 0
+    assert budgeted.budget is not None
+    assert budgeted.budget.used == 0
+    assert budgeted.usage.unbilled_failures == 3
+
+
+async def test_cancelling_three_images_cancels_every_request_and_leaves_nothing_running(
+    budgeted: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    server.enqueue(Reply(), Reply(delay=30), Reply(delay=30))
+    call = asyncio.ensure_future(budgeted.generate("a fox", n=3, size="16x16"))
+    while server.billed_compute_units == 0 or len(server.posts) < 3:  # noqa: ASYNC110 - polls the fake
+        await asyncio.sleep(0.01)
+    assert len(clients_tasks()) == 3  # the call and its two requests still in flight
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert clients_tasks() == []  # no request of the call is left running
+    # The one answered was billed; the two cancelled in flight may have been.
+    assert budgeted.usage.compute_units == UNITS_16X16
+    assert budgeted.usage.maybe_billed_compute_units == 2 * UNITS_16X16
+    agrees_with_the_bill(budgeted, server)
