@@ -26,7 +26,7 @@ import atoma_images
 from atoma_images.__main__ import EXIT_CODES, main
 from atoma_images.testing import FakeAtomaServer, Reply, make_png
 
-from conftest import API_KEY, serving
+from conftest import API_KEY, serving, without_slow_step_notes
 from pngcheck import png_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,18 +60,6 @@ def environment(
         env["ATOMA_API_KEY"] = key
     env.update(extra or {})
     return env
-
-
-# Dev mode turns on asyncio's debug mode, which logs any step of the loop that takes over
-# 0.1 s: on a loaded machine that is the machine, not the CLI, so those notes are dropped
-# from what the tests compare; every other line of stderr is compared exactly.
-_SLOW_STEP = re.compile(r"Executing <.*> took \d+\.\d+ seconds")
-
-
-def without_slow_step_notes(stderr: str) -> str:
-    return "".join(
-        line for line in stderr.splitlines(keepends=True) if not _SLOW_STEP.fullmatch(line.strip())
-    )
 
 
 def cli(

@@ -7,10 +7,14 @@ async with FakeAtomaServer() as server:
     assert len(server.posts) == 1
 ```
 
-It behaves like the deployed service as docs/contract.md describes it: Bearer auth, a JSON
-content type, ``model``, ``n`` and ``size`` required (and checked before the key), the error
-envelope ``{"error": {"code", "message"}}``, and ``signature`` / ``response_hash`` beside the
-images. The images are real PNGs of the requested size, the same for the same prompt.
+It behaves like the deployed service as docs/contract.md describes it, with its source for
+each behaviour: the proxy's Bearer auth, JSON content type, ``model``, ``n`` and ``size``
+required (and checked before the key), its error envelope ``{"error": {"code",
+"message"}}`` and its ``n * W * H`` bill (``billed_compute_units``); the backend's one image
+per request at ``width`` x ``height`` (1280 x 720 without them, rounded up to multiples of
+16), its ``"Url"`` (a node-local file name) and ``"B64Json"`` (a data URI), and the node's
+``signature`` / ``response_hash``. ``FakeAtomaServer(dialect="openai")`` answers as OpenAI's
+images API instead. The images are real PNGs, the same for the same prompt.
 
 Scripted answers replace the next requests' normal handling, in order::
 
