@@ -65,6 +65,13 @@ class CommandLineError(Exception):
     """
 
 
+def paid(result: BatchResult) -> ImagesResponse | None:
+    """The billed images of a result: its response, or those a failed call brought back (on
+    Atoma, the other requests of a call for several images)."""
+    error = result.error
+    return result.response or (error.partial if isinstance(error, AtomaImagesError) else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="atoma-images",
@@ -245,15 +252,15 @@ async def generate_all(
 
         async def settle(result: BatchResult) -> int:
             progress.clear()
-            error = result.error
-            # A failed call's partial images (its other requests' images) were billed too.
-            kept = result.response or (
-                error.partial if isinstance(error, AtomaImagesError) else None
-            )
+            kept = paid(result)
             code = (
                 EXIT_CODES["ok"] if kept is None else await keep(result.prompt, result.index, kept)
             )
-            return code if error is None else report_error(error, result.prompt, args, out, err)
+            if result.error is None:
+                return code
+            failed = report_error(result.error, result.prompt, args, out, err)
+            # Billed images that could not be kept matter more than why the others failed.
+            return code if code == EXIT_CODES["not saved"] else failed
 
         async def keep(prompt: str, index: int, response: ImagesResponse) -> int:
             stem = stem_for(prompt, index if batch else None)
@@ -288,7 +295,7 @@ async def generate_all(
             # results it found ready but not yet handed out (a success among them was billed).
             summary = results.summary
             progress.in_flight = len(summary.cancelled_prompts)
-            unsaved += [(r.prompt, r.response) for r in summary.unclaimed if r.response is not None]
+            unsaved += [(r.prompt, kept) for r in summary.unclaimed if (kept := paid(r))]
             spinner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await spinner

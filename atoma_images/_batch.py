@@ -150,6 +150,15 @@ class _Failed:
     error: BaseException
 
 
+@attrs.frozen
+class _Prepared:
+    """One item of the source, checked: the request and the options of its call."""
+
+    index: int
+    request: ImageRequest
+    call: dict[str, Any]
+
+
 _END = object()
 
 
@@ -213,6 +222,7 @@ class Batch:
         self._counts = {"results": 0, "responses": 0, "errors": 0}
         self._meter = UsageMeter()  # what the batch's calls cost, counted as the client counts
         self._cancelled: list[str] = []
+        self._cancelled_units = 0  # what those calls were or may have been billed
         self._unclaimed: list[BatchResult] = []
 
     @property
@@ -313,9 +323,10 @@ class Batch:
         if self._cancelled:
             logger.warning(
                 "atoma-images: batch closed early: %d call(s) in flight were cancelled after "
-                "their request may have been sent; up to %d compute units may have been billed",
+                "their requests were sent; up to %d compute units were or may have been billed "
+                "for images that are not returned",
                 len(self._cancelled),
-                self._meter.usage.maybe_billed_compute_units,
+                self._cancelled_units,
             )
 
     # -- the batch's own tasks -----------------------------------------------------------
@@ -331,13 +342,14 @@ class Batch:
                 item = await self._next_item()
                 if item is _END:
                     break
-                # On Atoma a call for n images is n requests at once: each holds a
-                # connection, so it holds a slot while in flight (as many as there are).
-                extra = self._requests_of(index, item) - 1
-                for _ in range(extra):
+                prepared = self._prepare(index, item)
+                # On Atoma a call for n images is n requests: each holds a connection, so
+                # the call holds a slot for each it may send at once (at most the bound).
+                slots = self._slots_for(prepared)
+                for _ in range(slots - 1):
                     await self._slots.acquire()
                 call = asyncio.create_task(
-                    self._call(index, item, extra), name=f"atoma-images-batch-call-{index}"
+                    self._call(prepared, slots), name=f"atoma-images-batch-call-{index}"
                 )
                 self._calls.add(call)
                 call.add_done_callback(self._calls.discard)
@@ -360,45 +372,56 @@ class Batch:
         except (StopIteration, StopAsyncIteration):
             return _END
 
-    def _requests_of(self, index: int, item: object) -> int:
-        """How many requests the call for ``item`` sends at once (at most the bound)."""
+    def _prepare(self, index: int, item: object) -> BatchResult | _Prepared:
+        """The call for one item of the source, or the result of an item that is not valid."""
         try:
-            request, _ = self._request(index, item)
-            requests = len(plan(self._client.dialect, request))
+            request, call = self._request(index, item)
+        except InvalidRequestError as error:
+            return BatchResult(index=index, prompt=_prompt_of(item), error=error)
+        return _Prepared(index, request, call)
+
+    def _slots_for(self, prepared: BatchResult | _Prepared) -> int:
+        """How many requests the call sends at once (at most the bound)."""
+        if isinstance(prepared, BatchResult):
+            return 1
+        try:
+            requests = len(plan(self._client.dialect, prepared.request))
         except InvalidRequestError:  # reported by its call, which sends nothing
             return 1
         return min(requests, self._bound)
 
-    async def _call(self, index: int, item: object, extra_slots: int) -> None:
+    async def _call(self, prepared: BatchResult | _Prepared, slots: int) -> None:
         try:
             await self._gate.wait()
-            result = await self._settle(index, item)
+            result = await self._settle(prepared, slots)
         except Exception as error:  # a bug of ours: the caller gets it, and the batch ends
             self._results.put_nowait(_Failed(error))
         else:
             self._results.put_nowait(result)
         finally:  # the slots of its other requests; the first goes with its result
-            for _ in range(extra_slots):
+            for _ in range(slots - 1):
                 self._slots.release()
 
-    async def _settle(self, index: int, item: object) -> BatchResult:
-        try:
-            request, call = self._request(index, item)
-        except InvalidRequestError as error:
-            return BatchResult(index=index, prompt=_prompt_of(item), error=error)
+    async def _settle(self, prepared: BatchResult | _Prepared, slots: int) -> BatchResult:
+        if isinstance(prepared, BatchResult):
+            return prepared
+        index, request = prepared.index, prepared.request
         # This call's own count says what its attempts proved, so that the prompts listed as
         # maybe billed are those the batch's units count (a call cancelled while it waits
         # to retry a 503 was not billed).
         own = UsageMeter()
         try:
             response = await self._client._generate_request(
-                request, **call, meters=(self._meter, own)
+                request, **prepared.call, meters=(self._meter, own), max_in_flight=slots
             )
         except AtomaImagesError as error:
             return BatchResult(index=index, prompt=request.prompt, error=error)
         except asyncio.CancelledError:
-            if own.usage.maybe_billed_calls:
+            # Listed if any of its requests may have been billed, or was (on Atoma, the
+            # images of a call for several that came back before it was cancelled).
+            if own.usage.maybe_billed_calls or own.usage.images:
                 self._cancelled.append(request.prompt)
+                self._cancelled_units += own.usage.max_compute_units
             raise
         return BatchResult(index=index, prompt=request.prompt, response=response)
 

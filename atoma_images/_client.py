@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import ssl as ssl_module
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -51,6 +52,8 @@ from ._usage import (
     may_have_been_billed,
     settle,
 )
+
+logger = logging.getLogger("atoma_images")
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -211,9 +214,10 @@ class AsyncImagesClient:
                 the field out (gpt-image models refuse it) and the server picks.
             style: passed to the server as is (Atoma's backend ignores it).
             user: an end-user id for the server's abuse tracking.
-            extra_body: keys merged into the request body, for backend options such as
-                ``{"seed": 42}``: JSON values, no None, and none of the keys the client
-                writes itself.
+            extra_body: keys merged into the request body, for options a server reads
+                beyond the standard fields (some OpenAI-compatible servers take a
+                ``"seed"``; Atoma's backend ignores unknown keys): JSON values, no None,
+                and none of the keys the client writes itself.
             timeout: limits for each attempt of this call (overrides the client's).
             retries: the retry policy of this call (overrides the client's).
             confidential: encrypt the request for a node running in a TEE, and decrypt and
@@ -259,10 +263,13 @@ class AsyncImagesClient:
         confidential: bool = False,
         budget: Budget | None = None,
         meters: tuple[UsageMeter, ...] = (),
+        max_in_flight: int | None = None,
     ) -> ImagesResponse:
         """`generate` for a request already built (`Batch` builds one per prompt).
 
-        ``meters`` count the call besides the client's own (a batch's).
+        ``meters`` count the call besides the client's own (a batch's). ``max_in_flight``
+        bounds how many of its requests are sent at once (on Atoma, one per image): by
+        default the pool's size, so that none waits for a connection its siblings hold.
         """
         dialect = self.dialect
         parts = plan(dialect, request)  # InvalidRequestError here: nothing sent
@@ -282,7 +289,8 @@ class AsyncImagesClient:
         ]
         if len(calls) == 1:
             return await settle(calls[0], costs[0], meters)
-        return await _all_of(calls, costs, meters)
+        limit = max_in_flight or self._sessions.pool_size or len(calls)
+        return await _all_of(calls, costs, meters, limit)
 
     def _request(  # noqa: PLR0917 - one request's parts, in order
         self,
@@ -293,7 +301,7 @@ class AsyncImagesClient:
         cost: CallCost,
         confidential: bool,
         session: aiohttp.ClientSession,
-    ) -> Awaitable[ImagesResponse]:
+    ) -> Coroutine[Any, Any, ImagesResponse]:
         """One request of a call, in the policy's attempt loop (not yet awaited)."""
         if confidential:
             from . import _confidential  # noqa: PLC0415 - cryptography costs import time
@@ -452,26 +460,42 @@ class AsyncImagesClient:
 
 
 async def _all_of(
-    calls: list[Awaitable[ImagesResponse]],
+    calls: list[Coroutine[Any, Any, ImagesResponse]],
     costs: list[CallCost],
     meters: tuple[UsageMeter, ...],
+    limit: int,
 ) -> ImagesResponse:
-    """Run the requests of one call at once: one response of all their images, or the error
-    of the first that failed, with ``partial`` set to what the others brought back.
+    """Run the requests of one call, ``limit`` at a time: one response of all their images,
+    or the error of the first that failed, with ``partial`` set to what the others brought
+    back.
 
     Cancelling it cancels them all and returns only when none is left running. Each
     request is counted once, from how it ended; one cancelled before it started cost nothing.
     """
-    tasks = [asyncio.ensure_future(call) for call in calls]
+    turns = asyncio.Semaphore(limit)
+
+    async def in_turn(call: Coroutine[Any, Any, ImagesResponse]) -> ImagesResponse:
+        async with turns:
+            return await call
+
+    tasks = [asyncio.ensure_future(in_turn(call)) for call in calls]
     try:
         await asyncio.wait(tasks)
     except BaseException:
         for task in tasks:
             task.cancel()
         await _until_done(tasks)
-        _count(tasks, costs, meters)
+        responses, _ = _count(tasks, costs, meters, calls)
+        if responses:  # billed, and the caller is gone: say so rather than drop them quietly
+            logger.warning(
+                "atoma-images: a call for %d images was cancelled after %d of them were "
+                "generated and billed (%d compute units); they are not returned",
+                len(calls),
+                sum(len(response.data) for response in responses),
+                sum(response.compute_units for response in responses),
+            )
         raise
-    responses, errors = _count(tasks, costs, meters)
+    responses, errors = _count(tasks, costs, meters, calls)
     together = _merged(responses) if responses else None
     if not errors:
         assert together is not None
@@ -499,19 +523,19 @@ def _count(
     tasks: list[asyncio.Task[ImagesResponse]],
     costs: list[CallCost],
     meters: tuple[UsageMeter, ...],
+    calls: list[Coroutine[Any, Any, ImagesResponse]],
 ) -> tuple[list[ImagesResponse], list[BaseException]]:
     """Each ended request, counted in the meters: its response (with its cost) or its error."""
     responses: list[ImagesResponse] = []
     errors: list[BaseException] = []
-    for task, cost in zip(tasks, costs, strict=True):
+    for task, cost, call in zip(tasks, costs, calls, strict=True):
+        call.close()  # one cancelled before its turn never started: nothing left to await
         error = asyncio.CancelledError() if task.cancelled() else task.exception()
-        if error is None:
-            response = task.result()
-            cost.finish(len(response.data), meters)
-            responses.append(attrs.evolve(response, compute_units=cost.units))
+        response = cost.close(task.result() if error is None else None, meters)
+        if response is None:
+            errors.append(error)  # type: ignore[arg-type]  # not None when there is no result
         else:
-            cost.finish(None, meters)
-            errors.append(error)
+            responses.append(response)
     return responses, errors
 
 

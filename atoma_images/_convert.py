@@ -205,7 +205,7 @@ def _no_image(
             "nothing serves)"
         )
     where = ", ".join(f"data[{i}]" for i in missing)
-    return NoImageError(
+    error = NoImageError(
         f"{where}: no image: {what}",
         response=response,
         status=status,
@@ -213,6 +213,10 @@ def _no_image(
         headers=headers,
         request_id=headers.get("x-request-id"),
     )
+    # The items that do hold an image were billed with the rest: never dropped.
+    images = tuple(image for image in response.data if _holds_image(image))
+    error.partial = attrs.evolve(response, data=images) if images else None
+    return error
 
 
 def parse_object(

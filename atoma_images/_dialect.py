@@ -63,7 +63,7 @@ def plan(dialect: Dialect, request: ImageRequest) -> tuple[ImageRequest, ...]:
     Raises:
         InvalidRequestError: the server cannot answer ``request`` as asked; nothing was sent.
     """
-    _check_extra_body(dialect, request)
+    _refuse_written_keys(dialect, request)
     if dialect == "openai":
         return (request,)
     if request.response_format == "url":
@@ -93,7 +93,7 @@ def encode(dialect: Dialect, request: ImageRequest) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _check_extra_body(dialect: Dialect, request: ImageRequest) -> None:
+def _refuse_written_keys(dialect: Dialect, request: ImageRequest) -> None:
     written = _WRITTEN[dialect].intersection(request.extra_body)
     if written:
         name = min(written)

@@ -44,6 +44,7 @@ Where this module fits, and why it is built so: docs/architecture.md.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,14 @@ __all__ = [
 _MAX_MESSAGE = 300
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)``, short; a value nested too deeply for repr is shown shallowly."""
+    try:
+        return _shorten(repr(value), 80)
+    except RecursionError:
+        return _shorten(reprlib.repr(value), 80)
+
+
 def _shorten(text: str, limit: int = _MAX_MESSAGE) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -116,7 +125,7 @@ class InvalidRequestError(AtomaImagesError, ValueError):
         self.field = field
         self.value = value
         self.allowed = allowed
-        super().__init__(f"invalid {field}: got {_shorten(repr(value), 80)}; {allowed}")
+        super().__init__(f"invalid {field}: got {_shown(value)}; {allowed}")
 
 
 class ExtraNotInstalledError(AtomaImagesError, ImportError):

@@ -105,8 +105,8 @@ def _check_response_format(_: object, attribute: attrs.Attribute[Any], value: ob
 
 
 _EXTRA_BODY_ALLOWED = (
-    "allowed: a mapping of str keys to JSON values (no None, NaN or infinity), for backend "
-    "options such as {'seed': 42}"
+    "allowed: a mapping of str keys to JSON values (no None, NaN or infinity), for options a "
+    "server reads beyond the standard fields"
 )
 
 
@@ -132,13 +132,17 @@ def _check_extra_body(_: object, __: object, value: object) -> None:
 
 
 def _holds_none(value: object) -> bool:
-    # Only called on JSON that json.dumps accepted: finite depth, no cycles.
-    if value is None:
-        return True
-    if isinstance(value, Mapping):
-        return any(map(_holds_none, value.values()))
-    if isinstance(value, (list, tuple)):
-        return any(map(_holds_none, value))
+    """Whether JSON ``value`` holds a null anywhere: a walk with a stack of its own, so a
+    deeply nested value cannot exhaust Python's."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if item is None:
+            return True
+        if isinstance(item, Mapping):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
     return False
 
 
@@ -155,7 +159,8 @@ class ImageRequest:
     left out of the body when they are None. How the body is written for each kind of
     server (``width``/``height`` and ``"B64Json"`` for Atoma) is `_dialect`'s job.
 
-    ``extra_body`` is merged into the body as is, for backend options such as ``seed``.
+    ``extra_body`` is merged into the body as is, for options a server reads beyond the
+    standard fields (Atoma's backend reads none: it ignores unknown keys).
     """
 
     model: str = attrs.field(validator=_text("a non-empty model name string"))

@@ -363,6 +363,6 @@ class ImagesClient:
 
 
 # The properties read the async client's, and say what they are in its words (one source).
-for _name in ("base_url", "model", "timeout", "retries", "budget", "usage"):
+for _name in ("base_url", "model", "dialect", "timeout", "retries", "budget", "usage"):
     vars(ImagesClient)[_name].__doc__ = getattr(AsyncImagesClient, _name).__doc__
 del _name

@@ -90,6 +90,8 @@ answer_status: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 
 #: What stands for the key wherever a server echoed it.
 REDACTED = "[redacted]"
+#: The shortest key looked for in image data; Atoma's keys are far longer.
+MIN_KEY_IN_DATA = 16
 
 
 @attrs.frozen
@@ -117,9 +119,16 @@ class Secrets:
                 text = text.replace(form, REDACTED)
         return text
 
-    def body(self, body: bytes) -> bytes:
-        """``body`` with every form of the key replaced by `REDACTED`."""
+    def body(self, body: bytes, status: int) -> bytes:
+        """``body`` with every form of the key replaced by `REDACTED`.
+
+        A success's body is image data (base64, or a download's bytes): a key too short to
+        be a real one (under `MIN_KEY_IN_DATA` characters) would match it by chance and
+        corrupt the image, so there it is not looked for.
+        """
         for form in self.forms:
+            if 200 <= status < 300 and len(form) < MIN_KEY_IN_DATA:
+                continue
             if form.encode() in body:
                 body = body.replace(form.encode(), REDACTED.encode())
         return body
@@ -284,7 +293,7 @@ async def send(
             limit = max_bytes if status < 300 else MAX_ERROR_BODY
             answer_status.set(status)
             body = await _read_body(response, limit, secrets)
-            answer = Answer(status, secrets.headers(response.headers), secrets.body(body))
+            answer = Answer(status, secrets.headers(response.headers), secrets.body(body, status))
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         unsent = progress is not None and not progress.headers_sent
         error = _error_for(exc, method, url, unsent, secrets)

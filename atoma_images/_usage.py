@@ -173,12 +173,17 @@ class CallCost:
             raise BudgetExceededError(asked=error.asked, left=error.left, retry=True) from None
         self.reservations += 1
 
-    def finish(self, images: int | None, meters: Sequence[UsageMeter]) -> None:
-        """The request ended with ``images`` images, or failed (None): count it in every
-        meter and give back what its budgets need not keep. Once per request."""
-        self.release_unspent(succeeded=images is not None)
+    def close(
+        self, response: ImagesResponse | None, meters: Sequence[UsageMeter]
+    ) -> ImagesResponse | None:
+        """The request ended with ``response``, or failed (None): count it in every meter,
+        give back what its budgets need not keep, and return the response with its cost.
+        Once per request: the one place a request's outcome becomes compute units."""
+        self.release_unspent(succeeded=response is not None)
+        images = None if response is None else len(response.data)
         for meter in meters:
             meter.count(self, images)
+        return None if response is None else attrs.evolve(response, compute_units=self.units)
 
     def release_unspent(self, succeeded: bool) -> None:
         """Give back the reservations that no billed or possibly billed attempt used."""
@@ -224,17 +229,16 @@ class Usage:
 async def settle(
     call: Awaitable[ImagesResponse], cost: CallCost, meters: Sequence[UsageMeter]
 ) -> ImagesResponse:
-    """Await a call; count it in every meter, and give back what its budgets need not keep.
+    """Await a call of one request, and close its cost (`CallCost.close`).
 
-    The response says what it cost. The one place a call's outcome becomes compute units.
+    The response says what it cost.
     """
     try:
         response = await call
     except BaseException:
-        cost.finish(None, meters)
+        cost.close(None, meters)
         raise
-    cost.finish(len(response.data), meters)
-    return attrs.evolve(response, compute_units=cost.units)
+    return cost.close(response, meters)  # type: ignore[return-value]  # a response in, one out
 
 
 @attrs.define

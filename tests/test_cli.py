@@ -1043,3 +1043,20 @@ async def test_a_reader_that_goes_away_does_not_stop_the_batch(tmp_path: Path) -
         "002-an-owl-1.png",
         "003-a-boat-1.png",
     ]
+
+
+def test_the_images_of_a_call_that_partly_failed_are_saved(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    # On Atoma, -n 3 is three requests: one is refused, the two others are billed and saved.
+    threaded_server.enqueue(Reply(status=400))
+    done = cli(
+        "fox", "-n", "3", "--size", "16x16", "--base-url", threaded_server.base_url,
+        "--max-retries", "0", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.stdout.split() == ["fox-1.png", "fox-2.png"]
+    assert [png_size(tmp_path / name) for name in done.stdout.split()] == [(16, 16)] * 2
+    assert done.returncode == EXIT_CODES["server"], done.stderr  # an error status
+    assert "400" in error_lines(done.stderr)[0]
+    assert done.stderr.splitlines()[-1] == "atoma-images: used 512 compute units"
+    assert threaded_server.billed_compute_units == 512

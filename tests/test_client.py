@@ -31,6 +31,7 @@ from atoma_images import (
     RetryPolicy,
     ServiceUnavailableError,
     StackUnavailableError,
+    Timeout,
 )
 from atoma_images.testing import FakeAtomaServer, Reply
 
@@ -269,9 +270,13 @@ async def test_the_real_server_rules_reach_the_caller(server: FakeAtomaServer) -
     async with AsyncImagesClient("wrong-key", base_url=server.base_url, retries=NO_RETRIES) as bad:
         with pytest.raises(AuthenticationError, match="AUTH_ERROR"):
             await bad.generate("fox", size="16x16")
-        # The proxy checks the body before the key: an unknown model is a 400 even so.
-        with pytest.raises(BadRequestError, match="No node found for model nope"):
+        # The proxy picks a node for the model after it checks the key.
+        with pytest.raises(AuthenticationError, match="AUTH_ERROR"):
             await bad.generate("fox", size="16x16", model="nope")
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url, retries=NO_RETRIES) as good:
+        with pytest.raises(BadRequestError, match="No node found for model nope"):
+            await good.generate("fox", size="16x16", model="nope")
+    assert server.billed_compute_units == 0
 
 
 @pytest.mark.parametrize(
@@ -606,3 +611,31 @@ async def test_atomas_own_404_keeps_its_message(
     with pytest.raises(NotFoundError) as info:
         await client.generate("fox", size="16x16")
     assert "/v1" not in info.value.message
+
+
+async def test_n_images_never_wait_for_connections_their_siblings_hold() -> None:
+    async with (
+        FakeAtomaServer(latency=0.2) as server,
+        # A pool of 2, a pool wait far shorter than an answer: 6 requests at once would fail.
+        AsyncImagesClient(
+            API_KEY, base_url=server.base_url, max_connections=2, timeout=Timeout(pool=0.05)
+        ) as client,
+    ):
+        result = await client.generate("fox", n=6, size="16x16")
+        assert len(result.images) == 6
+        assert server.peak_in_flight == 2
+
+
+async def test_a_deeply_nested_extra_body_is_checked_without_exhausting_the_stack(
+    client: AsyncImagesClient, server: FakeAtomaServer
+) -> None:
+    nested: Any = {"deep": 1}
+    for _ in range(500):
+        nested = [nested]
+    await client.generate("fox", size="16x16", extra_body={"steps": nested})
+    assert len(server.posts) == 1
+    for _ in range(100_000):
+        nested = [nested]
+    with pytest.raises(InvalidRequestError, match="extra_body"):
+        await client.generate("fox", size="16x16", extra_body={"steps": nested})
+    assert len(server.posts) == 1

@@ -121,8 +121,10 @@ def test_an_answer_whose_image_is_a_file_name_is_no_image_and_keeps_the_answer(u
     assert isinstance(error, ResponseValidationError)
     assert error.may_have_been_billed  # the server answered with success: it billed
     assert [image.url for image in error.response.images] == [None, url]
-    assert error.response.images[0].decode() == b"hi"
     assert error.request_id == "r"
+    # The image that did come back was billed with the rest: it is kept as partial.
+    assert error.partial is not None
+    assert [image.decode() for image in error.partial.images] == [b"hi"]
 
 
 def test_an_answer_with_more_images_than_a_request_can_ask_for_is_refused() -> None:

@@ -47,8 +47,12 @@ GOOD = {"model": "black-forest-labs/FLUX.1-schnell", "prompt": "fox", "n": 1, "s
         (GOOD, {"Authorization": f"bearer {API_KEY}"}, 401, "api key"),  # case-sensitive prefix
         # What only the backend refuses comes back as the proxy's 500, without its message.
         ({k: v for k, v in GOOD.items() if k != "prompt"}, {}, 500, "Inference service"),
-        # The body is checked before the key, as the proxy does.
-        ({**GOOD, "size": "bad"}, {"Authorization": "Bearer wrong"}, 400, "Invalid size"),
+        # The proxy parses the body and needs model, n and size before it reads the key; it
+        # reads the size and picks a node after.
+        ({**GOOD, "n": None}, {"Authorization": "Bearer wrong"}, 400, "N field is required"),
+        ({**GOOD, "size": "bad"}, {"Authorization": "Bearer wrong"}, 401, "api key"),
+        ({**GOOD, "model": "nope"}, {"Authorization": "Bearer wrong"}, 401, "api key"),
+        ({**GOOD, "n": -1}, {}, 400, "N field is required"),
     ],
 )
 async def test_contract_rules(
@@ -112,6 +116,16 @@ async def test_only_the_backends_own_spellings_parse(
         "message": "Inference service returned status code error 500 Internal Server Error",
     }
     assert server.billed_compute_units == 0
+
+
+@pytest.mark.parametrize("size", ["0x8", "16x8x", "+16x8"])
+async def test_sizes_the_proxy_reads_as_two_numbers_pass_it(
+    server: FakeAtomaServer, size: str
+) -> None:
+    # It splits on "x" and keeps what parses as a u64; the backend draws width x height.
+    status, body = await post(server, {**GOOD, "size": size, "response_format": "B64Json"})
+    assert status == 200
+    assert png_size(image_of(body["data"][0])) == (1280, 720)
 
 
 @pytest.mark.parametrize(("key", "value"), [("width", None), ("height", -16), ("width", "64")])
@@ -208,7 +222,7 @@ async def exchange(
     ("body", "headers", "status", "code"),
     [
         ({**GOOD, "n": "1"}, {}, 400, "REQUEST_ERROR"),
-        ({**GOOD, "size": "0x8"}, {}, 400, "REQUEST_ERROR"),
+        ({**GOOD, "size": "16X8"}, {}, 400, "REQUEST_ERROR"),
         ({**GOOD, "response_format": "gif"}, {}, 500, "INTERNAL_ERROR"),
         (GOOD, {"Authorization": "Basic x"}, 401, "AUTH_ERROR"),
         ({k: v for k, v in GOOD.items() if k != "prompt"}, {}, 500, "INTERNAL_ERROR"),

@@ -388,3 +388,26 @@ async def test_cancelling_three_images_cancels_every_request_and_leaves_nothing_
     assert budgeted.usage.compute_units == UNITS_16X16
     assert budgeted.usage.maybe_billed_compute_units == 2 * UNITS_16X16
     agrees_with_the_bill(budgeted, server)
+
+
+async def test_a_batch_cancelled_after_some_images_of_a_call_were_billed_names_its_prompt(
+    budgeted: AsyncImagesClient, server: FakeAtomaServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two of three requests are answered (billed); the third waits to retry a 503.
+    server.enqueue(Reply(status=503), Reply(), Reply())
+    never = asyncio.Event()
+
+    async def forever(_: float) -> None:
+        await never.wait()
+
+    stalled = RetryPolicy(sleep=forever)
+    batch = budgeted.generate_many(["a fox"], n=3, size="16x16", retries=stalled)
+    waiting = asyncio.ensure_future(batch.next_result())
+    while server.billed_compute_units < 2 * UNITS_16X16:  # noqa: ASYNC110 - polls the fake
+        await asyncio.sleep(0.01)
+    await batch.aclose()
+    waiting.cancel()
+    assert batch.summary.cancelled_prompts == ("a fox",)
+    assert budgeted.usage.compute_units == 2 * UNITS_16X16
+    assert "2 of them were generated and billed" in caplog.text
+    agrees_with_the_bill(budgeted, server)

@@ -23,6 +23,7 @@ __all__ = [
     "json_object",
     "openai_refusal",
     "parse_size",
+    "proxy_size",
     "refusal",
 ]
 
@@ -97,3 +98,19 @@ def parse_size(size: object) -> tuple[int, int] | None:
     if not height.isascii() or int(width) == 0 or int(height) == 0:
         return None
     return int(width), int(height)
+
+
+def proxy_size(size: str) -> tuple[int, int] | None:
+    """``(width, height)`` as Atoma's proxy reads a size, or None where it answers 400.
+
+    It splits on ``x`` and keeps the parts Rust parses as a ``u64`` (digits, one optional
+    ``+``), and needs exactly two (atoma-proxy src/server/handlers/image_generations.rs,
+    ``get_compute_units_estimate``): so ``"0x8"`` and ``"16x8x"`` pass, ``"16X8"`` does not.
+    """
+    sides = [int(part) for part in size.split("x") if _is_u64(part)]
+    return (sides[0], sides[1]) if len(sides) == 2 else None
+
+
+def _is_u64(text: str) -> bool:
+    digits = text.removeprefix("+")
+    return digits.isascii() and digits.isdigit() and int(digits) < 2**64

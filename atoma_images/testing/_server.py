@@ -22,7 +22,7 @@ from atoma_images._dialect import Dialect, check_dialect
 from atoma_images._models import DEFAULT_MODEL
 from atoma_images._portal import LoopThread, origin_of, serving_locally
 
-from ._checks import json_object, openai_refusal, parse_size, refusal
+from ._checks import json_object, openai_refusal, parse_size, proxy_size, refusal
 from ._faults import Reply, send
 from ._node import FakeConfidentialNode, lock_request, sealed_request
 from ._png import make_png
@@ -263,24 +263,25 @@ class FakeAtomaServer:
         """The JSON of the images answer to the request ``raw``; bills what it generates."""
         if self.dialect == "openai":
             return self._openai_images(request, raw)
-        # The order of checks is the proxy's: body first, key last
-        # (atoma-proxy src/server/handlers/image_generations.rs and middleware.rs).
+        # The order of checks is the proxy's (atoma-proxy src/server/middleware.rs,
+        # authenticate_middleware and authenticate_and_lock_compute_units;
+        # handlers/image_generations.rs, RequestModelImageGenerations): the body is parsed
+        # and model, n and size must be there, then the key, then the size is read and a
+        # node is chosen for the model.
         body = json_object(request, raw)
         model, n, size = body.get("model"), body.get("n"), body.get("size")
         if type(model) is not str:
             raise refusal(web.HTTPBadRequest, "Model field is required")
-        if n is None:
+        if type(n) is not int or n < 0:  # serde_json's as_u64
             raise refusal(web.HTTPBadRequest, "N field is required")
-        if type(n) is not int or n < 0:
-            raise refusal(web.HTTPBadRequest, "Invalid n field")
-        if size is None:
+        if type(size) is not str:
             raise refusal(web.HTTPBadRequest, "Size field is required")
-        dims = parse_size(size)
+        self._authorize(request)
+        dims = proxy_size(size)
         if dims is None:
-            raise refusal(web.HTTPBadRequest, "Invalid size format")
+            raise refusal(web.HTTPBadRequest, f"Invalid size format: {size}")
         if model not in self.models:
             raise refusal(web.HTTPBadRequest, f"No node found for model {model}")
-        self._authorize(request)
         # The node forwards the body untouched; the backend (mistral.rs) parses it with
         # serde: what it cannot parse is its 422, which the node and the proxy turn into a
         # 500 without its message. It reads neither n nor size: one image, width x height.
