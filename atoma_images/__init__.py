@@ -18,6 +18,7 @@ from typing import Any
 from ._batch import Batch, BatchResult, BatchSummary, SyncBatch
 from ._client import AsyncImagesClient
 from ._dialect import Dialect
+from ._discovery import Health, ModelInfo
 from ._errors import (
     AmbiguousOutcomeError,
     AmbiguousTimeoutError,
@@ -86,6 +87,7 @@ __all__ = [
     "ExtraNotInstalledError",
     "GatewayTimeoutError",
     "GeneratedImage",
+    "Health",
     "Hooks",
     "ImageRequest",
     "ImagesClient",
@@ -95,6 +97,7 @@ __all__ = [
     "InvalidRequestError",
     "LockedError",
     "LoggingHooks",
+    "ModelInfo",
     "NoImageError",
     "NotFoundError",
     "PermissionDeniedError",

@@ -3,6 +3,7 @@
     atoma-images "a lighthouse at dawn" -n 2 --size 512x512 -o out/
     atoma-images --fake "a red fox"             # offline, against the built-in fake server
     atoma-images --prompts-file prompts.txt --concurrency 4 --json --max-compute-units 50000000
+    atoma-images --check && atoma-images --list-models    # is the API up, with this key? models
 
 The key comes from ATOMA_API_KEY (or ATOMASDK_BEARER_AUTH). Saved paths go to stdout, one
 per line (or one JSON object per prompt with --json); progress and errors go to stderr, and
@@ -34,8 +35,10 @@ from . import _confidential
 from ._batch import BatchResult
 from ._cli_report import (
     EXIT_CODES,
+    report_check,
     report_error,
     report_interrupted_saves,
+    report_models,
     report_result,
 )
 from ._cli_saving import SpareDirectory, keep_images, stem_for
@@ -122,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="spend at most this many compute units (n x width x height per prompt); a prompt "
         "that does not fit is not sent",
+    )
+    asks = parser.add_mutually_exclusive_group()
+    asks.add_argument(
+        "--list-models",
+        action="store_true",
+        help="print the models the API serves, one a line (one JSON object with --json), "
+        "and generate nothing; image and chat models alike: the API does not say which is which",
+    )
+    asks.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 0 if the API answers and accepts the key, else the exit code of what failed "
+        "(for readiness probes and cron jobs); generates nothing",
     )
     parser.add_argument("--debug", action="store_true", help="tracebacks and debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
@@ -306,6 +322,34 @@ async def generate_all(
     return codes[0] if codes else EXIT_CODES["ok"]
 
 
+async def ask_api(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """--list-models or --check: ask the API what it serves, or whether it is up and takes the
+    key; nothing is generated, so nothing is billed."""
+    retries, timeout = check_options(args)
+    async with contextlib.AsyncExitStack() as stack:
+        api_key, base_url = None, args.base_url
+        if args.fake:
+            server = await stack.enter_async_context(FakeAtomaServer(dialect=args.dialect))
+            api_key, base_url = "fake-key", server.base_url
+        client = await stack.enter_async_context(
+            AsyncImagesClient(
+                api_key, base_url=base_url, timeout=timeout, retries=retries, dialect=args.dialect
+            )
+        )
+        if args.fake:
+            emit(err, f"Using the built-in fake server at {base_url}")
+        try:
+            if args.list_models:
+                report_models(await client.models(), args, out)
+            else:
+                # OpenAI's API has no /health; its models list proves it answers all the same.
+                health = await client.health() if args.dialect == "atoma" else None
+                report_check(client.base_url, health, await client.models(), args, out)
+        except AtomaImagesError as error:
+            return report_error(error, None, args, out, err)
+    return EXIT_CODES["ok"]
+
+
 #: The signals that stop a run as Ctrl-C does, each with its kind of exit in EXIT_CODES (the
 #: shell's 128 + the signal's number): SIGTERM is what `timeout`, `docker stop`, systemd and
 #: Kubernetes send, SIGHUP what a closed terminal or SSH session sends.
@@ -369,16 +413,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # The CLI says what a Ctrl-C left billed itself; the library's warning would repeat it.
         logging.getLogger("atoma_images").addHandler(logging.NullHandler())
+    asking = args.list_models or args.check
+    if asking and (args.prompt is not None or args.prompts_file is not None):
+        parser.error("--list-models and --check take no prompt")
     try:
-        prompts = read_prompts(args, parser)
+        prompts = [] if asking else read_prompts(args, parser)
     except CommandLineError as error:
         emit(sys.stderr, f"atoma-images: error: {error}")
         return EXIT_CODES["invalid input"]
     progress = Progress(sys.stderr, len(prompts))
     try:
-        code = asyncio.run(
-            cancelled_by_signal(generate_all(args, prompts, progress, sys.stdout, sys.stderr))
+        run = (
+            ask_api(args, sys.stdout, sys.stderr)
+            if asking
+            else generate_all(args, prompts, progress, sys.stdout, sys.stderr)
         )
+        code = asyncio.run(cancelled_by_signal(run))
     except (KeyboardInterrupt, Stopped) as stop:
         signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
         progress.clear()

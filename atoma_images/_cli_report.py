@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ._cli_terminal import emit
+from ._discovery import Health, ModelInfo
 from ._errors import (
     APIConnectionError,
     APIStatusError,
@@ -31,8 +32,10 @@ from ._models import ImagesResponse
 __all__ = [
     "EXIT_CODES",
     "exit_code",
+    "report_check",
     "report_error",
     "report_interrupted_saves",
+    "report_models",
     "report_result",
 ]
 
@@ -199,3 +202,32 @@ def _echo(prompt: str | None, args: argparse.Namespace) -> str:
     if prompt is None or not args.prompts_file:
         return ""
     return f' ("{prompt if len(prompt) <= 40 else prompt[:39] + "…"}")'
+
+
+def report_models(models: Sequence[ModelInfo], args: argparse.Namespace, out: TextIO) -> None:
+    """--list-models: each model's id on a line, or with --json the object the API sent."""
+    for model in models:
+        if args.json:
+            fields = {"id": model.id, "object": model.object, "created": model.created}
+            emit(out, json.dumps({**model.extra, **fields, "owned_by": model.owned_by}))
+        else:
+            emit(out, model.id)
+
+
+def report_check(
+    base_url: str,
+    health: Health | None,
+    models: Sequence[ModelInfo],
+    args: argparse.Namespace,
+    out: TextIO,
+) -> None:
+    """--check passed: the API answered (``health``, None where it has no /health) and
+    accepted the key (it listed ``models``)."""
+    if args.json:
+        said = None if health is None else health.message
+        record = {"ok": True, "base_url": base_url, "health": said, "models": len(models)}
+        emit(out, json.dumps(record))
+        return
+    said = "" if health is None or health.message is None else f" ({health.message!r})"
+    served = f"{len(models)} model" + ("" if len(models) == 1 else "s")
+    emit(out, f"ok: {base_url} answers{said} and accepts the key; it serves {served}")

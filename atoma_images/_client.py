@@ -27,6 +27,7 @@ from ._batch import Batch, Prompt
 from ._checks import check_flag, check_whole_number
 from ._convert import parse_response
 from ._dialect import Dialect, encode, plan
+from ._discovery import Health, ModelInfo, fetch_health, fetch_models
 from ._download import download, download_url
 from ._errors import AtomaImagesError, InvalidRequestError
 from ._files import write_images
@@ -420,6 +421,52 @@ class AsyncImagesClient:
             self.retries,
             self._settings.hooks,
             max_bytes,
+        )
+
+    async def models(self, *, timeout: Timeout | float | None = None) -> tuple[ModelInfo, ...]:
+        """The models the API serves (``GET /v1/models``, with the key).
+
+        To check at start-up that the configured model exists, rather than learn it from a
+        400 on the first paid call. Atoma's list does not say what a model does: image and
+        chat models look alike (its proxy keeps only their names), so the list is not
+        filtered and a model in it may not draw images. Safe to repeat: retried as a
+        download is, and never counted in `usage` or a budget.
+
+        Raises:
+            AuthenticationError: the key was refused.
+            APIStatusError: the server answered with another error status.
+            APIConnectionError: no usable answer.
+            ResponseValidationError: a success status with a body that is not a models list.
+        """
+        return await fetch_models(
+            self._sender,
+            self._sessions.get(),
+            self._settings.base_url,
+            limits=self._limits(timeout),
+            policy=self.retries,
+            hooks=self._settings.hooks,
+        )
+
+    async def health(self, *, timeout: Timeout | float | None = None) -> Health:
+        """Whether the API is up: what ``GET /health`` answered (``message="ok"`` on Atoma).
+
+        ``/health`` sits at the API's root, beside ``/v1`` (``https://api.atoma.network/health``),
+        and needs no key: none is sent. It does not check the key; `models` does. Retried as a
+        download is, and never counted in `usage` or a budget.
+
+        Raises:
+            NotFoundError: the server has no ``/health`` (OpenAI's API has none).
+            APIStatusError: the server answered with another error status: it is not healthy.
+            APIConnectionError: no usable answer: it is down or out of reach.
+            ResponseValidationError: a success status with a body that is not a JSON object.
+        """
+        return await fetch_health(
+            self._sender,
+            self._sessions.get(),
+            self._settings.base_url,
+            limits=self._limits(timeout),
+            policy=self.retries,
+            hooks=self._settings.hooks,
         )
 
     async def save_all(

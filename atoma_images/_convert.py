@@ -11,8 +11,8 @@ error body's message by `_error_text`, a wait by `_retry_after` (docs/architectu
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, get_args, get_origin
 
 import attrs
 
@@ -61,6 +61,14 @@ def _passthrough(value: Any, _: Any) -> Any:
     return value
 
 
+def _has_extra(type_: Any) -> bool:
+    return attrs.has(type_) and "extra" in attrs.fields_dict(type_)
+
+
+def _is_variadic_tuple(type_: Any) -> bool:
+    return get_origin(type_) is tuple and get_args(type_)[1:] == (Ellipsis,)
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:39] + "…"
@@ -98,41 +106,53 @@ def converter() -> cattrs.Converter:
         ),
     )
 
-    image_fields = frozenset(f.name for f in attrs.fields(GeneratedImage)) - {"extra"}
-    structure_image = make_dict_structure_fn(
-        GeneratedImage, conv, extra=override(struct_hook=_passthrough)
-    )
-
     # These hooks are the one place an answer is checked; each problem is named by its
     # path (data[0].url: expected a string ...).
 
-    def structure_item(obj: Any, _: Any) -> GeneratedImage:
-        if type(obj) is not dict:
-            raise _Mismatch(f"expected an object, got {type(obj).__name__} {_short(obj)}")
-        known = {k: v for k, v in obj.items() if k in image_fields}
-        extra = {k: v for k, v in obj.items() if k not in image_fields}
-        return structure_image({**known, "extra": extra}, GeneratedImage)
+    def keeping_extra(cls: Any) -> Callable[[Any, Any], Any]:
+        """The hook of a value that keeps the keys it does not know in its ``extra``."""
+        fields = frozenset(f.name for f in attrs.fields(cls)) - {"extra"}
+        structure = make_dict_structure_fn(cls, conv, extra=override(struct_hook=_passthrough))
 
-    def structure_images(obj: Any, _: Any) -> tuple[GeneratedImage, ...]:
+        def structure_value(obj: Any, _: Any) -> Any:
+            if type(obj) is not dict:
+                raise _Mismatch(f"expected an object, got {type(obj).__name__} {_short(obj)}")
+            known = {k: v for k, v in obj.items() if k in fields}
+            extra = {k: v for k, v in obj.items() if k not in fields}
+            return structure({**known, "extra": extra}, cls)
+
+        return structure_value
+
+    def structure_items(obj: Any, item_type: Any) -> tuple[Any, ...]:
         if type(obj) is not list:  # cattrs would take a string as a tuple of characters
             raise _Mismatch(f"expected a list, got {type(obj).__name__} {_short(obj)}")
-        # A request asks for at most MAX_IMAGES; checked first, so that a hostile list
-        # costs one error, not one per item.
-        if len(obj) > MAX_IMAGES:
-            raise _Mismatch(f"expected at most {MAX_IMAGES} images, got {len(obj)} items")
         # Every item is tried, and each failure is noted with its index so that
         # transform_error can name it as data[i].
-        images, errors = [], []
+        items, errors = [], []
         for index, item in enumerate(obj):
             try:
-                images.append(structure_item(item, GeneratedImage))
+                items.append(conv.structure(item, item_type))
             except Exception as exc:
-                note = IterableValidationNote(f"data @ index {index}", index, GeneratedImage)
+                note = IterableValidationNote(f"item @ index {index}", index, item_type)
                 exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
                 errors.append(exc)
         if errors:
-            raise IterableValidationError("While structuring data", errors, tuple)
-        return tuple(images)
+            raise IterableValidationError("While structuring a list", errors, tuple)
+        return tuple(items)
+
+    def structure_images(obj: Any, _: Any) -> tuple[GeneratedImage, ...]:
+        # A request asks for at most MAX_IMAGES; checked first, so that a hostile list
+        # costs one error, not one per item.
+        if type(obj) is list and len(obj) > MAX_IMAGES:
+            raise _Mismatch(f"expected at most {MAX_IMAGES} images, got {len(obj)} items")
+        return structure_items(obj, GeneratedImage)
+
+    # Any value with an ``extra`` field (GeneratedImage, ModelInfo, Health) keeps unknown keys
+    # there, and any ``tuple[X, ...]`` is read from a JSON list, item by item.
+    conv.register_structure_hook_factory(_has_extra, keeping_extra)
+    conv.register_structure_hook_func(
+        _is_variadic_tuple, lambda obj, t: structure_items(obj, get_args(t)[0])
+    )
 
     structure_fields = make_dict_structure_fn(
         ImagesResponse,
@@ -142,7 +162,6 @@ def converter() -> cattrs.Converter:
         headers=override(struct_hook=_passthrough),
     )
 
-    conv.register_structure_hook(GeneratedImage, structure_item)
     conv.register_structure_hook(ImagesResponse, structure_fields)
     return conv
 

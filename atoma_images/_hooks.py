@@ -59,14 +59,16 @@ class CallInfo:
     """One call of the client, as hooks see it (compared by identity: one object per call).
 
     Attributes:
-        operation: ``"generate"``, ``"generate_confidential"`` or ``"download"``.
+        operation: ``"generate"``, ``"generate_confidential"``, ``"download"``, or
+            ``"models"`` and ``"health"`` (`AsyncImagesClient.models` and ``health``).
         method: the HTTP method.
         url: the URL without user, query or fragment (a signed download URL keeps its
             signature in the query).
         model: the model asked for (None for a download).
         n: how many images were asked for (None for a download).
         size: the size asked for, ``"WIDTHxHEIGHT"`` (None for a download).
-        billable: whether a success is billed (a generation); a download bills nothing.
+        billable: whether a success is billed (a generation); a download, the models list
+            and a health check bill nothing.
     """
 
     operation: str

@@ -24,6 +24,7 @@ import aiohttp
 from ._batch import Prompt, SyncBatch
 from ._client import DEFAULT_MAX_DOWNLOAD_BYTES, DEFAULT_MAX_RESPONSE_BYTES, AsyncImagesClient
 from ._dialect import Dialect
+from ._discovery import Health, ModelInfo
 from ._errors import InvalidRequestError
 from ._hooks import Hooks
 from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse, ResponseFormat
@@ -263,6 +264,16 @@ class ImagesClient:
     ) -> bytes:
         """The bytes of an image; see `AsyncImagesClient.download`."""
         return self._run(self._client.download(image, max_bytes=max_bytes, timeout=timeout))
+
+    @_blocking_twin_of(AsyncImagesClient.models)
+    def models(self, *, timeout: Timeout | float | None = None) -> tuple[ModelInfo, ...]:
+        """The models the API serves; see `AsyncImagesClient.models`."""
+        return self._run(self._client.models(timeout=timeout))
+
+    @_blocking_twin_of(AsyncImagesClient.health)
+    def health(self, *, timeout: Timeout | float | None = None) -> Health:
+        """Whether the API is up; see `AsyncImagesClient.health`."""
+        return self._run(self._client.health(timeout=timeout))
 
     @_blocking_twin_of(AsyncImagesClient.save_all)
     def save_all(

@@ -70,7 +70,7 @@ _MAYBE_BILLED = (
     "; the request was sent, so it may have been processed and billed. By default such a "
     "request is not sent again, to avoid paying twice (RetryPolicy(retry_ambiguous=True))"
 )
-_DOWNLOAD_ONLY = "; fetching an image bills nothing"
+_DOWNLOAD_ONLY = "; a GET (a download, the models list, a health check) bills nothing"
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
 # A session passed in may carry client middlewares (aiohttp 3.12+), and one that retries, or
 # answers a 401 by sending again, would send a paid request twice behind our back. None run for

@@ -16,7 +16,8 @@ Only ``opentelemetry-api`` is needed; spans go wherever your tracer provider sen
 Attributes, from the GenAI semantic conventions where one fits:
 
 - ``gen_ai.operation.name``: ``"generate_content"`` (the conventions' name for multimodal
-  generation; they define none for images), ``"download"`` for a download;
+  generation; they define none for images), ``"download"`` for a download, ``"models"``
+  and ``"health"`` for `AsyncImagesClient.models` and ``health``;
 - ``gen_ai.provider.name``: ``"atoma"``; ``gen_ai.output.type``: ``"image"``;
 - ``gen_ai.request.model``, ``gen_ai.request.choice.count`` (``n``);
 - ``server.address``, ``server.port``, ``http.request.method``, ``url.full`` (without query);

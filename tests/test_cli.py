@@ -24,6 +24,7 @@ from aiohttp import web
 
 import atoma_images
 from atoma_images.__main__ import EXIT_CODES, main
+from atoma_images._models import DEFAULT_MODEL
 from atoma_images.testing import FakeAtomaServer, Reply, make_png
 
 from conftest import API_KEY, serving, without_slow_step_notes
@@ -310,6 +311,89 @@ def test_readme_and_the_guide_document_every_exit_code() -> None:
     for name, text in (("README", README), ("the guide", GUIDE)):
         for kind, code in EXIT_CODES.items():
             assert re.search(rf"\| {code} \| {kind}", text), f"{code} {kind} missing from {name}"
+
+
+# -- --list-models and --check: asking the API, generating nothing --------------------------------
+
+
+def test_list_models_prints_one_id_a_line_or_one_object_with_json(tmp_path: Path) -> None:
+    listed = cli("--fake", "--list-models", cwd=tmp_path, key=None)
+    assert (listed.returncode, listed.stdout) == (0, "black-forest-labs/FLUX.1-schnell\n")
+    as_json = cli("--fake", "--list-models", "--json", "--dialect", "openai", cwd=tmp_path)
+    records = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert as_json.returncode == 0, as_json.stderr
+    assert [r["id"] for r in records] == ["dall-e-2", "dall-e-3", "gpt-image-1", DEFAULT_MODEL]
+    assert {tuple(r) for r in records} == {("id", "object", "created", "owned_by")}
+    # Nothing was generated: no usage line, and no file.
+    for done in (listed, as_json):
+        assert "compute units" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_passes_against_the_fake_in_both_dialects(tmp_path: Path) -> None:
+    done = cli("--fake", "--check", cwd=tmp_path, key=None)
+    assert done.returncode == EXIT_CODES["ok"], done.stderr
+    said = r"ok: http://127\.0\.0\.1:\d+/v1 answers \('ok'\) and accepts the key; it serves 1 model"
+    assert re.fullmatch(said, done.stdout.rstrip("\n")), done.stdout
+    openai = cli("--fake", "--check", "--json", "--dialect", "openai", cwd=tmp_path, key=None)
+    assert openai.returncode == EXIT_CODES["ok"], openai.stderr
+    record = json.loads(openai.stdout)
+    assert (record["ok"], record["health"], record["models"]) == (True, None, 4)
+    assert "compute units" not in done.stderr + openai.stderr
+
+
+@contextlib.asynccontextmanager
+async def api_answering(health: int, models: int) -> AsyncIterator[str]:
+    """An API whose /health and /v1/models answer these statuses; yields its base_url."""
+
+    async def answer(request: web.Request) -> web.Response:
+        status = health if request.path == "/health" else models
+        if status == 200:
+            body = {"message": "ok"} if request.path == "/health" else {"data": []}
+            return web.json_response(body)
+        code = {401: "AUTH_ERROR", 500: "INTERNAL_ERROR"}[status]
+        return web.json_response({"error": {"code": code, "message": "no"}}, status=status)
+
+    app = web.Application()
+    app.router.add_get("/health", answer)
+    app.router.add_get("/v1/models", answer)
+    async with serving(app) as root:
+        yield f"{root}/v1"
+
+
+@pytest.mark.parametrize(
+    ("health", "models", "kind"),
+    [
+        (200, 200, "ok"),
+        (200, 401, "authentication"),  # up, but the key is refused
+        (500, 200, "server"),  # the proxy says it is not healthy
+        (200, 500, "server"),
+    ],
+)
+async def test_check_exit_codes(health: int, models: int, kind: str, tmp_path: Path) -> None:
+    async with api_answering(health, models) as base_url:
+        done = await acli("--check", "--base-url", base_url, "--max-retries", "0", cwd=tmp_path)
+    assert done.returncode == EXIT_CODES[kind], done.stderr
+    assert API_KEY not in done.stdout + done.stderr
+    assert "compute units" not in done.stderr  # nothing generated, nothing to count
+    if kind != "ok":
+        assert done.stdout == ""
+        assert len(error_lines(done.stderr)) == 1
+
+
+def test_check_exit_codes_without_a_server_or_a_key(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    refused = cli(
+        "--check", "--base-url", f"http://127.0.0.1:{port}/v1", "--max-retries", "0", cwd=tmp_path
+    )
+    assert refused.returncode == EXIT_CODES["connection"], refused.stderr
+    no_key = cli("--check", cwd=tmp_path, key=None)
+    assert no_key.returncode == EXIT_CODES["authentication"]
+    with_prompt = cli("--check", "fox", cwd=tmp_path)
+    assert with_prompt.returncode == EXIT_CODES["invalid input"]
+    assert "--list-models and --check take no prompt" in with_prompt.stderr
 
 
 # -- text from the server never drives the terminal -----------------------------------------------

@@ -64,7 +64,7 @@ def paragraphs(doc: str | None) -> list[str]:
 
 def test_same_signatures_as_the_async_client() -> None:
     assert inspect.signature(ImagesClient.__init__) == inspect.signature(AsyncImagesClient.__init__)
-    assert async_methods() == ["aclose", "download", "generate", "save_all"]
+    assert async_methods() == ["aclose", "download", "generate", "health", "models", "save_all"]
     for name in async_methods():
         twin = "close" if name == "aclose" else name
         assert inspect.signature(getattr(ImagesClient, twin)) == inspect.signature(

@@ -32,6 +32,14 @@ __all__ = ["FakeAtomaServer", "RecordedRequest"]
 GENERATIONS_PATH = "/v1/images/generations"
 CONFIDENTIAL_PATH = "/v1/" + _confidential.PATH
 LOCK_PATH = "/v1/" + _confidential.LOCK_PATH
+# atoma-proxy src/server/handlers/models.rs (MODELS_PATH) and http_server.rs (HEALTH_PATH):
+# the health check sits at the root, beside /v1.
+MODELS_PATH = "/v1/models"
+HEALTH_PATH = "/health"
+# What models_list answers as every model's "created" and "owned_by" (it knows neither);
+# OpenAI's reference shows the same timestamp, and "system" for its own models.
+_MODEL_CREATED = 1_686_935_002
+_OWNER = {"atoma": "atoma", "openai": "system"}
 # The fake refuses to draw more than this many pixels per image, to keep tests' memory sane.
 MAX_PIXELS = 4096 * 4096
 _MAX_IMAGES = 10
@@ -87,7 +95,9 @@ class FakeAtomaServer:
     (and refused for gpt-image models, which always answer base64), ``n`` images.
 
     It serves ``POST /v1/images/generations``, ``GET /files/<name>`` (the images of ``"url"``
-    answers) and, with ``confidential=True``, ``POST /v1/nodes/lock`` and
+    answers), ``GET /v1/models`` (with the key: every model of `models`) and, for Atoma,
+    ``GET /health`` (no key: ``{"message": "ok"}``; OpenAI's API has none, so the
+    ``"openai"`` dialect answers 404), and, with ``confidential=True``, ``POST /v1/nodes/lock`` and
     ``POST /v1/confidential/images/generations``, whose node part a `FakeConfidentialNode`
     plays. Every request is recorded in `requests`; `enqueue` scripts the answers to the
     next generation requests.
@@ -193,6 +203,9 @@ class FakeAtomaServer:
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_post(GENERATIONS_PATH, self._generations)
         app.router.add_get("/files/{name}", self._file)
+        app.router.add_get(MODELS_PATH, self._models)
+        if self.dialect == "atoma":  # OpenAI's API has no health check: a 404 there
+            app.router.add_get(HEALTH_PATH, self._health)
         if self.confidential:
             app.router.add_post(LOCK_PATH, self._lock)
             app.router.add_post(CONFIDENTIAL_PATH, self._generations)
@@ -377,6 +390,23 @@ class FakeAtomaServer:
         if self._node is None:
             raise RuntimeError("FakeAtomaServer(confidential=True) has a node key; this one not")
         return self._node
+
+    async def _models(self, request: web.Request) -> web.Response:
+        """``GET /v1/models``: the key first (the proxy's ``check_auth``), then the list of
+        every model it serves; nothing says which draw images."""
+        await self._receive(request)
+        self._authorize(request)
+        owner = _OWNER[self.dialect]
+        data = [
+            {"id": model, "object": "model", "created": _MODEL_CREATED, "owned_by": owner}
+            for model in self.models
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        """``GET /health``: no key needed, ``{"message": "ok"}``, as the proxy's handler."""
+        await self._receive(request)
+        return web.json_response({"message": "ok"})
 
     async def _file(self, request: web.Request) -> web.Response:
         await self._receive(request)
