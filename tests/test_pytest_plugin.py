@@ -21,7 +21,7 @@ def _plugin_options() -> list[str]:
     # From a checkout that is not installed, the entry point is absent: load the plugin by name.
     if entry_points(group="pytest11", name="atoma_images"):
         return []
-    return ["-p", "atoma_images.pytest_plugin"]
+    return ["-p", "_atoma_images_pytestplugin"]
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ print("\\n".join(sorted(set(sys.modules) - before)))
 
 def test_the_plugin_itself_imports_only_pytest_and_the_standard_library() -> None:
     # pytest imports the plugin in every run of every project that has the package installed.
-    plugin = ROOT / "atoma_images" / "pytest_plugin.py"
+    plugin = ROOT / "_atoma_images_pytestplugin.py"
     imported = subprocess.run(
         [sys.executable, "-c", PLUGIN_ALONE, str(plugin)],
         capture_output=True,
@@ -192,4 +192,22 @@ def test_the_entry_point_names_the_plugin() -> None:
     from importlib.metadata import entry_points
 
     plugins = {e.name: e.value for e in entry_points(group="pytest11")}
-    assert plugins.get("atoma_images") == "atoma_images.pytest_plugin"
+    assert plugins.get("atoma_images") == "_atoma_images_pytestplugin"
+
+
+def test_a_run_that_uses_no_fixture_imports_neither_the_package_nor_aiohttp(
+    run: pytest.Pytester,
+) -> None:
+    # pytest loads the plugin in every project that has the package installed.
+    run.makepyfile(
+        """
+        import sys
+
+        def test_nothing_of_atoma_images_was_imported():
+            assert "_atoma_images_pytestplugin" in sys.modules  # the plugin is loaded
+            assert "atoma_images" not in sys.modules
+            assert "aiohttp" not in sys.modules
+        """
+    )
+    result = run.runpytest_subprocess(*_plugin_options(), "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
