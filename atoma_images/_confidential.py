@@ -46,11 +46,12 @@ if TYPE_CHECKING:
     from ._hooks import HookSet
     from ._retry import RetryPolicy
     from ._timeout import Timeout
-    from ._transport import Answer
+    from ._transport import Answer, RequestProgress
     from ._usage import CallCost
 
-    #: Sends one POST: (url, body, seconds it may take, largest body or None for the default).
-    Post = Callable[[URL, bytes, float, int | None], Awaitable[Answer]]
+    #: Sends one POST: (url, body, seconds it may take, largest body or None for the default,
+    #: where to record how far a paid request got or None).
+    Post = Callable[[URL, bytes, float, int | None, RequestProgress | None], Awaitable[Answer]]
 
 __all__ = [
     "LOCK_PATH",
@@ -181,7 +182,7 @@ async def generate(  # noqa: PLR0917 - the parts of one confidential call, in or
 
     async def attempt(remaining: float) -> ImagesResponse:
         seconds = limits.attempt_seconds(remaining)
-        return await generate_once(post, base_url, request, plaintext, seconds)
+        return await generate_once(post, base_url, request, plaintext, seconds, cost.paid_request())
 
     url = base_url / PATH
     return await policy.run(
@@ -189,22 +190,29 @@ async def generate(  # noqa: PLR0917 - the parts of one confidential call, in or
     )
 
 
-async def generate_once(
-    post: Post, base_url: URL, request: ImageRequest, plaintext: bytes, seconds: float
+async def generate_once(  # noqa: PLR0917 - the parts of one attempt, in order
+    post: Post,
+    base_url: URL,
+    request: ImageRequest,
+    plaintext: bytes,
+    seconds: float,
+    progress: RequestProgress | None = None,
 ) -> ImagesResponse:
     """One confidential attempt: lock a node, seal the request for it, open its answer.
 
     The two exchanges share the attempt's ``seconds``. Every attempt takes a fresh lock, so
-    a 425 (the lock was not usable) is retried with a new one.
+    a 425 (the lock was not usable) is retried with a new one. ``progress`` records how far
+    the sealed request, the paid one, got (the lock bills nothing).
     """
     started = time.monotonic()
     lock_url = base_url / LOCK_PATH
-    answer = await post(lock_url, lock_body(request), seconds, _MAX_LOCK_ANSWER)
+    answer = await post(lock_url, lock_body(request), seconds, _MAX_LOCK_ANSWER, None)
     sealed = seal(
         plaintext, request, parse_lock(answer.status, answer.headers, answer.body, lock_url)
     )
     url = base_url / PATH
-    answer = await post(url, sealed.body, seconds - (time.monotonic() - started), None)
+    left = seconds - (time.monotonic() - started)
+    answer = await post(url, sealed.body, left, None, progress)
     return sealed.open(answer.status, answer.headers, answer.body, url)
 
 

@@ -202,10 +202,9 @@ class RetryPolicy:
                         last_error = error
                         if isinstance(error, AtomaImagesError):
                             error.attempts = state.attempt_number
-                        if cost is not None:
-                            cost.attempt_failed(error)
+                        billed = None if cost is None else cost.attempt_failed(error)
                         if hooks.attempt_finished or hooks.call_finished:
-                            record.attempt_finished(state, started, error, None)
+                            record.attempt_finished(state, started, error, None, billed)
                         raise
                     if hooks.attempt_finished or hooks.call_finished:
                         record.attempt_finished(state, started, None, result)
