@@ -8,7 +8,8 @@ AtomaImagesError                      base class; catch this to catch everything
 ├── APIConnectionError                no usable answer from the server
 │   ├── APITimeoutError               a time limit was reached
 │   │   └── AmbiguousTimeoutError     ...after the request was sent (also an AmbiguousOutcomeError)
-│   └── AmbiguousOutcomeError         sent, outcome unknown: it may have been processed and billed
+│   ├── AmbiguousOutcomeError         sent, outcome unknown: it may have been processed and billed
+│   └── ClientClosedError             the client was closed before sending; nothing billed
 ├── APIStatusError                    the server answered with an error status
 │   ├── BadRequestError               400
 │   ├── AuthenticationError           401
@@ -63,6 +64,7 @@ __all__ = [
     "BadGatewayError",
     "BadRequestError",
     "BudgetExceededError",
+    "ClientClosedError",
     "ExtraNotInstalledError",
     "GatewayTimeoutError",
     "InsufficientBalanceError",
@@ -198,6 +200,17 @@ class AmbiguousOutcomeError(APIConnectionError):
 
 class AmbiguousTimeoutError(AmbiguousOutcomeError, APITimeoutError):
     """The read timed out after the request was sent: the outcome is unknown."""
+
+
+class ClientClosedError(APIConnectionError, RuntimeError):
+    """The client (or the aiohttp session given it) was closed before the request was sent.
+
+    Nothing was sent, so nothing was billed, and it is not retried: a call waiting to retry
+    when ``aclose()`` ran ends with it. Also a `RuntimeError`, which is what it was before.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        super().__init__(message, url=url, transient=False)
 
 
 def status_may_have_been_billed(status: int, envelope: bool) -> bool:

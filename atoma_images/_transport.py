@@ -43,6 +43,7 @@ from ._errors import (
     APIConnectionError,
     APITimeoutError,
     AtomaImagesError,
+    ClientClosedError,
     InvalidRequestError,
     ResponseValidationError,
 )
@@ -267,6 +268,12 @@ async def send(
     Every form of the key in ``secrets`` is taken out of the answer, and out of the error
     and its cause.
     """
+    if session.closed:  # aiohttp's bare RuntimeError, before anything is sent
+        raise ClientClosedError(
+            f"the client (or the aiohttp session given it) was closed before this request "
+            f"to {url.host}:{url.port} was sent{_NOT_SENT}",
+            url=str(url),
+        )
     progress = RequestProgress() if progress is None else progress
     progress.may_have_been_sent = not traced  # untraced: it may have been, once begun
     if proxy is not None and proxy.headers and url.scheme == "http":

@@ -16,10 +16,12 @@ from test_cli import cli
 
 from atoma_images import (
     AmbiguousOutcomeError,
+    APIConnectionError,
     AsyncImagesClient,
     BadRequestError,
     Budget,
     BudgetExceededError,
+    ClientClosedError,
     ImagesClient,
     InvalidRequestError,
     RetryPolicy,
@@ -164,6 +166,35 @@ async def test_a_call_cancelled_while_it_waits_for_a_connection_was_not_billed(
     else:  # erring towards "may have been billed"
         assert budget.used == client.usage.max_compute_units == 2 * UNITS_16X16
         assert (client.usage.maybe_billed_calls, client.usage.unbilled_failures) == (1, 0)
+
+
+async def test_closing_the_client_while_a_call_waits_to_retry_ends_it_typed_and_unbilled(
+    server: FakeAtomaServer,
+) -> None:
+    """The retry was never sent: a typed error that says so, and the reservation back."""
+    server.enqueue(Reply(status=503))
+    waiting, closed = asyncio.Event(), asyncio.Event()
+
+    async def sleep(seconds: float) -> None:  # the retry's wait: until the client is closed
+        waiting.set()
+        await closed.wait()
+
+    budget = Budget(max_compute_units=UNITS_16X16)
+    policy = RetryPolicy(sleep=sleep)
+    client = AsyncImagesClient(API_KEY, base_url=server.base_url, budget=budget, retries=policy)
+    call = asyncio.create_task(client.generate("a fox", size="16x16"))
+    await waiting.wait()
+    await client.aclose()
+    closed.set()
+    with pytest.raises(ClientClosedError, match="closed") as caught:
+        await call
+    assert isinstance(caught.value, APIConnectionError)
+    assert isinstance(caught.value, RuntimeError)  # what it was before it had a type
+    assert not caught.value.may_have_been_billed
+    assert caught.value.attempts == 2  # the second one never left
+    assert len(server.posts) == 1
+    assert budget.remaining == UNITS_16X16
+    assert (client.usage.maybe_billed_calls, client.usage.unbilled_failures) == (0, 1)
 
 
 AMBIGUITY_ALLOWED = RetryPolicy(retry_ambiguous=True, backoff_base=0)
