@@ -34,7 +34,15 @@ from typing import TYPE_CHECKING
 import attrs
 
 from ._convert import invalid_response, parse_object, parse_response
-from ._errors import ExtraNotInstalledError, ResponseIntegrityError, ResponseValidationError
+from ._errors import (
+    AmbiguousOutcomeError,
+    APIConnectionError,
+    APITimeoutError,
+    AtomaImagesError,
+    ExtraNotInstalledError,
+    ResponseIntegrityError,
+    ResponseValidationError,
+)
 from ._hooks import CallInfo
 from ._models import ImageRequest, ImagesResponse
 from ._usage import compute_units
@@ -66,6 +74,7 @@ __all__ = [
     "encrypt",
     "generate",
     "generate_once",
+    "lock",
     "lock_body",
     "new_private_key",
     "parse_lock",
@@ -205,15 +214,34 @@ async def generate_once(  # noqa: PLR0917 - the parts of one attempt, in order
     the sealed request, the paid one, got (the lock bills nothing).
     """
     started = time.monotonic()
-    lock_url = base_url / LOCK_PATH
-    answer = await post(lock_url, lock_body(request), seconds, _MAX_LOCK_ANSWER, None)
-    sealed = seal(
-        plaintext, request, parse_lock(answer.status, answer.headers, answer.body, lock_url)
-    )
+    sealed = seal(plaintext, request, await lock(post, base_url, request, seconds))
     url = base_url / PATH
     left = seconds - (time.monotonic() - started)
     answer = await post(url, sealed.body, left, None, progress)
     return sealed.open(answer.status, answer.headers, answer.body, url)
+
+
+async def lock(post: Post, base_url: URL, request: ImageRequest, seconds: float) -> NodeLock:
+    """Lock a node for ``request`` (``POST /v1/nodes/lock``), or raise why not.
+
+    A lock bills nothing (the sealed request is what is billed), so no failure of it may
+    have been billed: one whose answer was lost after it was sent is a failure before the
+    generation was sent (`APIConnectionError`, `APITimeoutError`), retried as one.
+    """
+    url = base_url / LOCK_PATH
+    try:
+        answer = await post(url, lock_body(request), seconds, _MAX_LOCK_ANSWER, None)
+        return parse_lock(answer.status, answer.headers, answer.body, url)
+    except AmbiguousOutcomeError as error:
+        kind = APITimeoutError if isinstance(error, APITimeoutError) else APIConnectionError
+        raise kind(
+            f"the node lock request to {url.host} got no complete answer; a lock bills "
+            "nothing and the generation was not sent, so nothing was billed",
+            url=str(url),
+        ) from error
+    except AtomaImagesError as error:  # refused, or an unusable answer: nothing billed
+        error.may_have_been_billed = False
+        raise
 
 
 def lock_body(request: ImageRequest) -> bytes:
