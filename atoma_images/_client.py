@@ -42,7 +42,7 @@ from ._settings import (
     ClientSettings,
 )
 from ._timeout import Timeout
-from ._transport import Answer, Sender
+from ._transport import Answer, RequestProgress, Sender
 from ._usage import (
     Budget,
     CallCost,
@@ -308,10 +308,16 @@ class AsyncImagesClient:
             from . import _confidential  # noqa: PLC0415 - cryptography costs import time
 
             def post(
-                url: URL, body: bytes, seconds: float, max_bytes: int | None
+                url: URL,
+                body: bytes,
+                seconds: float,
+                max_bytes: int | None,
+                progress: RequestProgress | None,
             ) -> Awaitable[Answer]:
                 timeout = limits.for_attempt(seconds)
-                return self._sender.send(session, "POST", url, body, timeout, max_bytes)
+                return self._sender.send(
+                    session, "POST", url, body, timeout, max_bytes, progress=progress
+                )
 
             return _confidential.generate(
                 post,
@@ -325,8 +331,9 @@ class AsyncImagesClient:
             )
 
         async def attempt(remaining: float) -> ImagesResponse:
+            timeout = limits.for_attempt(remaining)
             answer = await self._sender.send(
-                session, "POST", self._url, body, limits.for_attempt(remaining)
+                session, "POST", self._url, body, timeout, progress=cost.paid_request()
             )
             return parse_response(answer.status, answer.headers, answer.body, self._url)
 

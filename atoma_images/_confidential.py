@@ -34,7 +34,15 @@ from typing import TYPE_CHECKING
 import attrs
 
 from ._convert import invalid_response, parse_object, parse_response
-from ._errors import ExtraNotInstalledError, ResponseIntegrityError, ResponseValidationError
+from ._errors import (
+    AmbiguousOutcomeError,
+    APIConnectionError,
+    APITimeoutError,
+    AtomaImagesError,
+    ExtraNotInstalledError,
+    ResponseIntegrityError,
+    ResponseValidationError,
+)
 from ._hooks import CallInfo
 from ._models import ImageRequest, ImagesResponse
 from ._usage import compute_units
@@ -46,11 +54,12 @@ if TYPE_CHECKING:
     from ._hooks import HookSet
     from ._retry import RetryPolicy
     from ._timeout import Timeout
-    from ._transport import Answer
+    from ._transport import Answer, RequestProgress
     from ._usage import CallCost
 
-    #: Sends one POST: (url, body, seconds it may take, largest body or None for the default).
-    Post = Callable[[URL, bytes, float, int | None], Awaitable[Answer]]
+    #: Sends one POST: (url, body, seconds it may take, largest body or None for the default,
+    #: where to record how far a paid request got or None).
+    Post = Callable[[URL, bytes, float, int | None, RequestProgress | None], Awaitable[Answer]]
 
 __all__ = [
     "LOCK_PATH",
@@ -65,6 +74,7 @@ __all__ = [
     "encrypt",
     "generate",
     "generate_once",
+    "lock",
     "lock_body",
     "new_private_key",
     "parse_lock",
@@ -181,7 +191,7 @@ async def generate(  # noqa: PLR0917 - the parts of one confidential call, in or
 
     async def attempt(remaining: float) -> ImagesResponse:
         seconds = limits.attempt_seconds(remaining)
-        return await generate_once(post, base_url, request, plaintext, seconds)
+        return await generate_once(post, base_url, request, plaintext, seconds, cost.paid_request())
 
     url = base_url / PATH
     return await policy.run(
@@ -189,23 +199,49 @@ async def generate(  # noqa: PLR0917 - the parts of one confidential call, in or
     )
 
 
-async def generate_once(
-    post: Post, base_url: URL, request: ImageRequest, plaintext: bytes, seconds: float
+async def generate_once(  # noqa: PLR0917 - the parts of one attempt, in order
+    post: Post,
+    base_url: URL,
+    request: ImageRequest,
+    plaintext: bytes,
+    seconds: float,
+    progress: RequestProgress | None = None,
 ) -> ImagesResponse:
     """One confidential attempt: lock a node, seal the request for it, open its answer.
 
     The two exchanges share the attempt's ``seconds``. Every attempt takes a fresh lock, so
-    a 425 (the lock was not usable) is retried with a new one.
+    a 425 (the lock was not usable) is retried with a new one. ``progress`` records how far
+    the sealed request, the paid one, got (the lock bills nothing).
     """
     started = time.monotonic()
-    lock_url = base_url / LOCK_PATH
-    answer = await post(lock_url, lock_body(request), seconds, _MAX_LOCK_ANSWER)
-    sealed = seal(
-        plaintext, request, parse_lock(answer.status, answer.headers, answer.body, lock_url)
-    )
+    sealed = seal(plaintext, request, await lock(post, base_url, request, seconds))
     url = base_url / PATH
-    answer = await post(url, sealed.body, seconds - (time.monotonic() - started), None)
+    left = seconds - (time.monotonic() - started)
+    answer = await post(url, sealed.body, left, None, progress)
     return sealed.open(answer.status, answer.headers, answer.body, url)
+
+
+async def lock(post: Post, base_url: URL, request: ImageRequest, seconds: float) -> NodeLock:
+    """Lock a node for ``request`` (``POST /v1/nodes/lock``), or raise why not.
+
+    A lock bills nothing (the sealed request is what is billed), so no failure of it may
+    have been billed: one whose answer was lost after it was sent is a failure before the
+    generation was sent (`APIConnectionError`, `APITimeoutError`), retried as one.
+    """
+    url = base_url / LOCK_PATH
+    try:
+        answer = await post(url, lock_body(request), seconds, _MAX_LOCK_ANSWER, None)
+        return parse_lock(answer.status, answer.headers, answer.body, url)
+    except AmbiguousOutcomeError as error:
+        kind = APITimeoutError if isinstance(error, APITimeoutError) else APIConnectionError
+        raise kind(
+            f"the node lock request to {url.host} got no complete answer; a lock bills "
+            "nothing and the generation was not sent, so nothing was billed",
+            url=str(url),
+        ) from error
+    except AtomaImagesError as error:  # refused, or an unusable answer: nothing billed
+        error.may_have_been_billed = False
+        raise
 
 
 def lock_body(request: ImageRequest) -> bytes:

@@ -310,7 +310,7 @@ def error_from_response(
 ) -> APIStatusError:
     """The typed error for an error status; copes with JSON, plain-text, HTML and empty bodies."""
     text = body.decode("utf-8", "replace")
-    code, message = error_details(body, text)
+    code, message, envelope = error_details(body, text)
     if 300 <= status < 400:
         # Redirects are not followed: a paid POST and its key go only where they were sent.
         message = (
@@ -325,6 +325,7 @@ def error_from_response(
     return cls(
         status=status,
         code=code,
+        envelope=envelope,
         message=message,
         body=text,
         headers=headers,

@@ -20,11 +20,17 @@ __all__ = ["EXCERPT", "error_details"]
 EXCERPT = 200
 
 
-def error_details(body: bytes, text: str) -> tuple[str | None, str]:
-    """(code, message) of an error body; ``text`` is the body decoded leniently."""
+def error_details(body: bytes, text: str) -> tuple[str | None, str, bool]:
+    """(code, message, envelope) of an error body; ``text`` is the body decoded leniently.
+
+    ``envelope``: the body is the API's own error envelope, an ``"error"`` object that carries
+    a code: Atoma's ``{"error": {"code", "message"}}``, or OpenAI's ``{"error": {"message",
+    "type", "param", "code"}}``, whose code may be null. Only that proves the service itself
+    refused the request (`_errors.status_may_have_been_billed`); a gateway's page proves nothing.
+    """
     stripped = text.strip()
     if not stripped:
-        return None, "the server sent no error details (empty body)"
+        return None, "the server sent no error details (empty body)", False
     if stripped[0] in "{[":
         try:
             obj = load_json(body)
@@ -36,25 +42,28 @@ def error_details(body: bytes, text: str) -> tuple[str | None, str]:
                 return found
     if stripped[0] == "<":
         # A gateway's HTML page: its title says it best, else its visible text.
-        return None, _fold(_unescape(_html_text(stripped))) or "(HTML page)"
-    return None, _fold(stripped)
+        return None, _fold(_unescape(_html_text(stripped))) or "(HTML page)", False
+    return None, _fold(stripped), False
 
 
-def _from_json(obj: Any) -> tuple[str | None, str] | None:
+def _from_json(obj: Any) -> tuple[str | None, str, bool] | None:
     if type(obj) is not dict:
         return None
     error = obj.get("error")
     if type(error) is dict:
         code = error.get("code")
         message = error.get("message")
+        # OpenAI's envelope always has the key, null when it names no code, beside its type.
+        openai = "code" in error and code is None and type(error.get("type")) is str
         return (
             code if type(code) is str else None,
             message if type(message) is str else json.dumps(error)[:EXCERPT],
+            type(code) is str or openai,
         )
     for key in ("error", "message", "detail"):
         value = obj.get(key)
         if type(value) is str:
-            return None, value
+            return None, value, False
     return None
 
 

@@ -8,7 +8,8 @@ AtomaImagesError                      base class; catch this to catch everything
 ├── APIConnectionError                no usable answer from the server
 │   ├── APITimeoutError               a time limit was reached
 │   │   └── AmbiguousTimeoutError     ...after the request was sent (also an AmbiguousOutcomeError)
-│   └── AmbiguousOutcomeError         sent, outcome unknown: it may have been processed and billed
+│   ├── AmbiguousOutcomeError         sent, outcome unknown: it may have been processed and billed
+│   └── ClientClosedError             the client was closed before sending; nothing billed
 ├── APIStatusError                    the server answered with an error status
 │   ├── BadRequestError               400
 │   ├── AuthenticationError           401
@@ -34,10 +35,11 @@ aiohttp, cattrs and tenacity exceptions never reach the caller: the original is 
 ``__cause__``. Every error raised by a call carries ``attempts``, the number of attempts made
 (one generation request each; a confidential attempt locks a node first), and
 ``may_have_been_billed``, which is true only when a request reached the server and its
-outcome is unknown (a connection that failed after sending, a gateway's 502 or 504) or was a
-success the client could not read. A call for several images that Atoma draws one request
-at a time (see `AsyncImagesClient`) raises the error of a failed request with ``partial``
-set to the images the others brought back.
+outcome is unknown (a connection that failed after sending, a gateway's error page: any 5xx
+but 503 without the API's error envelope) or was a success the client could not read. A
+call for several images that Atoma draws one request at a time (see `AsyncImagesClient`)
+raises the error of a failed request with ``partial`` set to the images the others brought
+back.
 
 Where this module fits, and why it is built so: docs/architecture.md.
 """
@@ -63,6 +65,7 @@ __all__ = [
     "BadGatewayError",
     "BadRequestError",
     "BudgetExceededError",
+    "ClientClosedError",
     "ExtraNotInstalledError",
     "GatewayTimeoutError",
     "InsufficientBalanceError",
@@ -208,23 +211,46 @@ class AmbiguousTimeoutError(AmbiguousOutcomeError, APITimeoutError):
     """The read timed out after the request was sent: the outcome is unknown."""
 
 
-#: Statuses with which a gateway says it forwarded the request and then got no usable answer
-#: (RFC 9110 sections 15.6.3 and 15.6.5): the service behind it may have done the work.
-GATEWAY_STATUSES = frozenset({502, 504})
+class ClientClosedError(APIConnectionError, RuntimeError):
+    """The client (or the aiohttp session given it) was closed before the request was sent.
+
+    Nothing was sent, so nothing was billed, and it is not retried: a call waiting to retry
+    when ``aclose()`` ran ends with it. Also a `RuntimeError`, which is what it was before.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        super().__init__(message, url=url, transient=False)
+
+
+def status_may_have_been_billed(status: int, envelope: bool) -> bool:
+    """Whether an answer with the error ``status`` may hide work the service billed.
+
+    Only the API's own error envelope (``envelope``: Atoma's ``{"error": {"code", "message"}}``,
+    or OpenAI's) proves that the service itself refused the request, and Atoma settles a
+    refusal at zero. A 5xx without it proves nothing: it is a gateway's page (a load
+    balancer's 502 or 504, Cloudflare's 520 or 524, which says the origin is still working)
+    or a crash in front of the service, which may have done and billed the work behind it.
+    503 is the exception, as 429 and every 4xx are: they mean "not now", or "refused", before
+    the service took the work.
+    """
+    return status >= 500 and status != 503 and not envelope
 
 
 class APIStatusError(AtomaImagesError):
     """The server answered with an error status.
 
-    Atoma settles a failed attempt at zero, so an error status from Atoma (its error body has
-    a ``code``) means nothing was billed. A 502 or 504 without one comes from a gateway in
-    front of it, which may have forwarded the request and given up while Atoma worked on and
-    billed the success nobody read: ``may_have_been_billed`` is then True, and it is not
-    retried unless the policy says ``retry_ambiguous=True``.
+    Atoma settles a failed attempt at zero, so an error status in the API's own envelope
+    means nothing was billed. Any 5xx but 503 without it comes from a gateway in front of the
+    service (or a crash), which may have forwarded the request and given up while the
+    service worked on and billed the success nobody read (`status_may_have_been_billed`):
+    ``may_have_been_billed`` is then True, and it is not retried unless the policy says
+    ``retry_ambiguous=True``.
 
     Attributes:
         status: the HTTP status code.
         code: the error code from the JSON envelope (``"REQUEST_ERROR"``), or None.
+        envelope: whether the body was the API's own error envelope (an ``"error"`` object
+            with a code; OpenAI's may be null); by default, whether ``code`` is given.
         message: the server's message, or a readable summary of a non-JSON body.
         body: the response body as text (decoded leniently).
         headers: the response headers.
@@ -244,16 +270,18 @@ class APIStatusError(AtomaImagesError):
         request_id: str | None = None,
         url: str | None = None,
         retry_after: float | None = None,
+        envelope: bool | None = None,
     ) -> None:
         self.status = status
         self.code = code
+        self.envelope = code is not None if envelope is None else envelope
         self.message = message
         self.body = body
         self.headers = headers
         self.request_id = request_id
         self.url = url
         self.retry_after = retry_after
-        self.may_have_been_billed = status in GATEWAY_STATUSES and code is None
+        self.may_have_been_billed = status_may_have_been_billed(status, self.envelope)
         super().__init__(self._describe())
 
     def _describe(self) -> str:

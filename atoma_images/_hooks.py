@@ -334,15 +334,23 @@ class CallRecord:
         emit(self.hooks.attempt_started, AttemptStarted(call=self.info, attempt=number))
 
     def attempt_finished(
-        self, state: RetryCallState, started: float, error: BaseException | None, result: object
+        self,
+        state: RetryCallState,
+        started: float,
+        error: BaseException | None,
+        result: object,
+        billed: bool | None = None,
     ) -> None:
+        """``billed``: whether the attempt may have been billed, as its call's accounting
+        decided it (`CallCost.attempt_failed`); None to decide from ``error`` alone."""
         self.attempts, self.began = state.attempt_number, state.start_time
         status, name, request_id = outcome(error)
         if error is None:  # the answer's status, as the transport read it (an attempt's result
             # does not carry it); reset, so that it is never taken for a later attempt's
             status, request_id = answer_status.get(), getattr(result, "request_id", None)
             answer_status.set(None)
-        billed = may_have_been_billed(self.info, error)
+        if billed is None:
+            billed = may_have_been_billed(self.info, error)
         self.billed = self.billed or billed
         self.status, self.request_id = status, request_id
         if self.hooks.attempt_finished:

@@ -3,9 +3,11 @@
 Image generation is a paid, non-idempotent POST. Atoma settles a failed attempt at zero and
 charges a success even when the client has gone away, so the rules are:
 
-- an error status, or a failure before the request was sent: retrying cannot bill twice;
-- sent but no complete answer (read timeout, reset, truncated body): it may have been billed,
-  so it is not retried unless the policy says ``retry_ambiguous=True``.
+- an error status in the API's own envelope (or a 503 or 429, "not now"), or a failure
+  before the request was sent: retrying cannot bill twice;
+- sent but no complete answer (read timeout, reset, truncated body), or a gateway's error
+  page (`_errors.status_may_have_been_billed`): it may have been billed, so it is not
+  retried unless the policy says ``retry_ambiguous=True``.
 
 `RetryPolicy.run` is the one attempt loop of the package, built from tenacity's parts (as
 hynek/stamina builds its own): ``stop_any(stop_after_attempt, stop_before_delay)``, a wait
@@ -200,10 +202,9 @@ class RetryPolicy:
                         last_error = error
                         if isinstance(error, AtomaImagesError):
                             error.attempts = state.attempt_number
-                        if cost is not None:
-                            cost.attempt_failed(error)
+                        billed = None if cost is None else cost.attempt_failed(error)
                         if hooks.attempt_finished or hooks.call_finished:
-                            record.attempt_finished(state, started, error, None)
+                            record.attempt_finished(state, started, error, None, billed)
                         raise
                     if hooks.attempt_finished or hooks.call_finished:
                         record.attempt_finished(state, started, None, result)

@@ -17,6 +17,7 @@ import warnings
 import aiohttp
 import attrs
 
+from ._errors import ClientClosedError
 from ._transport import progress_trace
 
 __all__ = ["SessionHolder", "State"]
@@ -64,7 +65,7 @@ class SessionHolder:
     def get(self) -> aiohttp.ClientSession:
         """The session for the running loop, made on first use."""
         if self.state is State.CLOSED:
-            raise RuntimeError(f"{self.owner} is closed; create a new client")
+            raise ClientClosedError(f"{self.owner} is closed; create a new client")
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             if self._loop is not None:
@@ -87,7 +88,7 @@ class SessionHolder:
                 trace_configs=[progress_trace()],
             )
         elif session.closed:
-            raise RuntimeError("the aiohttp.ClientSession given to the client is closed")
+            raise ClientClosedError("the aiohttp.ClientSession given to the client is closed")
         self.state = State.OPENED
         return session
 

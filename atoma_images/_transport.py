@@ -43,6 +43,7 @@ from ._errors import (
     APIConnectionError,
     APITimeoutError,
     AtomaImagesError,
+    ClientClosedError,
     InvalidRequestError,
     ResponseValidationError,
 )
@@ -153,21 +154,23 @@ class Answer:
 
 @attrs.define
 class RequestProgress:
-    """How far one request got: whether its headers were handed to the connection.
+    """How far one request got: whether it may have reached the server.
 
-    Set by `progress_trace` on a session the client made itself. Until then no byte of the
-    request can have reached the server, whatever limit ran out first (a loop that stalls
-    can make the attempt's overall limit fire while it still waits for a connection).
+    On a session the client made itself, ``may_have_been_sent`` turns True when the request's
+    headers are handed to the connection (`progress_trace`). Until then no byte of the
+    request can have reached the server, whatever ended it first: a limit (a loop that stalls
+    can make the attempt's overall limit fire while it still waits for a connection) or a
+    cancellation. A session passed in has no such trace: `send` sets it from the start.
     """
 
-    headers_sent: bool = False
+    may_have_been_sent: bool = False
 
 
 async def _headers_sent(
     _: aiohttp.ClientSession, context: Any, __: aiohttp.TraceRequestHeadersSentParams
 ) -> None:
     if isinstance(context.trace_request_ctx, RequestProgress):
-        context.trace_request_ctx.headers_sent = True
+        context.trace_request_ctx.may_have_been_sent = True
 
 
 def progress_trace() -> aiohttp.TraceConfig:
@@ -225,8 +228,10 @@ class Sender:
         timeout: aiohttp.ClientTimeout,
         max_bytes: int | None = None,
         headers: Mapping[str, str] | None = None,
+        progress: RequestProgress | None = None,
     ) -> Answer:
-        """`send` with this client's settings; ``headers`` replace its own (a download's)."""
+        """`send` with this client's settings; ``headers`` replace its own (a download's);
+        ``progress`` records how far the request got (a paid one's, for its accounting)."""
         proxy: Proxy | None = None
         if self.own_session:
             proxy = self.api_proxy if url is self.api_url else environment_proxy(url)
@@ -242,6 +247,7 @@ class Sender:
             max_bytes=self.max_bytes if max_bytes is None else max_bytes,
             traced=self.own_session,
             secrets=self.secrets,
+            progress=progress,
         )
 
 
@@ -258,6 +264,7 @@ async def send(
     max_bytes: int,
     traced: bool,
     secrets: Secrets,
+    progress: RequestProgress | None = None,
 ) -> Answer:
     """Send one request and read its answer; raise our error for anything else.
 
@@ -265,10 +272,19 @@ async def send(
     more than that); an error body is cut at `MAX_ERROR_BODY`, since it is read only for
     its message. ``traced``: the session carries `progress_trace`, so a failure is known to
     have come before the request was sent; on any other session, an overall time limit
-    that runs out is taken to mean it may have been sent. Every form of the key in
-    ``secrets`` is taken out of the answer, and out of the error and its cause.
+    that runs out is taken to mean it may have been sent. ``progress``, when given, keeps
+    that knowledge for the caller, for an end that is no error of ours (a cancellation).
+    Every form of the key in ``secrets`` is taken out of the answer, and out of the error
+    and its cause.
     """
-    progress = RequestProgress() if traced else None
+    if session.closed:  # aiohttp's bare RuntimeError, before anything is sent
+        raise ClientClosedError(
+            f"the client (or the aiohttp session given it) was closed before this request "
+            f"to {url.host}:{url.port} was sent{_NOT_SENT}",
+            url=str(url),
+        )
+    progress = RequestProgress() if progress is None else progress
+    progress.may_have_been_sent = not traced  # untraced: it may have been, once begun
     if proxy is not None and proxy.headers and url.scheme == "http":
         # aiohttp sends proxy_headers only with the CONNECT of an https request; a plain-HTTP
         # request goes to the proxy as it is, so its credentials travel with it.
@@ -286,7 +302,7 @@ async def send(
             allow_redirects=False,
             # A session passed in may raise on error statuses; we read statuses ourselves.
             raise_for_status=False,
-            trace_request_ctx=progress,
+            trace_request_ctx=progress if traced else None,
             **_WITHOUT_MIDDLEWARES,
         ) as response:
             status = response.status
@@ -295,7 +311,7 @@ async def send(
             body = await _read_body(response, limit, secrets)
             answer = Answer(status, secrets.headers(response.headers), secrets.body(body, status))
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-        unsent = progress is not None and not progress.headers_sent
+        unsent = not progress.may_have_been_sent
         error = _error_for(exc, method, url, unsent, secrets)
         cause = _without_secrets(exc, secrets)
     else:

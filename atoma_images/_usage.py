@@ -22,6 +22,7 @@ import attrs
 from ._checks import check_whole_number
 from ._errors import AtomaImagesError, BudgetExceededError, InvalidRequestError
 from ._models import ImageRequest, ImagesResponse
+from ._transport import RequestProgress
 
 __all__ = [
     "Budget",
@@ -40,15 +41,16 @@ def compute_units(request: ImageRequest) -> int:
     return request.n * request.width * request.height
 
 
-def may_have_been_billed(error: BaseException) -> bool:
-    """Whether a call that ended with ``error`` may have been charged.
+def may_have_been_billed(error: BaseException, sent: bool = True) -> bool:
+    """Whether a call (or an attempt) that ended with ``error`` may have been charged.
 
-    Our own errors say so themselves. Anything else (a cancellation, Ctrl-C, a bug) may have
-    stopped the call after its request was sent, so it is counted as possibly billed.
+    Our own errors say so themselves. Anything else (a cancellation, Ctrl-C, a bug) stopped
+    it wherever it was: it may have been charged if its request may have been sent
+    (``sent``; when unknown, True).
     """
     if isinstance(error, AtomaImagesError):
         return error.may_have_been_billed
-    return True
+    return sent
 
 
 def _check_units(_: object, attribute: attrs.Attribute[int], value: object) -> None:
@@ -144,6 +146,8 @@ class CallCost:
     budgets: tuple[Budget, ...]
     reservations: int = 1
     maybe_billed_attempts: int = 0
+    # How far the paid request of the attempt under way got (`paid_request`).
+    _request: RequestProgress | None = attrs.field(default=None, init=False, repr=False)
 
     @classmethod
     def reserve(cls, units: int, *budgets: Budget | None, requests: int = 1) -> list[CallCost]:
@@ -155,9 +159,24 @@ class CallCost:
         held = tuple(reserve(units * requests, *budgets))
         return [cls(units, held) for _ in range(requests)]
 
-    def attempt_failed(self, error: BaseException) -> None:
-        if may_have_been_billed(error):
+    def paid_request(self) -> RequestProgress:
+        """Where the attempt under way has `Sender.send` record how far its paid request got.
+
+        An attempt that ends with no error of ours (cancelled, or a bug) may have been billed
+        only if that request may have been sent: on the client's own session, only once its
+        headers went out; on a session passed in, as soon as it was begun. One that never
+        began it (a confidential attempt cancelled while it locked a node) was not billed.
+        """
+        self._request = RequestProgress()
+        return self._request
+
+    def attempt_failed(self, error: BaseException) -> bool:
+        """Count an attempt that failed with ``error``; returns whether it may have been billed."""
+        request, self._request = self._request, None
+        billed = may_have_been_billed(error, request is not None and request.may_have_been_sent)
+        if billed:
             self.maybe_billed_attempts += 1
+        return billed
 
     def before_retry(self) -> None:
         """Reserve for the next attempt if every reservation so far may have been spent.
@@ -206,7 +225,8 @@ class Usage:
         images: images received.
         compute_units: units billed, for the calls that succeeded.
         maybe_billed_calls: calls with an attempt whose outcome is unknown (sent, then no
-            complete answer, cancelled, or an unreadable success): they may have been billed
+            complete answer, cancelled after it may have been sent, or an unreadable
+            success): they may have been billed
             for it (a call retried with ``retry_ambiguous=True`` can be one and succeed too).
         maybe_billed_compute_units: the units those attempts may have cost.
         unbilled_failures: calls that failed without being billed (an error status, or a

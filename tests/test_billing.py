@@ -32,6 +32,7 @@ from atoma_images import (
     Budget,
     ImagesResponse,
     RetryPolicy,
+    ServerError,
     Timeout,
 )
 from atoma_images.testing import make_png
@@ -52,6 +53,20 @@ FATES = {
     "drop_before_body": 1,  # reads the headers only, then closes
     "drop_after_body": 1,  # reads the whole request, then closes
     "gateway_504": 1,  # the service did the work; a gateway in front gave up: 504, no code
+    "cloudflare_524": 1,  # the same behind Cloudflare: its own page, 524
+    "bare_500": 1,  # the service did the work, then something in front crashed: no envelope
+}
+
+#: What a gateway (or a crash) in front of the service answers, though the service did the
+#: work behind it: the status, and a page that is not the API's error envelope.
+GATEWAY_PAGES = {
+    "gateway_504": (504, b"<html><title>504 Gateway Time-out</title></html>"),
+    "cloudflare_524": (524, b"<html><title>example.com | 524: A timeout occurred</title></html>"),
+    "cloudflare_520": (
+        520,
+        b"<html><title>example.com | 520: Web server is returning an unknown error</title></html>",
+    ),
+    "bare_500": (500, b"Internal Server Error"),
 }
 
 
@@ -110,15 +125,14 @@ class FaultServer:
                 if fate == "stall_before_headers":
                     await reader.read()  # until the client gives up and hangs up
                     break
-                record.worked = fate in ("ok", "gateway_504")
-                status = {"ok": 200, "gateway_504": 504}.get(fate) or int(fate)
-                if status == 200:
+                record.worked = fate == "ok" or fate in GATEWAY_PAGES
+                if fate == "ok":
                     await asyncio.sleep(self.ok_delay)
-                if status == 200:
-                    body = ANSWER
-                elif fate == "gateway_504":
-                    body = b"<html><title>504 Gateway Time-out</title></html>"
+                    status, body = 200, ANSWER
+                elif fate in GATEWAY_PAGES:
+                    status, body = GATEWAY_PAGES[fate]
                 else:  # the service's own refusal, with its error code: settled at zero
+                    status = int(fate)
                     body = b'{"error":{"code":"X","message":"no"}}'
                 extra = b"Retry-After: 0\r\n" if status == 429 else b""
                 writer.write(
@@ -330,8 +344,11 @@ async def test_n_images_on_atoma_agree_with_the_bill_over_a_fault_matrix(seed: i
         except BaseException as exc:  # checked below: only our errors may come out
             outcomes[prompt] = exc
 
+    # Mostly successes: a call succeeds only when its three requests do, and each fault of
+    # the matrix ends a request once.
+    fates = {**FATES, "ok": 16}
     async with (
-        fault_server(FaultServer(seed)) as (server, url),
+        fault_server(FaultServer(seed, fates=fates)) as (server, url),
         AsyncImagesClient(
             "k", base_url=url, max_connections=9, timeout=limits, retries=policy, budget=budget
         ) as client,
@@ -386,3 +403,21 @@ async def test_pool_waits_that_time_out_are_not_billed_and_are_retried() -> None
     never_sent = [o for o in outcomes.values() if type(o).__name__ == "APITimeoutError"]
     assert never_sent  # 20 calls through 2 connections at 0.2 s each cannot all fit
     assert all(e.attempts == 3 and not e.may_have_been_billed for e in never_sent)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("fate", list(GATEWAY_PAGES))
+async def test_a_gateways_error_page_may_have_been_billed_and_is_not_sent_again(fate: str) -> None:
+    """Only the API's own error envelope proves a refusal: behind a gateway's page (Cloudflare's
+    524 and 520, a 504, a bare 500) the service did the work, and billed it once."""
+    budget = Budget(max_compute_units=10**6)
+    policy = RetryPolicy(sleep=FakeSleep())
+    async with (
+        fault_server(FaultServer(0, fates={fate: 1})) as (server, url),
+        AsyncImagesClient("k", base_url=url, retries=policy, budget=budget) as client,
+    ):
+        with pytest.raises(ServerError) as caught:
+            await client.generate(fate, size="16x16")
+    check_the_rule({fate: caught.value}, server.received)
+    assert caught.value.may_have_been_billed
+    assert caught.value.attempts == len(server.received) == 1  # billed once, not twice
+    assert budget.used == client.usage.maybe_billed_compute_units == 16 * 16

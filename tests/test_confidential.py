@@ -21,6 +21,7 @@ from atoma_images import (
     AmbiguousTimeoutError,
     AsyncImagesClient,
     AuthenticationError,
+    Budget,
     ImageRequest,
     ImagesClient,
     InvalidRequestError,
@@ -304,7 +305,85 @@ async def test_lock_errors_come_back_typed_and_nothing_is_encrypted_for_them(
     assert node.posts == []
 
 
+@contextlib.asynccontextmanager
+async def losing_the_first_lock_answer(node: FakeAtomaServer, how: str) -> AsyncIterator[str]:
+    """A gateway in front of ``node`` that forwards every request, and loses the node's
+    answer to the first lock: ``how`` is "drop" (the connection) or "page" (a gateway's 502
+    page instead). Yields its API root."""
+    lost: list[int] = []
+
+    async def forward(request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {k: request.headers[k] for k in ("Authorization", "Content-Type")}
+        url = node.base_url + request.path.removeprefix("/v1")
+        async with upstream.post(url, data=body, headers=headers) as answer:
+            status, payload = answer.status, await answer.read()
+        if request.path.endswith("/nodes/lock") and not lost:  # the node locked, and then:
+            lost.append(status)
+            if how == "page":
+                return web.Response(status=502, text="<html>502 Bad Gateway</html>")
+            assert request.transport is not None
+            request.transport.close()
+        return web.Response(status=status, body=payload, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/{path:.*}", forward)
+    async with aiohttp.ClientSession() as upstream, serving(app) as root:
+        yield root + "/v1"
+    assert lost == [200]
+
+
+@pytest.mark.parametrize("how", ["drop", "page"])
+async def test_a_lost_lock_answer_is_not_billed_and_is_retried_with_a_new_lock(
+    node: FakeAtomaServer, fake_sleep: FakeSleep, how: str
+) -> None:
+    """A lock costs nothing until the sealed request: one whose answer was lost (dropped, or
+    a gateway's page) is a failure before anything paid was sent, and the call goes on with
+    a new lock."""
+    budget = Budget(max_compute_units=32 * 32)
+    async with (
+        losing_the_first_lock_answer(node, how) as root,
+        AsyncImagesClient(
+            API_KEY, base_url=root, retries=RetryPolicy(sleep=fake_sleep), budget=budget
+        ) as client,
+    ):
+        result = await client.generate("a red fox", size="32x32", confidential=True)
+    assert png_size(result.images[0].decode()) == (32, 32)
+    assert len(node.locks) == 2
+    assert [post.json()["stack_small_id"] for post in node.posts] == [2]
+    assert node.billed_compute_units == budget.used == client.usage.compute_units == 32 * 32
+    assert client.usage.maybe_billed_calls == 0
+
+
 LOCK_OK = {"public_key": base64.b64encode(b"\x09" * 32).decode(), "node_small_id": 1}
+
+
+@needs_cryptography
+async def test_a_call_cancelled_while_it_locks_a_node_was_not_billed() -> None:
+    """The lock reached the server, the sealed request never left: nothing paid was sent."""
+    locking, released = asyncio.Event(), asyncio.Event()
+
+    async def lock(request: web.Request) -> web.Response:
+        await request.read()
+        locking.set()
+        await released.wait()
+        return web.json_response(LOCK_OK)
+
+    app = web.Application()
+    app.router.add_post("/v1/nodes/lock", lock)
+    budget = Budget(max_compute_units=32 * 32)
+    async with (
+        serving(app) as root,
+        AsyncImagesClient(API_KEY, base_url=root + "/v1", budget=budget) as client,
+    ):
+        call = asyncio.create_task(client.generate("a red fox", size="32x32", confidential=True))
+        await locking.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        released.set()
+    assert budget.used == 0
+    assert (client.usage.maybe_billed_calls, client.usage.unbilled_failures) == (0, 1)
 
 
 @contextlib.asynccontextmanager

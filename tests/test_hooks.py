@@ -254,25 +254,33 @@ async def test_download_bills_nothing_and_hides_the_query(
     assert recorder.of("call")[1].may_have_been_billed is False
 
 
-async def test_cancelled_call_is_reported(server: FakeAtomaServer, fake_sleep: FakeSleep) -> None:
+@pytest.mark.parametrize("received", [True, False], ids=["received", "before sending"])
+async def test_cancelled_call_is_reported(
+    server: FakeAtomaServer, fake_sleep: FakeSleep, received: bool
+) -> None:
     server.enqueue(Reply(delay=30.0))
     recorder = Recorder()
-    sent = asyncio.Event()
+    started = asyncio.Event()
 
     class Signal(Hooks):
         def attempt_started(self, info: AttemptStarted) -> None:
-            sent.set()
+            started.set()
 
     async with _client(server.base_url, fake_sleep, recorder, Signal()) as client:
         task = asyncio.create_task(client.generate("fox", size="16x16"))
-        await sent.wait()
+        await started.wait()  # cancelled now, it has not even connected yet
+        while received and not server.posts:  # noqa: ASYNC110 - polls the server's record
+            await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
     assert recorder.kinds == ["started", "finished", "call"]
-    (call,) = recorder.of("call")
-    # Whether the request reached the server is unknown: it may have been billed.
-    assert (call.error, call.may_have_been_billed) == ("CancelledError", True)
+    (finished,), (call,) = recorder.of("finished"), recorder.of("call")
+    # The server received it, and may bill it; or the client's session saw it never left.
+    assert (call.error, call.may_have_been_billed) == ("CancelledError", received)
+    assert finished.may_have_been_billed is received
+    assert client.usage.maybe_billed_calls == (1 if received else 0)
+    assert len(server.posts) == (1 if received else 0)
 
 
 def test_sync_client_passes_hooks(threaded_server: FakeAtomaServer) -> None:

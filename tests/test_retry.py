@@ -433,6 +433,36 @@ async def test_a_gateways_502_or_504_may_have_been_billed_and_is_not_sent_again(
     assert len(server.posts) == 2
 
 
+OPENAI_500 = {
+    "error": {
+        "message": "The server had an error",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+}
+
+
+@pytest.mark.parametrize(
+    ("reply", "posts"),
+    [
+        (Reply(status=500), 2),  # Atoma's own envelope: refused, settled at zero; retried once
+        (Reply(status=500, body=OPENAI_500), 2),  # OpenAI's envelope, whose code may be null
+        # "Not now", whoever says it: nothing was taken on, so it is sent again.
+        (Reply(status=503, body="<html><title>503 Service Unavailable</title></html>"), 3),
+        (Reply(status=429, body="Too Many Requests"), 3),
+    ],
+)
+async def test_refusals_in_the_apis_envelope_and_not_now_pages_are_not_billed_and_retried(
+    client: AsyncImagesClient, server: FakeAtomaServer, reply: Reply, posts: int
+) -> None:
+    server.enqueue(reply, times=posts)
+    with pytest.raises(APIStatusError) as info:
+        await client.generate("fox", size="16x16")
+    assert not info.value.may_have_been_billed
+    assert info.value.attempts == len(server.posts) == posts
+
+
 async def test_an_invalid_success_is_never_sent_again_even_when_ambiguity_is_allowed(
     client: AsyncImagesClient, server: FakeAtomaServer, fake_sleep: FakeSleep
 ) -> None:

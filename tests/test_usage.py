@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from test_cli import cli
 
 from atoma_images import (
     AmbiguousOutcomeError,
+    APIConnectionError,
     AsyncImagesClient,
     BadRequestError,
     Budget,
     BudgetExceededError,
+    ClientClosedError,
     ImagesClient,
     InvalidRequestError,
     RetryPolicy,
@@ -121,6 +126,75 @@ async def test_a_cancelled_call_keeps_its_reservation_and_counts_as_maybe_billed
     assert budget.remaining == 0
     assert client.usage.maybe_billed_calls == 1
     assert client.usage.maybe_billed_compute_units == UNITS_16X16
+
+
+@pytest.mark.parametrize("own_session", [True, False], ids=["own session", "session passed in"])
+async def test_a_call_cancelled_while_it_waits_for_a_connection_was_not_billed(
+    server: FakeAtomaServer, own_session: bool
+) -> None:
+    """The client's own session knows the request never left: its reservation comes back and
+    it counts as unbilled. A session passed in cannot tell, so the call may have been billed."""
+    server.enqueue(Reply(delay=0.3))  # holds the only connection while the other call waits
+    budget = Budget(max_compute_units=2 * UNITS_16X16)
+    async with contextlib.AsyncExitStack() as stack:
+        if own_session:
+            options: dict[str, Any] = {"max_connections": 1}
+        else:
+            connector = aiohttp.TCPConnector(limit=1)
+            options = {
+                "session": await stack.enter_async_context(
+                    aiohttp.ClientSession(connector=connector)
+                )
+            }
+        client = await stack.enter_async_context(
+            AsyncImagesClient(API_KEY, base_url=server.base_url, budget=budget, **options)
+        )
+        holder = asyncio.create_task(client.generate("holder", size="16x16"))
+        while not server.posts:  # noqa: ASYNC110 - polling the server's record is the point
+            await asyncio.sleep(0.01)
+        waiter = asyncio.create_task(client.generate("waiter", size="16x16"))
+        await asyncio.sleep(0.05)  # it reaches the pool and waits there for the connection
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await holder
+    assert [post.json()["prompt"] for post in server.posts] == ["holder"]
+    assert server.billed_compute_units == UNITS_16X16
+    if own_session:
+        assert budget.used == client.usage.max_compute_units == UNITS_16X16
+        assert (client.usage.maybe_billed_calls, client.usage.unbilled_failures) == (0, 1)
+    else:  # erring towards "may have been billed"
+        assert budget.used == client.usage.max_compute_units == 2 * UNITS_16X16
+        assert (client.usage.maybe_billed_calls, client.usage.unbilled_failures) == (1, 0)
+
+
+async def test_closing_the_client_while_a_call_waits_to_retry_ends_it_typed_and_unbilled(
+    server: FakeAtomaServer,
+) -> None:
+    """The retry was never sent: a typed error that says so, and the reservation back."""
+    server.enqueue(Reply(status=503))
+    waiting, closed = asyncio.Event(), asyncio.Event()
+
+    async def sleep(seconds: float) -> None:  # the retry's wait: until the client is closed
+        waiting.set()
+        await closed.wait()
+
+    budget = Budget(max_compute_units=UNITS_16X16)
+    policy = RetryPolicy(sleep=sleep)
+    client = AsyncImagesClient(API_KEY, base_url=server.base_url, budget=budget, retries=policy)
+    call = asyncio.create_task(client.generate("a fox", size="16x16"))
+    await waiting.wait()
+    await client.aclose()
+    closed.set()
+    with pytest.raises(ClientClosedError, match="closed") as caught:
+        await call
+    assert isinstance(caught.value, APIConnectionError)
+    assert isinstance(caught.value, RuntimeError)  # what it was before it had a type
+    assert not caught.value.may_have_been_billed
+    assert caught.value.attempts == 2  # the second one never left
+    assert len(server.posts) == 1
+    assert budget.remaining == UNITS_16X16
+    assert (client.usage.maybe_billed_calls, client.usage.unbilled_failures) == (0, 1)
 
 
 AMBIGUITY_ALLOWED = RetryPolicy(retry_ambiguous=True, backoff_base=0)
