@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._batch import Batch, BatchResult, BatchSummary, SyncBatch
+from ._budget import Budget
 from ._client import AsyncImagesClient
 from ._dialect import Dialect
 from ._errors import (
@@ -29,6 +30,7 @@ from ._errors import (
     BadGatewayError,
     BadRequestError,
     BudgetExceededError,
+    BudgetUnavailableError,
     ExtraNotInstalledError,
     GatewayTimeoutError,
     InsufficientBalanceError,
@@ -56,11 +58,12 @@ from ._hooks import (
     LoggingHooks,
     RetryScheduled,
 )
+from ._limits import BudgetLike, Per, RateLimit, RateLimiter, Reservation
 from ._models import GeneratedImage, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy
 from ._sync import ImagesClient
 from ._timeout import Timeout
-from ._usage import Budget, Usage
+from ._usage import Usage
 
 __all__ = [
     "APIConnectionError",
@@ -80,6 +83,8 @@ __all__ = [
     "BatchSummary",
     "Budget",
     "BudgetExceededError",
+    "BudgetLike",
+    "BudgetUnavailableError",
     "CallFinished",
     "CallInfo",
     "Dialect",
@@ -97,9 +102,13 @@ __all__ = [
     "LoggingHooks",
     "NoImageError",
     "NotFoundError",
+    "Per",
     "PermissionDeniedError",
+    "RateLimit",
     "RateLimitError",
+    "RateLimiter",
     "RequestTooLargeError",
+    "Reservation",
     "ResponseIntegrityError",
     "ResponseValidationError",
     "RetryPolicy",

@@ -32,6 +32,7 @@ from typing import Any, TextIO, TypeVar
 
 from . import _confidential
 from ._batch import BatchResult
+from ._budget import Budget
 from ._cli_report import (
     EXIT_CODES,
     report_error,
@@ -49,7 +50,6 @@ from ._errors import (
 from ._models import DEFAULT_MODEL, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy
 from ._timeout import Timeout
-from ._usage import Budget
 from ._version import package_version
 from .testing import FakeAtomaServer
 

@@ -23,6 +23,7 @@ import attrs
 from yarl import URL
 
 from ._batch import Batch, Prompt
+from ._budget import check_budget
 from ._checks import check_flag, check_whole_number
 from ._convert import parse_response
 from ._dialect import Dialect, encode, plan
@@ -30,6 +31,7 @@ from ._download import download, download_url
 from ._errors import AtomaImagesError, InvalidRequestError
 from ._files import write_images
 from ._hooks import CallInfo, Hooks
+from ._limits import BudgetLike, Cooldown, Pacing, RateLimiter
 from ._models import DEFAULT_MODEL, GeneratedImage, ImageRequest, ImagesResponse, ResponseFormat
 from ._retry import RetryPolicy, policy_for
 from ._session import SessionHolder
@@ -42,11 +44,9 @@ from ._settings import (
 from ._timeout import Timeout
 from ._transport import Answer, Sender
 from ._usage import (
-    Budget,
     CallCost,
     Usage,
     UsageMeter,
-    check_budget,
     compute_units,
     may_have_been_billed,
     settle,
@@ -86,7 +86,13 @@ class AsyncImagesClient:
         ssl: TLS verification: True (the default), an `ssl.SSLContext`, or False to turn
             verification off (only for a server you trust on a network you trust).
         session: an `aiohttp.ClientSession` to use instead of the client's own.
-        budget: a `Budget` that caps the compute units of every call of this client.
+        budget: a `Budget` that caps the compute units of every call of this client (or
+            any `BudgetLike`, such as ``atoma_images.redis.RedisBudget``, shared by replicas).
+        rate_limit: a `RateLimit` every request of this client takes a permit from before it
+            is sent (or any `RateLimiter`, such as ``atoma_images.redis.RedisRateLimit``).
+            With or without one, when the server answers 429 or 503 with Retry-After, every
+            call of the client waits that long before its next request (at most the retry
+            policy's ``max_retry_after``).
         hooks: `Hooks` told of every attempt, retry and call (after the built-in
             `LoggingHooks`, which logs each retry at INFO).
     """
@@ -104,9 +110,10 @@ class AsyncImagesClient:
         headers: Mapping[str, str] | None = None,
         ssl: ssl_module.SSLContext | bool = True,
         session: aiohttp.ClientSession | None = None,
-        budget: Budget | None = None,
+        budget: BudgetLike | None = None,
         hooks: Iterable[Hooks] | None = None,
         dialect: Dialect = "atoma",
+        rate_limit: RateLimiter | None = None,
     ) -> None:
         self._settings = settings = ClientSettings.from_arguments(
             api_key,
@@ -121,6 +128,7 @@ class AsyncImagesClient:
             hooks=hooks,
             budget=budget,
             dialect=dialect,
+            rate_limit=rate_limit,
         )
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise InvalidRequestError("session", session, "allowed: an aiohttp.ClientSession")
@@ -135,6 +143,8 @@ class AsyncImagesClient:
             api_url=self._url,
         )
         self._meter = UsageMeter()
+        # Every request takes a permit here; without a rate limit, only the server's waits.
+        self._pacer: RateLimiter = settings.rate_limit or Cooldown()
 
     def __repr__(self) -> str:
         return f"<AsyncImagesClient base_url={self.base_url!r} model={self.model!r}>"
@@ -165,9 +175,14 @@ class AsyncImagesClient:
         return self._settings.retries
 
     @property
-    def budget(self) -> Budget | None:
+    def budget(self) -> BudgetLike | None:
         """The `Budget` that caps every call of this client, if it was given one."""
         return self._settings.budget
+
+    @property
+    def rate_limit(self) -> RateLimiter | None:
+        """The `RateLimit` every request of this client takes a permit from, if given one."""
+        return self._settings.rate_limit
 
     @property
     def usage(self) -> Usage:
@@ -189,7 +204,7 @@ class AsyncImagesClient:
         timeout: Timeout | float | None = None,
         retries: RetryPolicy | None = None,
         confidential: bool = False,
-        budget: Budget | None = None,
+        budget: BudgetLike | None = None,
     ) -> ImagesResponse:
         """Generate ``n`` images for ``prompt``.
 
@@ -220,7 +235,8 @@ class AsyncImagesClient:
                 check its answer (needs the ``confidential`` extra: from a clone,
                 ``pip install '.[confidential]'``). Each attempt locks a node first, for
                 ``n * W * H`` compute units.
-            budget: a `Budget` this call must fit in (besides the client's).
+            budget: a `Budget` (or any `BudgetLike`) this call must fit in (besides the
+                client's).
 
         Returns:
             The images; ``compute_units`` says what the call was charged.
@@ -228,6 +244,8 @@ class AsyncImagesClient:
         Raises:
             InvalidRequestError: an argument is not valid; nothing was sent.
             BudgetExceededError: the call costs more than a budget has left; nothing was sent.
+            BudgetUnavailableError: a budget or the rate limit kept in a store (Redis) could
+                not be checked; nothing was sent.
             ExtraNotInstalledError: ``confidential=True`` without the extra; nothing was sent.
             APIStatusError: the server answered with an error status (see its subclasses).
             APIConnectionError: no usable answer (`AmbiguousOutcomeError` when the request
@@ -257,7 +275,7 @@ class AsyncImagesClient:
         timeout: Timeout | float | None = None,
         retries: RetryPolicy | None = None,
         confidential: bool = False,
-        budget: Budget | None = None,
+        budget: BudgetLike | None = None,
         meters: tuple[UsageMeter, ...] = (),
     ) -> ImagesResponse:
         """`generate` for a request already built (`Batch` builds one per prompt).
@@ -273,7 +291,7 @@ class AsyncImagesClient:
         meters = (self._meter, *meters)
         # Every request's cost is reserved in every budget before the first is sent (or
         # BudgetExceededError, and nothing is sent).
-        costs = CallCost.reserve(
+        costs = await CallCost.reserve(
             compute_units(parts[0]), check_budget(budget), self.budget, requests=len(parts)
         )
         calls = [
@@ -295,14 +313,15 @@ class AsyncImagesClient:
         session: aiohttp.ClientSession,
     ) -> Awaitable[ImagesResponse]:
         """One request of a call, in the policy's attempt loop (not yet awaited)."""
+        pacing = Pacing(self._pacer, policy)  # a permit before each attempt is sent
         if confidential:
             from . import _confidential  # noqa: PLC0415 - cryptography costs import time
 
-            def post(
-                url: URL, body: bytes, seconds: float, max_bytes: int | None
-            ) -> Awaitable[Answer]:
-                timeout = limits.for_attempt(seconds)
-                return self._sender.send(session, "POST", url, body, timeout, max_bytes)
+            async def post(url: URL, body: bytes, seconds: float, max_bytes: int | None) -> Answer:
+                timeout = limits.for_attempt(await pacing.before_send(seconds))
+                answer = await self._sender.send(session, "POST", url, body, timeout, max_bytes)
+                await pacing.after_answer(answer.status, answer.headers)
+                return answer
 
             return _confidential.generate(
                 post,
@@ -316,9 +335,9 @@ class AsyncImagesClient:
             )
 
         async def attempt(remaining: float) -> ImagesResponse:
-            answer = await self._sender.send(
-                session, "POST", self._url, body, limits.for_attempt(remaining)
-            )
+            timeout = limits.for_attempt(await pacing.before_send(remaining))
+            answer = await self._sender.send(session, "POST", self._url, body, timeout)
+            await pacing.after_answer(answer.status, answer.headers)
             return parse_response(answer.status, answer.headers, answer.body, self._url)
 
         describe = partial(CallInfo.of, "generate", "POST", self._url, request)
@@ -469,9 +488,9 @@ async def _all_of(
         for task in tasks:
             task.cancel()
         await _until_done(tasks)
-        _count(tasks, costs, meters)
+        await _count(tasks, costs, meters)
         raise
-    responses, errors = _count(tasks, costs, meters)
+    responses, errors = await _count(tasks, costs, meters)
     together = _merged(responses) if responses else None
     if not errors:
         assert together is not None
@@ -495,7 +514,7 @@ async def _until_done(tasks: list[asyncio.Task[ImagesResponse]]) -> None:
         pending = [task for task in pending if not task.done()]
 
 
-def _count(
+async def _count(
     tasks: list[asyncio.Task[ImagesResponse]],
     costs: list[CallCost],
     meters: tuple[UsageMeter, ...],
@@ -507,10 +526,10 @@ def _count(
         error = asyncio.CancelledError() if task.cancelled() else task.exception()
         if error is None:
             response = task.result()
-            cost.finish(len(response.data), meters)
+            await cost.finish(len(response.data), meters)
             responses.append(attrs.evolve(response, compute_units=cost.units))
         else:
-            cost.finish(None, meters)
+            await cost.finish(None, meters)
             errors.append(error)
     return responses, errors
 
