@@ -28,6 +28,7 @@ from test_readme import test_readme_python_blocks_run as run_python_block
 import atoma_images
 import atoma_images.opentelemetry
 import atoma_images.pytest_plugin
+import atoma_images.redis
 import atoma_images.testing
 from atoma_images.testing import FakeAtomaServer
 
@@ -211,6 +212,7 @@ PUBLIC_MODULES = [
     atoma_images.testing,
     atoma_images.opentelemetry,
     atoma_images.pytest_plugin,
+    atoma_images.redis,
 ]
 
 
