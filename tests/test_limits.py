@@ -7,6 +7,7 @@ import asyncio
 import calendar
 import datetime
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -317,3 +318,25 @@ def test_the_sync_client_takes_a_rate_limit(threaded_server: FakeAtomaServer) ->
     with ImagesClient(API_KEY, base_url=threaded_server.base_url, rate_limit=limit) as client:
         assert client.rate_limit is limit
         assert client.generate("a fox", size="16x16").images
+
+
+def test_the_cli_caps_each_window_and_checks_its_options(
+    threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    from test_cli import cli
+
+    from atoma_images.__main__ import EXIT_CODES
+
+    done = cli("--fake", "a fox", "--budget-per", "day", cwd=tmp_path, key=None)
+    assert done.returncode == EXIT_CODES["invalid input"]
+    assert "--budget-per is the window of --max-compute-units" in done.stderr
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\n")
+    done = cli(
+        *("--base-url", threaded_server.base_url, "--prompts-file", "prompts.txt"),
+        *("--size", "16x16", "--concurrency", "1", "--max-compute-units", str(UNITS)),
+        *("--budget-per", "day", "--rate-limit", "5"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == EXIT_CODES["balance"], done.stderr
+    assert "resets at" in done.stderr
+    assert len(threaded_server.posts) == 1

@@ -297,3 +297,37 @@ async def test_one_429_with_retry_after_holds_every_replica_that_shares_the_rate
     held = sleeps[1].waits
     assert len(held) == 3, held  # every call of the other replica waits the rest of it
     assert all(0.5 < wait <= 1 for wait in held), held
+
+
+@pytest.mark.redis
+def test_cli_runs_on_several_hosts_share_one_budget_through_the_environment(
+    redis_server: RedisServer, key: str, threaded_server: FakeAtomaServer, tmp_path: Path
+) -> None:
+    from test_cli import COMMAND, environment
+
+    from atoma_images.__main__ import EXIT_CODES
+
+    (tmp_path / "prompts.txt").write_text("a fox\nan owl\n")
+    env = environment(tmp_path, API_KEY, extra={"ATOMA_IMAGES_REDIS_URL": redis_server.url})
+    arguments = [
+        *("--base-url", threaded_server.base_url, "--prompts-file", "prompts.txt"),
+        *("--size", "16x16", "--concurrency", "1", "--max-compute-units", str(3 * UNITS)),
+        *("--budget-per", "day", "--budget-key", key, "--rate-limit", "50"),
+    ]
+    runs = [
+        subprocess.run(
+            [*COMMAND, *arguments],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        for _host in range(2)
+    ]
+    assert runs[0].returncode == EXIT_CODES["ok"], runs[0].stderr
+    assert runs[1].returncode == EXIT_CODES["balance"], runs[1].stderr
+    assert "budget exceeded" in runs[1].stderr
+    assert "resets at" in runs[1].stderr
+    assert len(threaded_server.posts) == 3  # the second host had room for one
