@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._batch import Batch, BatchResult, BatchSummary, SyncBatch
+from ._budget import Budget
 from ._client import AsyncImagesClient
 from ._dialect import Dialect
 from ._discovery import Health, ModelInfo
@@ -30,6 +31,7 @@ from ._errors import (
     BadGatewayError,
     BadRequestError,
     BudgetExceededError,
+    BudgetUnavailableError,
     ClientClosedError,
     ExtraNotInstalledError,
     GatewayTimeoutError,
@@ -58,11 +60,12 @@ from ._hooks import (
     LoggingHooks,
     RetryScheduled,
 )
+from ._limits import BudgetLike, Per, RateLimit, RateLimiter, Reservation
 from ._models import GeneratedImage, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy
 from ._sync import ImagesClient
 from ._timeout import Timeout
-from ._usage import Budget, Usage
+from ._usage import Usage
 
 __all__ = [
     "APIConnectionError",
@@ -82,6 +85,8 @@ __all__ = [
     "BatchSummary",
     "Budget",
     "BudgetExceededError",
+    "BudgetLike",
+    "BudgetUnavailableError",
     "CallFinished",
     "CallInfo",
     "ClientClosedError",
@@ -102,9 +107,13 @@ __all__ = [
     "ModelInfo",
     "NoImageError",
     "NotFoundError",
+    "Per",
     "PermissionDeniedError",
+    "RateLimit",
     "RateLimitError",
+    "RateLimiter",
     "RequestTooLargeError",
+    "Reservation",
     "ResponseIntegrityError",
     "ResponseValidationError",
     "RetryPolicy",

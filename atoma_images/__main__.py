@@ -4,6 +4,8 @@
     atoma-images --fake "a red fox"             # offline, against the built-in fake server
     atoma-images --prompts-file prompts.txt --concurrency 4 --json --max-compute-units 50000000
     atoma-images --check && atoma-images --list-models    # is the API up, with this key? models
+    ATOMA_IMAGES_REDIS_URL=redis://cache:6379/0 atoma-images --prompts-file daily.txt \
+        --max-compute-units 50000000 --budget-per day --budget-key nightly  # cron, many hosts
 
 The key comes from ATOMA_API_KEY (or ATOMASDK_BEARER_AUTH). Saved paths go to stdout, one
 per line (or one JSON object per prompt with --json); progress and errors go to stderr, and
@@ -24,6 +26,7 @@ import asyncio
 import codecs
 import contextlib
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -33,6 +36,7 @@ from typing import Any, TextIO, TypeVar
 
 from . import _confidential
 from ._batch import BatchResult
+from ._budget import Budget
 from ._cli_report import (
     EXIT_CODES,
     report_check,
@@ -49,10 +53,10 @@ from ._errors import (
     AtomaImagesError,
     InvalidRequestError,
 )
+from ._limits import BudgetLike, RateLimit, RateLimiter
 from ._models import DEFAULT_MODEL, ImageRequest, ImagesResponse
 from ._retry import RetryPolicy
 from ._timeout import Timeout
-from ._usage import Budget
 from ._version import package_version
 from .testing import FakeAtomaServer
 
@@ -139,6 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 0 if the API answers and accepts the key, else the exit code of what failed "
         "(for readiness probes and cron jobs); generates nothing",
     )
+    parser.add_argument(
+        "--budget-per",
+        choices=("minute", "hour", "day", "month"),
+        help="--max-compute-units is for each window of this length, aligned to UTC "
+        "(default: for the whole run, or for ever in Redis)",
+    )
+    parser.add_argument(
+        "--budget-key",
+        default="atoma-images:cli",
+        help=f"with ${REDIS_URL_VARIABLE}: the Redis key of the budget and the rate limit "
+        "that every host using the same key shares (default atoma-images:cli)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=int,
+        help=f"send at most this many requests in any second (shared through ${REDIS_URL_VARIABLE} "
+        "when it is set)",
+    )
     parser.add_argument("--debug", action="store_true", help="tracebacks and debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser
@@ -199,6 +221,10 @@ def check_options(args: argparse.Namespace) -> tuple[RetryPolicy | None, Timeout
         raise InvalidRequestError(
             "--max-compute-units", args.max_compute_units, "allowed: an integer >= 0"
         )
+    if args.budget_per is not None and args.max_compute_units is None:
+        raise CommandLineError("--budget-per is the window of --max-compute-units: give both")
+    if args.rate_limit is not None and args.rate_limit < 1:
+        raise InvalidRequestError("--rate-limit", args.rate_limit, "allowed: an integer >= 1")
     # The library's own checks, made with a stand-in prompt (as AsyncImagesClient checks its
     # model): a bad -n or --size is one error line, not one per prompt. Each prompt is still
     # checked when it is sent.
@@ -213,6 +239,44 @@ def check_options(args: argparse.Namespace) -> tuple[RetryPolicy | None, Timeout
     retries = None if args.max_retries is None else RetryPolicy(max_retries=args.max_retries)
     timeout = None if args.timeout is None else Timeout.of(args.timeout)
     return retries, timeout
+
+
+#: A Redis URL for the budget and the rate limit, shared by every host that runs the command
+#: with the same --budget-key (scripts run from cron on several hosts).
+REDIS_URL_VARIABLE = "ATOMA_IMAGES_REDIS_URL"
+
+
+async def shared_limits(
+    args: argparse.Namespace, stack: contextlib.AsyncExitStack
+) -> tuple[BudgetLike | None, RateLimiter | None]:
+    """The run's budget and rate limit: in Redis when ``$ATOMA_IMAGES_REDIS_URL`` is set
+    (closed with ``stack``), else in this process.
+
+    Raises:
+        ExtraNotInstalledError: the variable is set without the ``redis`` extra.
+    """
+    url = os.environ.get(REDIS_URL_VARIABLE)
+    wanted = args.max_compute_units is not None or args.rate_limit is not None
+    if not url or not wanted:
+        budget = None
+        if args.max_compute_units is not None:
+            budget = Budget(args.max_compute_units, per=args.budget_per)
+        rate = None if args.rate_limit is None else RateLimit(args.rate_limit, per="second")
+        return budget, rate
+    from . import redis  # noqa: PLC0415 - the extra is imported only when it is asked for
+
+    shared_budget = shared_rate = None
+    if args.max_compute_units is not None:
+        shared_budget = redis.RedisBudget(
+            url, key=args.budget_key, max_compute_units=args.max_compute_units, per=args.budget_per
+        )
+        stack.push_async_callback(shared_budget.aclose)
+    if args.rate_limit is not None:
+        shared_rate = redis.RedisRateLimit(
+            url, key=f"{args.budget_key}:rate", requests=args.rate_limit, per="second"
+        )
+        stack.push_async_callback(shared_rate.aclose)
+    return shared_budget, shared_rate
 
 
 def prepare_output_dir(directory: Path) -> None:
@@ -249,7 +313,7 @@ async def generate_all(
                 FakeAtomaServer(confidential=args.confidential, dialect=args.dialect)
             )
             api_key, base_url = "fake-key", server.base_url
-        budget = None if args.max_compute_units is None else Budget(args.max_compute_units)
+        budget, rate_limit = await shared_limits(args, stack)
         client = await stack.enter_async_context(
             AsyncImagesClient(
                 api_key,
@@ -258,6 +322,7 @@ async def generate_all(
                 timeout=timeout,
                 retries=retries,
                 budget=budget,
+                rate_limit=rate_limit,
                 dialect=args.dialect,
             )
         )

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import ssl as ssl_module
-from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +24,7 @@ import attrs
 from yarl import URL
 
 from ._batch import Batch, Prompt
+from ._budget import check_budget
 from ._checks import check_flag, check_whole_number
 from ._convert import parse_response
 from ._dialect import Dialect, encode, plan
@@ -32,6 +33,7 @@ from ._download import download, download_url
 from ._errors import AtomaImagesError, InvalidRequestError
 from ._files import write_images
 from ._hooks import CallInfo, Hooks
+from ._limits import BudgetLike, Cooldown, Pacing, RateLimiter
 from ._models import DEFAULT_MODEL, GeneratedImage, ImageRequest, ImagesResponse, ResponseFormat
 from ._retry import RetryPolicy, policy_for
 from ._session import SessionHolder
@@ -44,11 +46,9 @@ from ._settings import (
 from ._timeout import Timeout
 from ._transport import Answer, RequestProgress, Sender
 from ._usage import (
-    Budget,
     CallCost,
     Usage,
     UsageMeter,
-    check_budget,
     compute_units,
     may_have_been_billed,
     settle,
@@ -90,7 +90,13 @@ class AsyncImagesClient:
         ssl: TLS verification: True (the default), an `ssl.SSLContext`, or False to turn
             verification off (only for a server you trust on a network you trust).
         session: an `aiohttp.ClientSession` to use instead of the client's own.
-        budget: a `Budget` that caps the compute units of every call of this client.
+        budget: a `Budget` that caps the compute units of every call of this client (or
+            any `BudgetLike`, such as ``atoma_images.redis.RedisBudget``, shared by replicas).
+        rate_limit: a `RateLimit` every request of this client takes a permit from before it
+            is sent (or any `RateLimiter`, such as ``atoma_images.redis.RedisRateLimit``).
+            With or without one, when the server answers 429 or 503 with Retry-After, every
+            call of the client waits that long before its next request (at most the retry
+            policy's ``max_retry_after``).
         hooks: `Hooks` told of every attempt, retry and call (after the built-in
             `LoggingHooks`, which logs each retry at INFO).
     """
@@ -108,9 +114,10 @@ class AsyncImagesClient:
         headers: Mapping[str, str] | None = None,
         ssl: ssl_module.SSLContext | bool = True,
         session: aiohttp.ClientSession | None = None,
-        budget: Budget | None = None,
+        budget: BudgetLike | None = None,
         hooks: Iterable[Hooks] | None = None,
         dialect: Dialect = "atoma",
+        rate_limit: RateLimiter | None = None,
     ) -> None:
         self._settings = settings = ClientSettings.from_arguments(
             api_key,
@@ -125,6 +132,7 @@ class AsyncImagesClient:
             hooks=hooks,
             budget=budget,
             dialect=dialect,
+            rate_limit=rate_limit,
         )
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise InvalidRequestError("session", session, "allowed: an aiohttp.ClientSession")
@@ -139,6 +147,8 @@ class AsyncImagesClient:
             api_url=self._url,
         )
         self._meter = UsageMeter()
+        # Every request takes a permit here; without a rate limit, only the server's waits.
+        self._pacer: RateLimiter = settings.rate_limit or Cooldown()
 
     def __repr__(self) -> str:
         return f"<AsyncImagesClient base_url={self.base_url!r} model={self.model!r}>"
@@ -169,9 +179,14 @@ class AsyncImagesClient:
         return self._settings.retries
 
     @property
-    def budget(self) -> Budget | None:
+    def budget(self) -> BudgetLike | None:
         """The `Budget` that caps every call of this client, if it was given one."""
         return self._settings.budget
+
+    @property
+    def rate_limit(self) -> RateLimiter | None:
+        """The `RateLimit` every request of this client takes a permit from, if given one."""
+        return self._settings.rate_limit
 
     @property
     def usage(self) -> Usage:
@@ -193,7 +208,7 @@ class AsyncImagesClient:
         timeout: Timeout | float | None = None,
         retries: RetryPolicy | None = None,
         confidential: bool = False,
-        budget: Budget | None = None,
+        budget: BudgetLike | None = None,
     ) -> ImagesResponse:
         """Generate ``n`` images for ``prompt``.
 
@@ -225,7 +240,8 @@ class AsyncImagesClient:
                 check its answer (needs the ``confidential`` extra: from a clone,
                 ``pip install '.[confidential]'``). Each attempt locks a node first, for
                 ``n * W * H`` compute units.
-            budget: a `Budget` this call must fit in (besides the client's).
+            budget: a `Budget` (or any `BudgetLike`) this call must fit in (besides the
+                client's).
 
         Returns:
             The images; ``compute_units`` says what the call was charged.
@@ -233,6 +249,8 @@ class AsyncImagesClient:
         Raises:
             InvalidRequestError: an argument is not valid; nothing was sent.
             BudgetExceededError: the call costs more than a budget has left; nothing was sent.
+            BudgetUnavailableError: a budget or the rate limit kept in a store (Redis) could
+                not be checked; nothing was sent.
             ExtraNotInstalledError: ``confidential=True`` without the extra; nothing was sent.
             APIStatusError: the server answered with an error status (see its subclasses).
             APIConnectionError: no usable answer (`AmbiguousOutcomeError` when the request
@@ -262,7 +280,7 @@ class AsyncImagesClient:
         timeout: Timeout | float | None = None,
         retries: RetryPolicy | None = None,
         confidential: bool = False,
-        budget: Budget | None = None,
+        budget: BudgetLike | None = None,
         meters: tuple[UsageMeter, ...] = (),
         max_in_flight: int | None = None,
     ) -> ImagesResponse:
@@ -281,7 +299,7 @@ class AsyncImagesClient:
         meters = (self._meter, *meters)
         # Every request's cost is reserved in every budget before the first is sent (or
         # BudgetExceededError, and nothing is sent).
-        costs = CallCost.reserve(
+        costs = await CallCost.reserve(
             compute_units(parts[0]), check_budget(budget), self.budget, requests=len(parts)
         )
         calls = [
@@ -304,20 +322,23 @@ class AsyncImagesClient:
         session: aiohttp.ClientSession,
     ) -> Coroutine[Any, Any, ImagesResponse]:
         """One request of a call, in the policy's attempt loop (not yet awaited)."""
+        pacing = Pacing(self._pacer, policy)  # a permit before each attempt is sent
         if confidential:
             from . import _confidential  # noqa: PLC0415 - cryptography costs import time
 
-            def post(
+            async def post(
                 url: URL,
                 body: bytes,
                 seconds: float,
                 max_bytes: int | None,
                 progress: RequestProgress | None,
-            ) -> Awaitable[Answer]:
-                timeout = limits.for_attempt(seconds)
-                return self._sender.send(
+            ) -> Answer:
+                timeout = limits.for_attempt(await pacing.before_send(seconds))
+                answer = await self._sender.send(
                     session, "POST", url, body, timeout, max_bytes, progress=progress
                 )
+                await pacing.after_answer(answer.status, answer.headers)
+                return answer
 
             return _confidential.generate(
                 post,
@@ -331,10 +352,11 @@ class AsyncImagesClient:
             )
 
         async def attempt(remaining: float) -> ImagesResponse:
-            timeout = limits.for_attempt(remaining)
+            timeout = limits.for_attempt(await pacing.before_send(remaining))
             answer = await self._sender.send(
                 session, "POST", self._url, body, timeout, progress=cost.paid_request()
             )
+            await pacing.after_answer(answer.status, answer.headers)
             return parse_response(answer.status, answer.headers, answer.body, self._url)
 
         describe = partial(CallInfo.of, "generate", "POST", self._url, request)
@@ -539,7 +561,7 @@ async def _all_of(
         for task in tasks:
             task.cancel()
         await _until_done(tasks)
-        responses, _ = _count(tasks, costs, meters, calls)
+        responses, _ = await _count(tasks, costs, meters, calls)
         if responses:  # billed, and the caller is gone: say so rather than drop them quietly
             logger.warning(
                 "atoma-images: a call for %d images was cancelled after %d of them were "
@@ -549,7 +571,7 @@ async def _all_of(
                 sum(response.compute_units for response in responses),
             )
         raise
-    responses, errors = _count(tasks, costs, meters, calls)
+    responses, errors = await _count(tasks, costs, meters, calls)
     together = _merged(responses) if responses else None
     if not errors:
         assert together is not None
@@ -573,7 +595,7 @@ async def _until_done(tasks: list[asyncio.Task[ImagesResponse]]) -> None:
         pending = [task for task in pending if not task.done()]
 
 
-def _count(
+async def _count(
     tasks: list[asyncio.Task[ImagesResponse]],
     costs: list[CallCost],
     meters: tuple[UsageMeter, ...],
@@ -585,7 +607,7 @@ def _count(
     for task, cost, call in zip(tasks, costs, calls, strict=True):
         call.close()  # one cancelled before its turn never started: nothing left to await
         error = asyncio.CancelledError() if task.cancelled() else task.exception()
-        response = cost.close(task.result() if error is None else None, meters)
+        response = await cost.close(task.result() if error is None else None, meters)
         if response is None:
             errors.append(error)  # type: ignore[arg-type]  # not None when there is no result
         else:

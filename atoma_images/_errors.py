@@ -5,6 +5,7 @@ AtomaImagesError                      base class; catch this to catch everything
 ├── InvalidRequestError               bad input, raised before anything is sent (also a ValueError)
 ├── ExtraNotInstalledError            a feature needs an optional extra (also an ImportError)
 ├── BudgetExceededError               a call would spend more than its Budget has left; nothing sent
+├── BudgetUnavailableError            a budget or a rate limit could not be checked; nothing sent
 ├── APIConnectionError                no usable answer from the server
 │   ├── APITimeoutError               a time limit was reached
 │   │   └── AmbiguousTimeoutError     ...after the request was sent (also an AmbiguousOutcomeError)
@@ -46,6 +47,7 @@ Where this module fits, and why it is built so: docs/architecture.md.
 
 from __future__ import annotations
 
+import datetime
 import reprlib
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -65,6 +67,7 @@ __all__ = [
     "BadGatewayError",
     "BadRequestError",
     "BudgetExceededError",
+    "BudgetUnavailableError",
     "ClientClosedError",
     "ExtraNotInstalledError",
     "GatewayTimeoutError",
@@ -157,20 +160,49 @@ class BudgetExceededError(AtomaImagesError):
     Attributes:
         asked: the compute units the call would cost (``n * W * H``).
         left: the compute units the budget had left.
+        resets_at: when the budget's window turns and it is full again (UTC), for a budget
+            with a window (``per=``); None for a budget without one.
     """
 
-    def __init__(self, *, asked: int, left: int, retry: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        asked: int,
+        left: int,
+        retry: bool = False,
+        resets_at: datetime.datetime | None = None,
+    ) -> None:
         self.asked = asked
         self.left = left
+        self.resets_at = resets_at
         unsent = (
             "the retry was not sent (an earlier attempt may have been billed)"
             if retry
             else "nothing was sent"
         )
+        resets = "" if resets_at is None else f"; it resets at {resets_at:%Y-%m-%dT%H:%M:%SZ}"
         super().__init__(
             f"budget exceeded: the call would cost {asked:,} compute units (n x width x "
-            f"height) and the budget has {left:,} left; {unsent}"
+            f"height) and the budget has {left:,} left{resets}; {unsent}"
         )
+
+
+class BudgetUnavailableError(AtomaImagesError):
+    """A budget or a rate limit could not be checked, so the request was not sent.
+
+    A budget kept in a store of its own (`atoma_images.redis.RedisBudget`, or any
+    `BudgetLike`) that cannot be reached cannot say whether the call fits, and a budget that
+    cannot be checked is not a budget: the call is refused. The original error is kept as
+    ``__cause__``. A reservation whose answer was lost (the store timed out after it was
+    asked) stays counted as spent there: the budget errs on the side of spending less.
+
+    Attributes:
+        message: what could not be reached, and why.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(f"{message}; nothing was sent")
 
 
 class APIConnectionError(AtomaImagesError):

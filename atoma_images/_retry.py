@@ -224,13 +224,13 @@ class RetryPolicy:
         raise AssertionError("unreachable: tenacity returns the result or raises")
 
 
-def _before_sleep(cost: CallCost | None, record: CallRecord, state: RetryCallState) -> None:
+async def _before_sleep(cost: CallCost | None, record: CallRecord, state: RetryCallState) -> None:
     """tenacity's ``before_sleep``: a retry is decided. Its cost is reserved now, before the
     wait, so that one that does not fit the budget ends the call at once (what it raises
     leaves the loop); then the hooks hear of it."""
     if cost is not None:
         try:
-            cost.before_retry()
+            await cost.before_retry()  # a budget may live in another process (Redis)
         except AtomaImagesError as error:
             error.attempts = state.attempt_number
             raise

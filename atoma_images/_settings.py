@@ -19,14 +19,15 @@ import attrs
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from ._budget import check_budget
 from ._checks import check_whole_number, http_url, without_credentials
 from ._dialect import Dialect, check_dialect
 from ._errors import InvalidRequestError
 from ._hooks import DEFAULT_HOOKS, HookSet
+from ._limits import BudgetLike, RateLimiter
 from ._models import DEFAULT_MODEL, ImageRequest
 from ._retry import RetryPolicy, check_policy
 from ._timeout import Timeout
-from ._usage import Budget, check_budget
 from ._version import user_agent
 
 __all__ = [
@@ -133,6 +134,13 @@ def _check_ssl(_: object, __: object, value: object) -> None:
         raise InvalidRequestError("ssl", value, "allowed: True, False or an ssl.SSLContext")
 
 
+def _check_rate_limit(value: object) -> None:
+    if value is not None and not isinstance(value, RateLimiter):
+        raise InvalidRequestError(
+            "rate_limit", value, "allowed: a RateLimit, a RedisRateLimit, or None"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class ClientSettings:
     """Everything a client was configured with, checked. See `AsyncImagesClient` for each."""
@@ -149,7 +157,12 @@ class ClientSettings:
     headers: CIMultiDictProxy[str] = attrs.field(factory=dict, converter=_to_headers)
     ssl: ssl_module.SSLContext | bool = attrs.field(default=True, validator=_check_ssl)
     hooks: HookSet = attrs.field(default=DEFAULT_HOOKS, converter=_to_hooks)
-    budget: Budget | None = attrs.field(default=None, validator=lambda _, __, v: check_budget(v))
+    budget: BudgetLike | None = attrs.field(
+        default=None, validator=lambda _, __, v: check_budget(v)
+    )
+    rate_limit: RateLimiter | None = attrs.field(
+        default=None, validator=lambda _, __, v: _check_rate_limit(v)
+    )
     dialect: Dialect = attrs.field(default="atoma", validator=lambda _, __, v: check_dialect(v))
 
     @classmethod

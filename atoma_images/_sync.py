@@ -27,11 +27,12 @@ from ._dialect import Dialect
 from ._discovery import Health, ModelInfo
 from ._errors import InvalidRequestError
 from ._hooks import Hooks
+from ._limits import BudgetLike, RateLimiter
 from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse, ResponseFormat
 from ._portal import LoopThread, PortalState, origin_of, refuse_to_block_a_local_server
 from ._retry import RetryPolicy
 from ._timeout import Timeout
-from ._usage import Budget, Usage
+from ._usage import Usage
 
 __all__ = ["ImagesClient"]
 
@@ -151,9 +152,10 @@ class ImagesClient:
         headers: Mapping[str, str] | None = None,
         ssl: ssl_module.SSLContext | bool = True,
         session: aiohttp.ClientSession | None = None,
-        budget: Budget | None = None,
+        budget: BudgetLike | None = None,
         hooks: Iterable[Hooks] | None = None,
         dialect: Dialect = "atoma",
+        rate_limit: RateLimiter | None = None,
     ) -> None:
         if session is not None:
             # A session is bound to the loop it was made in; this client runs its own.
@@ -180,6 +182,7 @@ class ImagesClient:
                 budget=budget,
                 hooks=hooks,
                 dialect=dialect,
+                rate_limit=rate_limit,
             )
 
         self._make_client = make_client
@@ -213,8 +216,12 @@ class ImagesClient:
         return self._client.retries
 
     @property
-    def budget(self) -> Budget | None:
+    def budget(self) -> BudgetLike | None:
         return self._client.budget
+
+    @property
+    def rate_limit(self) -> RateLimiter | None:
+        return self._client.rate_limit
 
     @_blocking_twin_of(AsyncImagesClient.generate)
     def generate(
@@ -232,7 +239,7 @@ class ImagesClient:
         timeout: Timeout | float | None = None,
         retries: RetryPolicy | None = None,
         confidential: bool = False,
-        budget: Budget | None = None,
+        budget: BudgetLike | None = None,
     ) -> ImagesResponse:
         # The docstring is AsyncImagesClient.generate's (_blocking_twin_of), for help() too.
         """Generate ``n`` images for ``prompt``; see `AsyncImagesClient.generate`."""
@@ -374,6 +381,15 @@ class ImagesClient:
 
 
 # The properties read the async client's, and say what they are in its words (one source).
-for _name in ("base_url", "model", "dialect", "timeout", "retries", "budget", "usage"):
+for _name in (
+    "base_url",
+    "model",
+    "dialect",
+    "timeout",
+    "retries",
+    "budget",
+    "rate_limit",
+    "usage",
+):
     vars(ImagesClient)[_name].__doc__ = getattr(AsyncImagesClient, _name).__doc__
 del _name

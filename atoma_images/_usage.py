@@ -1,13 +1,14 @@
-"""What calls cost: compute units, the client's running `Usage`, and spending caps (`Budget`).
+"""What calls cost: compute units, the client's running `Usage`, and each request's `CallCost`.
 
 Atoma bills image generation per pixel: a request for ``n`` images of ``W x H`` costs
 ``n * W * H`` compute units (`compute_units`), charged on success, settled at zero for an
 error status. A call that was sent but whose outcome is unknown may have been charged.
 
-A `Budget` is checked before a call is sent: the call reserves its cost, and the
-reservation is kept when the call succeeds or may have been billed, and given back when it
-failed without reaching the server's billing. So many calls in flight at once can never
-spend more than the budget, even if every one of them succeeds.
+A budget (`BudgetLike`: a `Budget` in this process, a ``RedisBudget`` shared by replicas)
+is checked before a call is sent: the call reserves its cost, and the reservation is kept
+when the call succeeds or may have been billed, and given back when it failed without
+reaching the server's billing. So many calls in flight at once can never spend more than the
+budget, even if every one of them succeeds.
 
 Where this module fits, and why it is built so: docs/architecture.md.
 """
@@ -19,19 +20,18 @@ from collections.abc import Awaitable, Sequence
 
 import attrs
 
-from ._checks import check_whole_number
-from ._errors import AtomaImagesError, BudgetExceededError, InvalidRequestError
+from ._budget import reserve_all, settle_quietly
+from ._errors import AtomaImagesError, BudgetExceededError
+from ._limits import BudgetLike, Reservation
 from ._models import ImageRequest, ImagesResponse
 from ._transport import RequestProgress
 
 __all__ = [
-    "Budget",
     "CallCost",
     "Usage",
     "UsageMeter",
     "compute_units",
     "may_have_been_billed",
-    "reserve",
     "settle",
 ]
 
@@ -53,111 +53,48 @@ def may_have_been_billed(error: BaseException, sent: bool = True) -> bool:
     return sent
 
 
-def _check_units(_: object, attribute: attrs.Attribute[int], value: object) -> None:
-    check_whole_number(attribute.name, value, 0)
-
-
-@attrs.define(eq=False)
-class Budget:
-    """A cap on the compute units spent through a client, or through the calls given it.
-
-    Pass one to a client (``AsyncImagesClient(budget=...)``) to cap everything it sends, or
-    to one call (``generate(..., budget=...)``) to cap a group of calls, such as one user's
-    of a bot. A call whose cost does not fit in what is left raises `BudgetExceededError`
-    before anything is sent. Safe to share between threads and event loops.
-
-    Attributes:
-        max_compute_units: the most the calls may spend, in compute units (pixels).
-    """
-
-    max_compute_units: int = attrs.field(validator=_check_units)
-    _used: int = attrs.field(default=0, init=False)
-    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
-
-    @property
-    def used(self) -> int:
-        """Units spent, may have been spent, or reserved by the calls in flight."""
-        return self._used
-
-    @property
-    def remaining(self) -> int:
-        """Units still available to new calls."""
-        return self.max_compute_units - self._used
-
-    def reserve(self, units: int) -> None:
-        """Set ``units`` aside for a call about to be sent.
-
-        Raises:
-            BudgetExceededError: ``units`` do not fit in what is left; nothing was reserved.
-        """
-        with self._lock:
-            left = self.max_compute_units - self._used
-            if units > left:
-                raise BudgetExceededError(asked=units, left=left)
-            self._used += units
-
-    def release(self, units: int) -> None:
-        """Give back a reservation: its call failed and was not billed."""
-        with self._lock:
-            self._used -= units
-
-
-def check_budget(budget: object) -> Budget | None:
-    """``budget`` if it is a `Budget` or None, else `InvalidRequestError` (client or call)."""
-    if budget is not None and not isinstance(budget, Budget):
-        raise InvalidRequestError("budget", budget, "allowed: a Budget or None")
-    return budget
-
-
-def reserve(units: int, *budgets: Budget | None) -> list[Budget]:
-    """Reserve ``units`` in every budget given (each once), or in none.
-
-    Returns:
-        The budgets reserved in, to `Budget.release` if the call is not billed.
-
-    Raises:
-        BudgetExceededError: a budget has too little left; nothing stays reserved.
-    """
-    reserved: list[Budget] = []
-    try:
-        for budget in budgets:
-            if budget is not None and budget not in reserved:
-                budget.reserve(units)
-                reserved.append(budget)
-    except BudgetExceededError:
-        for budget in reserved:
-            budget.release(units)
-        raise
-    return reserved
-
-
 @attrs.define
 class CallCost:
-    """What one generation call may cost, attempt by attempt, and what its budgets hold for it.
+    """What one generation request may cost, attempt by attempt, and what its budgets hold
+    for it (`BudgetLike`: in this process, in Redis, or in a store of the user's own).
 
     One attempt's cost is reserved before the call is sent. An attempt that may have been
     billed (sent, outcome unknown) keeps its reservation, so a retry of it, which only
     ``RetryPolicy(retry_ambiguous=True)`` makes, reserves the cost again before it is sent:
     a budget never covers two possibly billed attempts with one reservation. The retry loop
     reports each failed attempt (`attempt_failed`) and asks before each retry (`before_retry`).
+
+    Attributes:
+        held: one entry per reservation (the first, then each retry's), each the
+            `Reservation` of every budget.
     """
 
     units: int
-    budgets: tuple[Budget, ...]
-    reservations: int = 1
+    budgets: tuple[BudgetLike, ...]
+    held: list[tuple[Reservation, ...]]
     maybe_billed_attempts: int = 0
     # How far the paid request of the attempt under way got (`paid_request`).
     _request: RequestProgress | None = attrs.field(default=None, init=False, repr=False)
 
+    @property
+    def reservations(self) -> int:
+        """How many attempts' costs the budgets hold for this request."""
+        return len(self.held)
+
     @classmethod
-    def reserve(cls, units: int, *budgets: Budget | None, requests: int = 1) -> list[CallCost]:
+    async def reserve(
+        cls, units: int, *budgets: BudgetLike | None, requests: int = 1
+    ) -> list[CallCost]:
         """The cost of each of ``requests`` requests of ``units``, reserved all at once.
 
         A call Atoma carries as several requests (one per image) reserves them together
-        before the first is sent, so it fits a budget whole or sends nothing.
+        before the first is sent, so it fits a budget whole or sends nothing; each request
+        then settles its own share.
         """
-        held = tuple(reserve(units * requests, *budgets))
-        return [cls(units, held) for _ in range(requests)]
+        held = await reserve_all(units * requests, budgets)
+        owners = tuple(budget for budget, _ in held)
+        share = tuple(attrs.evolve(reservation, units=units) for _, reservation in held)
+        return [cls(units, owners, [share]) for _ in range(requests)]
 
     def paid_request(self) -> RequestProgress:
         """Where the attempt under way has `Sender.send` record how far its paid request got.
@@ -178,39 +115,49 @@ class CallCost:
             self.maybe_billed_attempts += 1
         return billed
 
-    def before_retry(self) -> None:
+    async def before_retry(self) -> None:
         """Reserve for the next attempt if every reservation so far may have been spent.
 
         Raises:
             BudgetExceededError: the retry does not fit; it is not sent.
+            BudgetUnavailableError: a budget could not be asked; the retry is not sent.
         """
         if self.maybe_billed_attempts < self.reservations:
             return
         try:
-            reserve(self.units, *self.budgets)
+            held = await reserve_all(self.units, self.budgets)
         except BudgetExceededError as error:
-            raise BudgetExceededError(asked=error.asked, left=error.left, retry=True) from None
-        self.reservations += 1
+            raise BudgetExceededError(
+                asked=error.asked, left=error.left, retry=True, resets_at=error.resets_at
+            ) from None
+        self.held.append(tuple(reservation for _, reservation in held))
 
-    def close(
+    async def close(
         self, response: ImagesResponse | None, meters: Sequence[UsageMeter]
     ) -> ImagesResponse | None:
         """The request ended with ``response``, or failed (None): count it in every meter,
-        give back what its budgets need not keep, and return the response with its cost.
-        Once per request: the one place a request's outcome becomes compute units."""
-        self.release_unspent(succeeded=response is not None)
+        settle its budgets (what they need not keep goes back), and return the response with
+        its cost. Once per request: the one place a request's outcome becomes compute units.
+
+        The meters first: a second cancellation while a remote budget settles cannot keep
+        the call from being counted (and an interrupted settle leaves units spent, never
+        given back).
+        """
         images = None if response is None else len(response.data)
         for meter in meters:
             meter.count(self, images)
+        await self.release_unspent(succeeded=response is not None)
         return None if response is None else attrs.evolve(response, compute_units=self.units)
 
-    def release_unspent(self, succeeded: bool) -> None:
-        """Give back the reservations that no billed or possibly billed attempt used."""
+    async def release_unspent(self, succeeded: bool) -> None:
+        """Settle every reservation: those a billed or possibly billed attempt used stay
+        spent, the others (the latest) are given back, each to its own window."""
         spent = self.maybe_billed_attempts + (1 if succeeded else 0)
-        for _ in range(self.reservations - spent):
-            for budget in self.budgets:
-                budget.release(self.units)
-        self.reservations = spent
+        held, self.held = self.held, self.held[:spent]
+        for index, reservations in enumerate(held):
+            for budget, reservation in zip(self.budgets, reservations, strict=True):
+                kept = reservation.units if index < spent else 0
+                await settle_quietly(budget, reservation, kept)
 
 
 @attrs.frozen(kw_only=True)
@@ -256,9 +203,9 @@ async def settle(
     try:
         response = await call
     except BaseException:
-        cost.close(None, meters)
+        await cost.close(None, meters)
         raise
-    return cost.close(response, meters)  # type: ignore[return-value]  # a response in, one out
+    return await cost.close(response, meters)  # type: ignore[return-value]  # one in, one out
 
 
 @attrs.define

@@ -29,6 +29,7 @@ import _atoma_images_pytestplugin
 import atoma_images
 import atoma_images.opentelemetry
 import atoma_images.pytest_plugin
+import atoma_images.redis
 import atoma_images.testing
 from atoma_images.testing import FakeAtomaServer
 
@@ -212,6 +213,7 @@ PUBLIC_MODULES = [
     atoma_images.testing,
     atoma_images.opentelemetry,
     atoma_images.pytest_plugin,
+    atoma_images.redis,
 ]
 
 

@@ -75,6 +75,8 @@ class RecordedRequest:
     body: bytes
     #: (host, port) of the client's end of the connection: one value per TCP connection.
     peer: tuple[str, int] | None = None
+    #: When its body was read, on the server's `time.monotonic` clock.
+    received: float = 0.0
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -445,4 +447,5 @@ def _record(request: web.Request, body: bytes) -> RecordedRequest:
         headers=dict(request.headers),
         body=body,
         peer=transport.get_extra_info("peername") if transport else None,
+        received=time.monotonic(),
     )
