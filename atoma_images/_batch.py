@@ -51,9 +51,14 @@ from ._retry import check_policy, policy_for
 from ._usage import UsageMeter
 
 if TYPE_CHECKING:
-    from ._client import AsyncImagesClient
+    from ._dialect import Dialect
+    from ._retry import RetryPolicy
 
-__all__ = ["Batch", "BatchResult", "BatchSummary", "Prompt", "SyncBatch"]
+__all__ = ["Batch", "BatchResult", "BatchSummary", "GenerateRequest", "Prompt", "SyncBatch"]
+
+#: How a batch sends one checked request: its client's ``generate`` for a request already
+#: built, given explicitly (the batch never reaches into the client).
+GenerateRequest: TypeAlias = "Callable[..., Awaitable[ImagesResponse]]"
 
 logger = logging.getLogger("atoma_images")
 
@@ -176,9 +181,12 @@ class Batch:
 
     def __init__(
         self,
-        client: AsyncImagesClient,
+        generate: GenerateRequest,
         prompts: Iterable[Prompt] | AsyncIterable[Prompt],
         *,
+        model: str,
+        dialect: Dialect,
+        retries: RetryPolicy,
         concurrency: int,
         on_progress: Callable[[int, int | None], object] | None,
         options: Mapping[str, Any],
@@ -195,9 +203,10 @@ class Batch:
                 raise InvalidRequestError(
                     name, options[name], f"allowed: the options of generate(): {sorted(_OPTIONS)}"
                 )
-        self._client = client
+        self._generate = generate
+        self._model, self._dialect = model, dialect
         self._options = dict(options)
-        policy = policy_for(self._options.get("retries"), client.retries)
+        policy = policy_for(self._options.get("retries"), retries)
         self._gate = _Gate(policy.sleep)
         self._policy = attrs.evolve(policy, sleep=self._gate.sleep)
         # Checked once here, so a bad size is one error and not one per prompt.
@@ -385,7 +394,7 @@ class Batch:
         if isinstance(prepared, BatchResult):
             return 1
         try:
-            requests = len(plan(self._client.dialect, prepared.request))
+            requests = len(plan(self._dialect, prepared.request))
         except InvalidRequestError:  # reported by its call, which sends nothing
             return 1
         return min(requests, self._bound)
@@ -411,7 +420,7 @@ class Batch:
         # to retry a 503 was not billed).
         own = UsageMeter()
         try:
-            response = await self._client._generate_request(
+            response = await self._generate(
                 request, **prepared.call, meters=(self._meter, own), max_in_flight=slots
             )
         except AtomaImagesError as error:
@@ -445,7 +454,7 @@ class Batch:
             raise InvalidRequestError(field, item, _ITEM_ALLOWED)
         call = {name: fields.pop(name) for name in _CALL_OPTIONS if name in fields}
         if fields.get("model") is None:
-            fields["model"] = self._client.model
+            fields["model"] = self._model
         retries = call.get("retries")
         # Every retry of the batch waits through its gate.
         call["retries"] = (

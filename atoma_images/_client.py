@@ -403,8 +403,11 @@ class AsyncImagesClient:
             InvalidRequestError: an argument or an option is not valid; nothing was sent.
         """
         return Batch(
-            self,
+            self._generate_request,
             prompts,
+            model=self.model,
+            dialect=self.dialect,
+            retries=self.retries,
             concurrency=concurrency,
             on_progress=on_progress,
             options=generate_options,

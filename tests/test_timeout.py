@@ -144,36 +144,6 @@ async def test_a_pool_wait_is_not_sent_even_when_a_stalled_loop_lets_every_limit
 # -- aiohttp's own read timer, through its public API only ---------------------------------
 
 
-def test_the_package_uses_no_private_internals_of_its_dependencies() -> None:
-    # A private attribute can change in any patch release, and a read timeout that silently
-    # stops firing costs users a paid call hanging for ever. Only public API, then: no private
-    # module of a dependency, and no private attribute of any object but our own.
-    import pathlib
-    import re
-
-    import atoma_images
-
-    private = re.compile(
-        # a private module of a dependency, imported or named
-        r"\b(aiohttp|tenacity|cattrs|attrs?|yarl|multidict)\.(client_proto|client_reqrep"
-        r"|connector|helpers|_(?!_)\w+)"
-        r"|\bfrom (aiohttp|tenacity|cattrs|attrs?|yarl|multidict) import .*\b(_[a-z]\w*"
-        r"|client_proto|client_reqrep|connector|helpers)\b"
-        # a private attribute of anything but our own objects (self, cls), read or by name
-        r"|\b(?!self\b|cls\b|atoma_images\b)[A-Za-z]\w*\._[a-z]\w*|[\])]\._[a-z]"
-        r"|getattr\((?!self\b)[^,]+, \"_[a-z]"
-        r"|_reschedule_timeout|ResponseHandler"
-    )
-    package = pathlib.Path(atoma_images.__file__).parent
-    found = [
-        f"{path.name}:{number}: {line.strip()}"
-        for path in sorted(package.rglob("*.py"))
-        for number, line in enumerate(path.read_text().splitlines(), start=1)
-        if private.search(line)
-    ]
-    assert found == []
-
-
 async def test_the_read_limit_counts_from_the_last_byte() -> None:
     import asyncio
     import time
