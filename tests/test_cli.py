@@ -23,8 +23,8 @@ import pytest
 from aiohttp import web
 
 import atoma_images
-from atoma_images.__main__ import EXIT_CODES, main
 from atoma_images._models import DEFAULT_MODEL
+from atoma_images.cli import EXIT_CODES, main
 from atoma_images.testing import FakeAtomaServer, Reply, make_png
 
 from conftest import API_KEY, serving, without_slow_step_notes

@@ -325,7 +325,7 @@ def test_the_cli_caps_each_window_and_checks_its_options(
 ) -> None:
     from test_cli import cli
 
-    from atoma_images.__main__ import EXIT_CODES
+    from atoma_images.cli import EXIT_CODES
 
     done = cli("--fake", "a fox", "--budget-per", "day", cwd=tmp_path, key=None)
     assert done.returncode == EXIT_CODES["invalid input"]

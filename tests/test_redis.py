@@ -305,7 +305,7 @@ def test_cli_runs_on_several_hosts_share_one_budget_through_the_environment(
 ) -> None:
     from test_cli import COMMAND, environment
 
-    from atoma_images.__main__ import EXIT_CODES
+    from atoma_images.cli import EXIT_CODES
 
     (tmp_path / "prompts.txt").write_text("a fox\nan owl\n")
     env = environment(tmp_path, API_KEY, extra={"ATOMA_IMAGES_REDIS_URL": redis_server.url})

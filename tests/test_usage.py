@@ -27,7 +27,7 @@ from atoma_images import (
     RetryPolicy,
     Usage,
 )
-from atoma_images.__main__ import EXIT_CODES
+from atoma_images.cli import EXIT_CODES
 from atoma_images.testing import FakeAtomaServer, Reply
 
 from conftest import API_KEY, FakeSleep

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ._cli_terminal import emit
-from ._discovery import Health, ModelInfo
-from ._errors import (
+from atoma_images._discovery import Health, ModelInfo
+from atoma_images._errors import (
     APIConnectionError,
     APIStatusError,
     AuthenticationError,
@@ -27,7 +26,9 @@ from ._errors import (
     RateLimitError,
     ResponseValidationError,
 )
-from ._models import ImagesResponse
+from atoma_images._models import ImagesResponse
+
+from ._terminal import emit
 
 __all__ = [
     "EXIT_CODES",

@@ -15,7 +15,7 @@ import re
 import time
 from typing import TextIO
 
-from ._usage import Usage
+from atoma_images._usage import Usage
 
 __all__ = ["PrintableFormatter", "Progress", "emit", "printable", "spent"]
 

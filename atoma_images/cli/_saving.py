@@ -13,11 +13,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._checks import without_credentials
-from ._client import AsyncImagesClient
-from ._errors import AtomaImagesError
-from ._files import write_new_images
-from ._models import ImagesResponse
+from atoma_images._checks import without_credentials
+from atoma_images._client import AsyncImagesClient
+from atoma_images._errors import AtomaImagesError
+from atoma_images._files import write_new_images
+from atoma_images._models import ImagesResponse
 
 __all__ = ["SpareDirectory", "keep_images", "stem_for"]
 
