@@ -16,8 +16,6 @@ the batch ends, or raises the source's error. Closing the batch (leaving ``async
 `Batch.aclose`) cancels the calls in flight and waits for them. A call cancelled after its
 request may have been sent is counted in `BatchSummary` as possibly billed, and logged once
 at WARNING.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ import attrs
 from ._checks import check_plain_callable_or_none, check_whole_number
 from ._dialect import plan
 from ._errors import AtomaImagesError, InvalidRequestError
-from ._models import ImageRequest, ImagesResponse
+from ._models import ImageRequest, ImagesResponse, check_fields
 from ._retry import check_policy, policy_for
 from ._usage import UsageMeter
 
@@ -210,7 +208,10 @@ class Batch:
         self._gate = _Gate(policy.sleep)
         self._policy = attrs.evolve(policy, sleep=self._gate.sleep)
         # Checked once here, so a bad size is one error and not one per prompt.
-        self._request(-1, "-")
+        # (model=None means the client's, as in generate.)
+        check_fields(
+            **{k: v for k, v in options.items() if k in _REQUEST_OPTIONS and v is not None}
+        )
         self._total = len(prompts) if isinstance(prompts, Sized) else None
         self._source: Iterator[Prompt] | AsyncIterator[Prompt] = (
             aiter(prompts) if isinstance(prompts, AsyncIterable) else iter(prompts)
@@ -402,7 +403,7 @@ class Batch:
     async def _call(self, prepared: BatchResult | _Prepared, slots: int) -> None:
         try:
             await self._gate.wait()
-            result = await self._settle(prepared, slots)
+            result = await self._run(prepared, slots)
         except Exception as error:  # a bug of ours: the caller gets it, and the batch ends
             self._results.put_nowait(_Failed(error))
         else:
@@ -411,7 +412,7 @@ class Batch:
             for _ in range(slots - 1):
                 self._slots.release()
 
-    async def _settle(self, prepared: BatchResult | _Prepared, slots: int) -> BatchResult:
+    async def _run(self, prepared: BatchResult | _Prepared, slots: int) -> BatchResult:
         if isinstance(prepared, BatchResult):
             return prepared
         index, request = prepared.index, prepared.request

@@ -1,8 +1,6 @@
 """`Budget`, the in-process `BudgetLike`, and the client's side of any budget: reserving in
 several at once (`reserve_all`) and settling a reservation without ever losing a call's
 result to a store that failed (`settle_quietly`).
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ from ._usage import (
     Usage,
     UsageMeter,
     compute_units,
+    counted,
     may_have_been_billed,
-    settle,
 )
 
 logger = logging.getLogger("atoma_images")
@@ -307,7 +307,7 @@ class AsyncImagesClient:
             for part, cost in zip(parts, costs, strict=True)
         ]
         if len(calls) == 1:
-            return await settle(calls[0], costs[0], meters)
+            return await counted(calls[0], costs[0], meters)
         limit = max_in_flight or self._sessions.pool_size or len(calls)
         return await _all_of(calls, costs, meters, limit)
 

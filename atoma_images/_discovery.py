@@ -11,8 +11,6 @@ neither billed (docs/contract.md, "Models and health"):
 The list cannot tell image models from chat models: the proxy keeps only their names, so
 nothing here filters it. Parsing is network-free (`parse_models`, `parse_health`), by the
 package's one converter.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -6,8 +6,6 @@ something that is not http(s) or that holds ``user:password@``, or more than `MA
 of them, ends the download with a typed error that is not retried; a URL that holds
 ``user:password@`` is refused before anything is sent (aiohttp would send them, or refuse
 them with a bare ValueError beside the key), and no error shows the password.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

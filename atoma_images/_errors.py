@@ -41,8 +41,6 @@ but 503 without the API's error envelope) or was a success the client could not 
 call for several images that Atoma draws one request at a time (see `AsyncImagesClient`)
 raises the error of a failed request with ``partial`` set to the images the others brought
 back.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,4 @@
-"""Images as files: the format from the bytes themselves, and one name per image.
-
-Where this module fits, and why it is built so: docs/architecture.md.
-"""
+"""Images as files: the format from the bytes themselves, and one name per image."""
 
 from __future__ import annotations
 

@@ -14,8 +14,6 @@ the error's class name and the request id. A hook that raises is logged at WARNI
 ``atoma_images``) and ignored: instrumentation never breaks a call.
 
 Every client runs `LoggingHooks` (one INFO line per retry) before the hooks it is given.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -271,7 +269,7 @@ class HookSet:
 DEFAULT_HOOKS = HookSet((LoggingHooks(),))
 
 
-def emit(callbacks: tuple[Callable[[Any], None], ...], info: object) -> None:
+def call_hooks(callbacks: tuple[Callable[[Any], None], ...], info: object) -> None:
     """Call each hook with ``info``; one that raises is logged and the rest still run."""
     for callback in callbacks:
         try:
@@ -331,7 +329,7 @@ class CallRecord:
         return self._info
 
     def attempt_started(self, number: int) -> None:
-        emit(self.hooks.attempt_started, AttemptStarted(call=self.info, attempt=number))
+        call_hooks(self.hooks.attempt_started, AttemptStarted(call=self.info, attempt=number))
 
     def attempt_finished(
         self,
@@ -363,7 +361,7 @@ class CallRecord:
                 may_have_been_billed=billed,
                 request_id=request_id,
             )
-            emit(self.hooks.attempt_finished, info)
+            call_hooks(self.hooks.attempt_finished, info)
 
     def retry_scheduled(self, state: RetryCallState) -> None:
         if not self.hooks.retry_scheduled:
@@ -379,7 +377,7 @@ class CallRecord:
             error=str(name),
             request_id=request_id,
         )
-        emit(self.hooks.retry_scheduled, info)
+        call_hooks(self.hooks.retry_scheduled, info)
 
     def call_finished(self, error: BaseException | None) -> None:
         if not self.hooks.call_finished:
@@ -393,4 +391,4 @@ class CallRecord:
             may_have_been_billed=self.billed,
             request_id=self.request_id,
         )
-        emit(self.hooks.call_finished, info)
+        call_hooks(self.hooks.call_finished, info)

@@ -8,8 +8,6 @@ request (`RateLimiter.acquire`: how long to wait before sending) and hears when 
 asks every caller to wait (`RateLimiter.hold_off`). The in-process implementations are
 `Budget` (``_budget.py``) and `RateLimit`; ``atoma_images.redis`` keeps both in Redis, so
 that every replica of a service shares them.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

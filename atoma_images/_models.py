@@ -1,7 +1,4 @@
-"""The request and response values (attrs), and the checks a request passes before it is sent.
-
-Where this module fits, and why it is built so: docs/architecture.md.
-"""
+"""The request and response values (attrs), and the checks a request passes before it is sent."""
 
 from __future__ import annotations
 
@@ -27,6 +24,7 @@ __all__ = [
     "ImageRequest",
     "ImagesResponse",
     "ResponseFormat",
+    "check_fields",
 ]
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
@@ -188,6 +186,18 @@ class ImageRequest:
     @property
     def height(self) -> int:
         return int(self.size.partition("x")[2])
+
+
+def check_fields(**fields: object) -> None:
+    """Check some fields of a request before its prompt is known (a client's model, a
+    batch's options), each by `ImageRequest`'s own converter and validator: one home."""
+    known = attrs.fields_dict(ImageRequest)
+    for name, value in fields.items():
+        field = known[name]
+        # extra_body's converter is a plain function (attrs types it as a Converter).
+        checked = value if field.converter is None else field.converter(value)  # type: ignore[operator]
+        if field.validator is not None:
+            field.validator(None, field, checked)
 
 
 def _short_base64(value: str | None) -> str:

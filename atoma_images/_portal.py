@@ -15,8 +15,6 @@ A forked child inherits the portal's loop but not its thread, so a call there wo
 ever: `LoopThread.forget_in_child` gives the child a portal of its own (NOT_STARTED, a new
 lock), and hands back what it inherited, which the child must keep, unused and unclosed (its
 sockets and its epoll are the parent's too: closing them in the child would cut the parent's).
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

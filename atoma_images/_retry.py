@@ -12,8 +12,6 @@ charges a success even when the client has gone away, so the rules are:
 `RetryPolicy.run` is the one attempt loop of the package, built from tenacity's parts (as
 hynek/stamina builds its own): ``stop_any(stop_after_attempt, stop_before_delay)``, a wait
 that reads the server's Retry-After, and `RetryPolicy.retryable`, a pure function of the error.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -4,8 +4,6 @@ A session belongs to the event loop it was made in, so `ClientSession` binds to 
 of the first call and refuses any other. Its state is explicit, as httpx keeps its own:
 UNOPENED until the first call, OPENED, then CLOSED, which is final. A session passed in by the
 caller is used as is and never closed here.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

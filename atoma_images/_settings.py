@@ -4,8 +4,6 @@
 construction-time check; each raises `InvalidRequestError` naming the argument, the value
 (never a secret) and what is allowed. `ClientSettings.from_arguments` fills in what the
 caller left out from the environment and the defaults.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from ._dialect import Dialect, check_dialect
 from ._errors import InvalidRequestError
 from ._hooks import DEFAULT_HOOKS, HookSet
 from ._limits import BudgetLike, RateLimiter
-from ._models import DEFAULT_MODEL, ImageRequest
+from ._models import DEFAULT_MODEL, check_fields
 from ._retry import RetryPolicy, check_policy
 from ._timeout import Timeout
 from ._version import user_agent
@@ -75,7 +73,7 @@ def _to_base_url(raw: object) -> URL:
 
 
 def _check_model(_: object, __: object, value: Any) -> None:
-    ImageRequest(model=value, prompt="-")  # its check, not a copy
+    check_fields(model=value)  # the request's own check, not a copy
 
 
 def _to_timeout(value: object) -> Timeout:

@@ -3,8 +3,6 @@
 A portal, not a copy: it owns one event loop in one daemon thread, holds an
 `AsyncImagesClient` there and hands it every call. Requests, parsing and retries exist once,
 in the async client; this module only moves calls across threads.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,4 @@
-"""Time limits for one attempt, and their translation into aiohttp's terms.
-
-Where this module fits, and why it is built so: docs/architecture.md.
-"""
+"""Time limits for one attempt, and their translation into aiohttp's terms."""
 
 from __future__ import annotations
 

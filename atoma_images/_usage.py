@@ -9,8 +9,6 @@ is checked before a call is sent: the call reserves its cost, and the reservatio
 when the call succeeds or may have been billed, and given back when it failed without
 reaching the server's billing. So many calls in flight at once can never spend more than the
 budget, even if every one of them succeeds.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -31,8 +29,8 @@ __all__ = [
     "Usage",
     "UsageMeter",
     "compute_units",
+    "counted",
     "may_have_been_billed",
-    "settle",
 ]
 
 
@@ -193,7 +191,7 @@ class Usage:
         return self.compute_units + self.maybe_billed_compute_units
 
 
-async def settle(
+async def counted(
     call: Awaitable[ImagesResponse], cost: CallCost, meters: Sequence[UsageMeter]
 ) -> ImagesResponse:
     """Await a call of one request, and close its cost (`CallCost.close`).

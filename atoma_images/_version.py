@@ -1,7 +1,4 @@
-"""The installed version, read once and only when asked (importing the package stays cheap).
-
-Where this module fits, and why it is built so: docs/architecture.md.
-"""
+"""The installed version, read once and only when asked (importing the package stays cheap)."""
 
 from __future__ import annotations
 

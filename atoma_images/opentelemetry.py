@@ -29,8 +29,6 @@ Attributes, from the GenAI semantic conventions where one fits:
   ``atoma_images.request_id`` and ``atoma_images.confidential``.
 
 No prompt, body, header or key is ever recorded.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -332,7 +332,7 @@ async def generate_all(
             emit(err, f"Using the built-in fake server at {base_url}")
         batch = len(prompts) > 1
 
-        async def settle(result: BatchResult) -> int:
+        async def handle(result: BatchResult) -> int:
             progress.clear()
             kept = paid(result)
             code = (
@@ -366,7 +366,7 @@ async def generate_all(
         try:
             async with results:
                 async for result in results:
-                    code = await settle(result)
+                    code = await handle(result)
                     # Counted once saved (not when the batch hands it over, as on_progress
                     # would), so Ctrl-C's count is of prompts whose images are kept.
                     progress.advance(results.summary.results, results.total)

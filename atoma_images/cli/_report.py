@@ -1,7 +1,5 @@
 """What a command-line run reports: its exit codes, and each result or error, as lines or
 as JSON records.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """Where the command line keeps a paid image: a file of its own, created exclusively, and a
 spare directory when the output directory refuses it, so that a billed image is never lost
 silently and never written over another.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

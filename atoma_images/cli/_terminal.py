@@ -2,8 +2,6 @@
 
 Every line shown goes through `emit`, which escapes control characters: text from the server
 or from a prompts file never drives the terminal.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

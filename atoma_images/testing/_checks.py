@@ -4,8 +4,6 @@ Every refusal is ``raise refusal(web.HTTPBadRequest, "...")``: aiohttp turns the
 into the answer, so a check is one line wherever it stands and no helper has to hand an
 error response back up through its callers. The checks here are the proxy's, shared by
 every endpoint that reads a JSON body.
-
-Where this module fits, and why it is built so: docs/architecture.md.
 """
 
 from __future__ import annotations

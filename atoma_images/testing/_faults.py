@@ -1,7 +1,4 @@
-"""Scripted answers: a `Reply`, and the one function that sends it, faults included.
-
-Where this module fits, and why it is built so: docs/architecture.md.
-"""
+"""Scripted answers: a `Reply`, and the one function that sends it, faults included."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Small, valid PNGs for the fake server's answers, written with zlib alone.
-
-Where this module fits, and why it is built so: docs/architecture.md.
-"""
+"""Small, valid PNGs for the fake server's answers, written with zlib alone."""
 
 from __future__ import annotations
 

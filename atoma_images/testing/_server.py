@@ -1,7 +1,4 @@
-"""FakeAtomaServer: lifecycle, routes, recording, scripting and the normal answer.
-
-Where this module fits, and why it is built so: docs/architecture.md.
-"""
+"""FakeAtomaServer: lifecycle, routes, recording, scripting and the normal answer."""
 
 from __future__ import annotations
 
