@@ -306,13 +306,19 @@ class Batch:
             self._counts["results"] += 1
             self._counts["responses" if item.ok else "errors"] += 1
             if self._on_progress is not None:
-                _report_progress(self._on_progress, self._counts["results"], self._total)
+                _report_progress(
+                    self._on_progress, self._counts["results"], self._total, item, self.hand_back
+                )
             return item
         self._results.put_nowait(_END)  # the end stays there for every other caller waiting
         await self.aclose()
         if isinstance(item, _Failed):
             raise item.error
         return None
+
+    def hand_back(self, result: BatchResult) -> None:
+        """Give back a result that was never used: the summary lists it as unclaimed."""
+        self._unclaimed.append(result)
 
     async def aclose(self) -> None:
         """Cancel the calls in flight and wait for them. Safe to repeat."""
@@ -467,14 +473,22 @@ class Batch:
 
 
 def _report_progress(
-    on_progress: Callable[[int, int | None], object], done: int, total: int | None
+    on_progress: Callable[[int, int | None], object],
+    done: int,
+    total: int | None,
+    result: BatchResult,
+    hand_back: Callable[[BatchResult], None],
 ) -> None:
     """Call ``on_progress``; if it fails, log it: the result it reports is paid for, and is
-    handed over all the same."""
+    handed over all the same. One that stops the program (Ctrl-C in it) leaves the result
+    with the batch, listed in its summary as unclaimed."""
     try:
         on_progress(done, total)
     except Exception:
         logger.warning("atoma-images: batch on_progress %r failed", on_progress, exc_info=True)
+    except BaseException:
+        hand_back(result)
+        raise
 
 
 def _cancelling() -> bool:
@@ -520,7 +534,11 @@ class SyncBatch:
             while (result := self._run(self._batch.next_result())) is not None:
                 if self._on_progress is not None:  # in the caller's thread, not the loop's
                     _report_progress(
-                        self._on_progress, self._batch.summary.results, self._batch.total
+                        self._on_progress,
+                        self._batch.summary.results,
+                        self._batch.total,
+                        result,
+                        self._batch.hand_back,
                     )
                 yield result
         finally:

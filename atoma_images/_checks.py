@@ -19,6 +19,7 @@ __all__ = [
     "check_plain_callable_or_none",
     "check_whole_number",
     "http_url",
+    "is_async_callable",
     "is_http_url",
     "without_credentials",
 ]
@@ -41,13 +42,20 @@ def check_callable_or_none(field: str, value: object) -> None:
         raise InvalidRequestError(field, value, "allowed: a callable or None")
 
 
+def is_async_callable(value: object) -> bool:
+    """Whether calling ``value`` makes a coroutine or an async generator (an ``async def``
+    function or method, or an object whose ``__call__`` is one) instead of running it."""
+    call = getattr(value, "__call__", None)  # noqa: B004 - an object with an async __call__
+    return any(
+        inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (value, call)
+    )
+
+
 def check_plain_callable_or_none(field: str, value: object) -> None:
     """A callable or None, but not an ``async def`` one: the package calls it and does not
     await it, so its body would never run."""
     check_callable_or_none(field, value)
-    if inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(
-        getattr(value, "__call__", None)  # noqa: B004 - an object with an async __call__
-    ):
+    if is_async_callable(value):
         raise InvalidRequestError(
             field, value, "allowed: a plain function (an async def one would never be awaited)"
         )

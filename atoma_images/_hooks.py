@@ -18,7 +18,6 @@ Every client runs `LoggingHooks` (one INFO line per retry) before the hooks it i
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ._checks import is_async_callable
 from ._errors import APIStatusError, InvalidRequestError, ResponseValidationError
 from ._transport import answer_status
 from ._usage import may_have_been_billed as error_may_have_been_billed
@@ -248,8 +248,7 @@ class HookSet:
             for event in _EVENTS:
                 # A hook is called, not awaited: an async one would only make a coroutine
                 # that never runs, so the monitoring it was written for would silently not be.
-                method = getattr(hook, event)
-                if inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method):
+                if is_async_callable(getattr(hook, event)):
                     raise InvalidRequestError(
                         "hooks",
                         hook,

@@ -56,6 +56,10 @@ __all__ = ["RetryPolicy", "check_policy", "policy_for"]
 
 T = TypeVar("T")
 
+#: A retry is sent only with this much of the call's deadline left. Less cannot bring an
+#: image back (a generation takes seconds), but the request could still be billed.
+MIN_RETRY = 1.0
+
 #: Statuses that mean "not now": retried up to ``max_retries`` times.
 RETRY_STATUSES = frozenset({408, 423, 425, 429, 503})
 #: Server failures: retried at most ``max_server_error_retries`` times.
@@ -157,12 +161,13 @@ class RetryPolicy:
         """``await attempt(remaining)`` until it succeeds or the policy says stop.
 
         ``attempt`` may take at most ``remaining`` seconds (what is left of the deadline); a
-        retry with less than `MIN_ATTEMPT` left is not made: the last error ends the call.
+        retry with less than `MIN_RETRY` left is not made: the last error ends the call.
         The error that ends the call is re-raised as it is, carrying ``attempts``.
         ``hooks`` hear of each attempt, retry and the call's end (see `Hooks`); ``describe``
         makes the `CallInfo` they get, only if one of them listens.
 
-        A paid call passes its `CallCost`: it hears of every failed attempt and reserves a
+        A call without a `CallCost` bills nothing: its error never says it may have been
+        billed. A paid call passes its `CallCost`: it hears of every failed attempt and reserves a
         retry's cost before it is sent, and the error that ends the call says
         ``may_have_been_billed`` if any of its attempts may have been billed, not only the
         last (which can differ only under ``retry_ambiguous=True``).
@@ -185,7 +190,7 @@ class RetryPolicy:
                 state = try_.retry_state
                 if (
                     last_error is not None
-                    and self.deadline - (time.monotonic() - state.start_time) < MIN_ATTEMPT
+                    and self.deadline - (time.monotonic() - state.start_time) < MIN_RETRY
                 ):
                     # A wait overran the deadline (a batch's shared wait, a stalled loop): an
                     # attempt sent now could not be answered in time, and might be billed.
@@ -209,13 +214,13 @@ class RetryPolicy:
                         record.call_finished(None)
                     return result
         except BaseException as error:
-            # The error that ends a paid call speaks for all of its attempts.
-            if (
-                cost is not None
-                and cost.maybe_billed_attempts
-                and isinstance(error, AtomaImagesError)
-            ):
-                error.may_have_been_billed = True
+            # The error that ends a paid call speaks for all of its attempts; a call without a
+            # cost (a download, a models list, a health check) bills nothing, whatever failed.
+            if isinstance(error, AtomaImagesError):
+                if cost is None:
+                    error.may_have_been_billed = False
+                elif cost.maybe_billed_attempts:
+                    error.may_have_been_billed = True
             if hooks.call_finished:
                 record.call_finished(error)
             raise

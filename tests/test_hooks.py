@@ -442,3 +442,17 @@ async def test_hooks_see_every_request_of_a_call_for_several_images(
     calls = recorder.of("call")
     assert len(calls) == len(server.posts) == 3  # Atoma: one request per image
     assert [(c.call.n, c.status, c.may_have_been_billed) for c in calls] == [(1, 200, True)] * 3
+
+
+def test_a_hook_whose_method_is_an_object_with_an_async_call_is_refused() -> None:
+    class Later:
+        async def __call__(self, info: object) -> None:
+            pass
+
+    class Sneaky(Hooks):
+        pass
+
+    sneaky = Sneaky()
+    sneaky.call_finished = Later()  # type: ignore[method-assign,assignment]
+    with pytest.raises(InvalidRequestError, match="hooks"):
+        AsyncImagesClient(API_KEY, hooks=[sneaky])

@@ -10,6 +10,7 @@ from email.utils import formatdate
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from atoma_images import (
     AmbiguousOutcomeError,
@@ -30,7 +31,7 @@ from atoma_images import (
 )
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY, FakeSleep
+from conftest import API_KEY, FakeSleep, serving
 
 
 def policy(fake_sleep: FakeSleep, **overrides: Any) -> RetryPolicy:
@@ -471,3 +472,45 @@ async def test_an_invalid_success_is_never_sent_again_even_when_ambiguity_is_all
     with pytest.raises(ResponseValidationError):
         await client.generate("fox", size="16x16", retries=asked)
     assert len(server.posts) == 1
+
+
+async def test_no_retry_is_sent_with_less_than_a_second_of_the_deadline_left(
+    server: FakeAtomaServer,
+) -> None:
+    # The first attempt's 503 comes after 0.7 s of a 1.5 s deadline: a retry could not bring
+    # an image back in what is left, but could be billed. The call ends with the 503.
+    server.enqueue(Reply(status=503, delay=0.7))
+    policy = RetryPolicy(deadline=1.5, backoff_base=0)
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url, retries=policy) as client:
+        with pytest.raises(ServiceUnavailableError) as caught:
+            await client.generate("fox", size="16x16")
+    assert caught.value.attempts == 1
+    assert not caught.value.may_have_been_billed
+    assert len(server.posts) == 1
+
+
+async def test_a_call_that_bills_nothing_never_says_it_may_have_been_billed() -> None:
+    # A download dropped after it was sent, and a models list answered by a gateway's page:
+    # a GET bills nothing, whatever failed.
+    async def dropped(request: web.Request) -> web.Response:
+        if request.transport is not None:
+            request.transport.close()
+        return web.Response()
+
+    async def gateway_page(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="<html>oops</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/files/x.png", dropped)
+    app.router.add_get("/v1/models", gateway_page)
+    once = RetryPolicy(max_retries=0)
+    async with (
+        serving(app) as root,
+        AsyncImagesClient(API_KEY, base_url=f"{root}/v1", retries=once) as client,
+    ):
+        with pytest.raises(AmbiguousOutcomeError) as lost:
+            await client.download(f"{root}/files/x.png")
+        with pytest.raises(InternalServerError) as refused:
+            await client.models()
+    assert not lost.value.may_have_been_billed
+    assert not refused.value.may_have_been_billed
