@@ -83,12 +83,6 @@ _MAYBE_BILLED = (
 )
 _DOWNLOAD_ONLY = "; a GET (a download, the models list, a health check) bills nothing"
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
-# A session passed in may carry client middlewares (aiohttp 3.12+), and one that retries, or
-# answers a 401 by sending again, would send a paid request twice behind our back. None run for
-# our requests; the per-request override exists from 3.12 on, as the middlewares themselves.
-_WITHOUT_MIDDLEWARES: dict[str, Any] = (
-    {"middlewares": ()} if tuple(map(int, aiohttp.__version__.split(".")[:2])) >= (3, 12) else {}
-)
 
 
 #: The status of the last answer a `Transport` read in this task, for the hooks of the attempt
@@ -427,7 +421,10 @@ class Transport:
                 # A session passed in may raise on error statuses; we read statuses ourselves.
                 raise_for_status=False,
                 trace_request_ctx=progress if traced else None,
-                **_WITHOUT_MIDDLEWARES,
+                # A session passed in may carry client middlewares, and one that retries, or
+                # answers a 401 by sending again, would send a paid request twice behind our
+                # back: none run for our requests.
+                middlewares=(),
             ) as response:
                 status = response.status
                 limit = cap if status < 300 else MAX_ERROR_BODY

@@ -512,10 +512,6 @@ def test_a_proxy_variable_that_is_not_a_url_is_refused_at_construction(
         AsyncImagesClient(API_KEY, base_url="https://api.example/v1")
 
 
-@pytest.mark.skipif(
-    tuple(map(int, aiohttp.__version__.split(".")[:2])) < (3, 12),
-    reason="client middlewares exist from aiohttp 3.12 on",
-)
 async def test_a_sessions_middlewares_never_send_a_paid_request_again() -> None:
     # A generic retrying middleware (as aiohttp's docs show one) would re-send a POST that
     # the server processed and then dropped: two bills for one call.
