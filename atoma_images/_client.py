@@ -2,8 +2,8 @@
 
 Each call is planned by its dialect (`_dialect.plan`: on Atoma, one request per image), and
 each request is an attempt function run by the retry policy's one loop (`RetryPolicy.run`);
-an attempt sends through `_transport.send` and parses with `_convert`. The flow and the
-module map are in docs/architecture.md.
+an attempt sends through the client's `_transport.Transport` and parses with `_convert`. The
+flow and the module map are in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from ._hooks import CallInfo, Hooks
 from ._limits import BudgetLike, Cooldown, Pacing, RateLimiter
 from ._models import DEFAULT_MODEL, GeneratedImage, ImageRequest, ImagesResponse, ResponseFormat
 from ._retry import RetryPolicy, policy_for
-from ._session import SessionHolder
 from ._settings import (
     DEFAULT_BASE_URL,
     DEFAULT_MAX_DOWNLOAD_BYTES,
@@ -44,7 +43,7 @@ from ._settings import (
     ClientSettings,
 )
 from ._timeout import Timeout
-from ._transport import Answer, RequestProgress, Sender
+from ._transport import Answer, RequestProgress, Transport
 from ._usage import (
     CallCost,
     Usage,
@@ -137,15 +136,7 @@ class AsyncImagesClient:
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             raise InvalidRequestError("session", session, "allowed: an aiohttp.ClientSession")
         self._url = settings.generations_url
-        self._anonymous = settings.anonymous_headers()
-        self._sessions = SessionHolder(repr(self), settings.max_connections, session=session)
-        self._sender = Sender(
-            headers=settings.request_headers(),
-            ssl=settings.ssl,
-            max_bytes=settings.max_response_bytes,
-            own_session=self._sessions.owns_session,
-            api_url=self._url,
-        )
+        self._transport = Transport.of(settings, repr(self), session)
         self._meter = UsageMeter()
         # Every request takes a permit here; without a rate limit, only the server's waits.
         self._pacer: RateLimiter = settings.rate_limit or Cooldown()
@@ -295,7 +286,7 @@ class AsyncImagesClient:
         limits = self._limits(timeout)
         policy = policy_for(retries, self.retries)
         check_flag("confidential", confidential)
-        session = self._sessions.get()
+        self._transport.open()  # a closed client fails here, before anything is reserved
         meters = (self._meter, *meters)
         # Every request's cost is reserved in every budget before the first is sent (or
         # BudgetExceededError, and nothing is sent).
@@ -303,12 +294,12 @@ class AsyncImagesClient:
             compute_units(parts[0]), check_budget(budget), self.budget, requests=len(parts)
         )
         calls = [
-            self._request(part, encode(dialect, part), limits, policy, cost, confidential, session)
+            self._request(part, encode(dialect, part), limits, policy, cost, confidential)
             for part, cost in zip(parts, costs, strict=True)
         ]
         if len(calls) == 1:
             return await counted(calls[0], costs[0], meters)
-        limit = max_in_flight or self._sessions.pool_size or len(calls)
+        limit = max_in_flight or self._transport.pool_size or len(calls)
         return await _all_of(calls, costs, meters, limit)
 
     def _request(  # noqa: PLR0917 - one request's parts, in order
@@ -319,7 +310,6 @@ class AsyncImagesClient:
         policy: RetryPolicy,
         cost: CallCost,
         confidential: bool,
-        session: aiohttp.ClientSession,
     ) -> Coroutine[Any, Any, ImagesResponse]:
         """One request of a call, in the policy's attempt loop (not yet awaited)."""
         pacing = Pacing(self._pacer, policy)  # a permit before each attempt is sent
@@ -334,8 +324,8 @@ class AsyncImagesClient:
                 progress: RequestProgress | None,
             ) -> Answer:
                 timeout = limits.for_attempt(await pacing.before_send(seconds))
-                answer = await self._sender.send(
-                    session, "POST", url, body, timeout, max_bytes, progress=progress
+                answer = await self._transport.post(
+                    url, body, timeout, max_bytes=max_bytes, progress=progress
                 )
                 await pacing.after_answer(answer.status, answer.headers)
                 return answer
@@ -353,8 +343,8 @@ class AsyncImagesClient:
 
         async def attempt(remaining: float) -> ImagesResponse:
             timeout = limits.for_attempt(await pacing.before_send(remaining))
-            answer = await self._sender.send(
-                session, "POST", self._url, body, timeout, progress=cost.paid_request()
+            answer = await self._transport.post(
+                self._url, body, timeout, progress=cost.paid_request()
             )
             await pacing.after_answer(answer.status, answer.headers)
             return parse_response(answer.status, answer.headers, answer.body, self._url)
@@ -411,7 +401,7 @@ class AsyncImagesClient:
             concurrency=concurrency,
             on_progress=on_progress,
             options=generate_options,
-            pool_size=self._sessions.pool_size,
+            pool_size=self._transport.pool_size,
         )
 
     async def download(
@@ -444,11 +434,9 @@ class AsyncImagesClient:
         url = download_url(image.url if isinstance(image, GeneratedImage) else image)
         check_whole_number("max_bytes", max_bytes, 1)
         return await download(
-            self._sender,
-            self._sessions.get(),
+            self._transport,
             url,
             self._settings.base_url,
-            self._anonymous,
             self._limits(timeout),
             self.retries,
             self._settings.hooks,
@@ -471,8 +459,7 @@ class AsyncImagesClient:
             ResponseValidationError: a success status with a body that is not a models list.
         """
         return await fetch_models(
-            self._sender,
-            self._sessions.get(),
+            self._transport,
             self._settings.base_url,
             limits=self._limits(timeout),
             policy=self.retries,
@@ -493,8 +480,7 @@ class AsyncImagesClient:
             ResponseValidationError: a success status with a body that is not a JSON object.
         """
         return await fetch_health(
-            self._sender,
-            self._sessions.get(),
+            self._transport,
             self._settings.base_url,
             limits=self._limits(timeout),
             policy=self.retries,
@@ -519,7 +505,7 @@ class AsyncImagesClient:
 
     async def aclose(self) -> None:
         """Close the client's own session (a session passed in is left open). Safe to repeat."""
-        await self._sessions.aclose()
+        await self._transport.aclose()
 
     async def __aenter__(self) -> AsyncImagesClient:
         return self
@@ -533,9 +519,9 @@ class AsyncImagesClient:
         await self.aclose()
 
     def __del__(self) -> None:
-        sessions = getattr(self, "_sessions", None)  # absent if __init__ raised
-        if sessions is not None:
-            sessions.warn_if_open()
+        transport = getattr(self, "_transport", None)  # absent if __init__ raised
+        if transport is not None:
+            transport.warn_if_open()
 
 
 async def _all_of(

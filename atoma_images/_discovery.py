@@ -25,12 +25,10 @@ from ._convert import error_from_response, parse_object
 from ._hooks import CallInfo
 
 if TYPE_CHECKING:
-    import aiohttp
-
     from ._hooks import HookSet
     from ._retry import RetryPolicy
     from ._timeout import Timeout
-    from ._transport import Sender
+    from ._transport import Transport
 
 __all__ = ["Health", "ModelInfo", "fetch_health", "fetch_models", "health_url", "models_url"]
 
@@ -128,8 +126,7 @@ def parse_health(
 async def _get(  # noqa: PLR0917 - what one GET of the API needs, in order
     operation: str,
     parse: Callable[[int, Mapping[str, str], bytes, object], T],
-    sender: Sender,
-    session: aiohttp.ClientSession,
+    transport: Transport,
     url: URL,
     headers: Mapping[str, str],
     limits: Timeout,
@@ -143,9 +140,11 @@ async def _get(  # noqa: PLR0917 - what one GET of the API needs, in order
     hooks see a call that is not billable.
     """
 
+    transport.open()  # a closed client fails here, before the attempt loop
+
     async def attempt(remaining: float) -> T:
         timeout = limits.for_attempt(remaining)
-        answer = await sender.send(session, "GET", url, None, timeout, None, headers)
+        answer = await transport.get(url, timeout, headers=headers)
         return parse(answer.status, answer.headers, answer.body, url)
 
     policy = attrs.evolve(policy, retry_ambiguous=True)
@@ -153,8 +152,7 @@ async def _get(  # noqa: PLR0917 - what one GET of the API needs, in order
 
 
 async def fetch_models(
-    sender: Sender,
-    session: aiohttp.ClientSession,
+    transport: Transport,
     base_url: URL,
     *,
     limits: Timeout,
@@ -164,13 +162,12 @@ async def fetch_models(
     """``GET <base_url>/models`` with the client's headers (the key among them)."""
     url = models_url(base_url)
     return await _get(
-        "models", parse_models, sender, session, url, sender.headers, limits, policy, hooks
+        "models", parse_models, transport, url, transport.headers, limits, policy, hooks
     )
 
 
 async def fetch_health(
-    sender: Sender,
-    session: aiohttp.ClientSession,
+    transport: Transport,
     base_url: URL,
     *,
     limits: Timeout,
@@ -178,6 +175,6 @@ async def fetch_health(
     hooks: HookSet,
 ) -> Health:
     """``GET /health`` with the client's headers but the key: the route needs none."""
-    headers = {k: v for k, v in sender.headers.items() if k.lower() != "authorization"}
+    headers = {k: v for k, v in transport.headers.items() if k.lower() != "authorization"}
     url = health_url(base_url)
-    return await _get("health", parse_health, sender, session, url, headers, limits, policy, hooks)
+    return await _get("health", parse_health, transport, url, headers, limits, policy, hooks)

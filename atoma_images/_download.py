@@ -25,12 +25,10 @@ from ._hooks import CallInfo
 from ._transport import Answer
 
 if TYPE_CHECKING:
-    import aiohttp
-
     from ._hooks import HookSet
     from ._retry import RetryPolicy
     from ._timeout import Timeout
-    from ._transport import Sender
+    from ._transport import Transport
 
 __all__ = ["MAX_REDIRECTS", "download", "download_url", "fetch_once"]
 
@@ -91,11 +89,9 @@ async def fetch_once(
 
 
 async def download(  # noqa: PLR0917 - what one download needs, in order
-    sender: Sender,
-    session: aiohttp.ClientSession,
+    transport: Transport,
     url: URL,
     home: URL,
-    anonymous_headers: Mapping[str, str],
     limits: Timeout,
     policy: RetryPolicy,
     hooks: HookSet,
@@ -104,21 +100,23 @@ async def download(  # noqa: PLR0917 - what one download needs, in order
     """The body at ``url``: `fetch_once` in the policy's attempt loop.
 
     The client's headers (its key among them) go only to ``home``'s origin; every other
-    origin gets ``anonymous_headers``. Fetching bills nothing, so an ambiguous failure is
-    worth another try: the policy retries it.
+    origin gets the transport's ``anonymous_headers``. Fetching bills nothing, so an ambiguous
+    failure is worth another try: the policy retries it.
     """
+
+    transport.open()  # a closed client fails here, before the attempt loop
 
     async def get(target: URL, headers: Mapping[str, str], seconds: float) -> Answer:
         timeout = limits.for_attempt(seconds)
-        return await sender.send(session, "GET", target, None, timeout, max_bytes, headers)
+        return await transport.get(target, timeout, headers=headers, max_bytes=max_bytes)
 
     async def attempt(remaining: float) -> bytes:
         return await fetch_once(
             get,
             url,
             home=home,
-            home_headers=sender.headers,
-            other_headers=anonymous_headers,
+            home_headers=transport.headers,
+            other_headers=transport.anonymous_headers,
             seconds=limits.attempt_seconds(remaining),
         )
 

@@ -26,7 +26,6 @@ from ._limits import BudgetLike, RateLimiter
 from ._models import DEFAULT_MODEL, check_fields
 from ._retry import RetryPolicy, check_policy
 from ._timeout import Timeout
-from ._version import user_agent
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -188,20 +187,3 @@ class ClientSettings:
     @property
     def generations_url(self) -> URL:
         return self.base_url / "images/generations"
-
-    def request_headers(self) -> CIMultiDict[str]:
-        """Every header of a call to ``base_url``'s origin: the key, the JSON types, the user's."""
-        headers = CIMultiDict(
-            {
-                "Authorization": f"Bearer {self.api_key}",
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-                "User-Agent": user_agent(),
-            }
-        )
-        headers.update(self.headers)
-        return headers
-
-    def anonymous_headers(self) -> CIMultiDict[str]:
-        """For any other origin: nothing of the user's but what is safe to show anyone."""
-        return CIMultiDict({"Accept": "*/*", "User-Agent": user_agent()})

@@ -1,6 +1,10 @@
 """The one place that meets the network: send one request, get its answer or our error.
 
-`send` is the only code that knows aiohttp's exceptions. It sorts every failure by what it
+A client has one `Transport`, as httpx's ``AsyncHTTPTransport`` owns its pool: the
+loop-bound aiohttp session and its life (UNOPENED, OPENED, CLOSED), the headers of each
+origin, the TLS setting, the proxies read from the environment, the size caps and the map
+from aiohttp's errors to ours. Its `Transport.post` and `Transport.get` are the only code
+that calls aiohttp's request API and knows its exceptions. Every failure is sorted by what it
 proves about billing (docs/architecture.md, "Billing honesty"):
 
 - before the request was written (could not connect, no free connection in time, an
@@ -23,13 +27,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import enum
 import json
 import logging
 import ssl as ssl_module
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import attrs
@@ -47,6 +53,10 @@ from ._errors import (
     InvalidRequestError,
     ResponseValidationError,
 )
+from ._version import user_agent
+
+if TYPE_CHECKING:
+    from ._settings import ClientSettings
 
 __all__ = [
     "MAX_ERROR_BODY",
@@ -54,11 +64,11 @@ __all__ = [
     "Proxy",
     "RequestProgress",
     "Secrets",
-    "Sender",
+    "State",
+    "Transport",
     "answer_status",
     "environment_proxy",
     "progress_trace",
-    "send",
 ]
 
 logger = logging.getLogger("atoma_images")
@@ -73,16 +83,10 @@ _MAYBE_BILLED = (
 )
 _DOWNLOAD_ONLY = "; a GET (a download, the models list, a health check) bills nothing"
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization"})
-# A session passed in may carry client middlewares (aiohttp 3.12+), and one that retries, or
-# answers a 401 by sending again, would send a paid request twice behind our back. None run for
-# our requests; the per-request override exists from 3.12 on, as the middlewares themselves.
-_WITHOUT_MIDDLEWARES: dict[str, Any] = (
-    {"middlewares": ()} if tuple(map(int, aiohttp.__version__.split(".")[:2])) >= (3, 12) else {}
-)
 
 
-#: The status of the last answer `send` read in this task, for the hooks of the attempt that
-#: read it: what a successful attempt returns (an images response, a download's bytes) does
+#: The status of the last answer a `Transport` read in this task, for the hooks of the attempt
+#: that read it: what a successful attempt returns (an images response, a download's bytes) does
 #: not carry its status. An attempt is awaited in its call's own task, so the retry loop reads
 #: the value the attempt's last answer set (`_hooks.CallRecord.attempt_finished`).
 answer_status: contextvars.ContextVar[int | None] = contextvars.ContextVar(
@@ -160,7 +164,7 @@ class RequestProgress:
     headers are handed to the connection (`progress_trace`). Until then no byte of the
     request can have reached the server, whatever ended it first: a limit (a loop that stalls
     can make the attempt's overall limit fire while it still waits for a connection) or a
-    cancellation. A session passed in has no such trace: `send` sets it from the start.
+    cancellation. A session passed in has no such trace: `Transport.post` sets it from the start.
     """
 
     may_have_been_sent: bool = False
@@ -188,146 +192,264 @@ class Proxy:
     headers: Mapping[str, str] | None = attrs.field(default=None, repr=False)
 
 
-@attrs.frozen
-class Sender:
-    """How one client sends: its headers, TLS setting, proxies and size limit, for `send`.
+class State(enum.Enum):
+    """Where a transport is in its life; CLOSED is final."""
+
+    UNOPENED = 1
+    OPENED = 2
+    CLOSED = 3
+
+
+@attrs.define
+class Transport:
+    """One client's way to the network: its session, headers, TLS setting, proxies and caps.
+
+    `post` and `get` are the only code that calls aiohttp's request API and maps its errors
+    (module docstring). The session belongs to the event loop it was made in, so it is made
+    lazily, in the loop of the first call, and refuses any other; its state is explicit, as
+    httpx keeps its own: UNOPENED until the first call, OPENED, then CLOSED, which is final.
+    A session passed in by the caller is used as is and never closed here.
 
     Attributes:
+        owner: what to name in errors and warnings (the client's repr).
         headers: the headers of a request to the API's origin (the key among them).
         ssl: the client's TLS setting.
         max_bytes: the largest success body read (``max_response_bytes``).
-        own_session: whether the session is the client's own: it then carries
-            `progress_trace`, and the proxy variables are honoured (a session passed in
-            keeps its own proxy settings).
+        max_connections: the size of the pool of a session made here.
         api_url: the generations URL, whose proxy is read once, when the client is made
             (so that a bad proxy variable is an error then).
+        anonymous_headers: for any other origin: nothing of the user's but what is safe to
+            show anyone.
+        owns_session: whether the session is the client's own: it then carries
+            `progress_trace`, and the proxy variables are honoured (a session passed in
+            keeps its own proxy settings).
         secrets: the key (the token of ``headers``' ``Authorization``), taken out of every
             answer, whichever origin sent it.
     """
 
+    owner: str
     headers: Mapping[str, str] = attrs.field(repr=False)
     ssl: ssl_module.SSLContext | bool
     max_bytes: int
-    own_session: bool
+    max_connections: int
     api_url: URL
+    _session: aiohttp.ClientSession | None = attrs.field(default=None, alias="session", repr=False)
+    anonymous_headers: Mapping[str, str] = attrs.field(init=False, repr=False)
+    owns_session: bool = attrs.field(init=False)
     api_proxy: Proxy | None = attrs.field(init=False, repr=False)
     secrets: Secrets = attrs.field(init=False, repr=False)
+    _loop: asyncio.AbstractEventLoop | None = attrs.field(init=False, default=None, repr=False)
+    state: State = attrs.field(init=False, default=State.UNOPENED)
 
     def __attrs_post_init__(self) -> None:
-        proxy = environment_proxy(self.api_url) if self.own_session else None
-        object.__setattr__(self, "api_proxy", proxy)  # frozen: attrs' way for derived fields
-        key = self.headers.get("Authorization", "").removeprefix("Bearer ")
-        object.__setattr__(self, "secrets", Secrets.of(key))
+        self.owns_session = self._session is None
+        self.anonymous_headers = CIMultiDict({"Accept": "*/*", "User-Agent": user_agent()})
+        self.api_proxy = environment_proxy(self.api_url) if self.owns_session else None
+        self.secrets = Secrets.of(self.headers.get("Authorization", "").removeprefix("Bearer "))
 
-    async def send(  # noqa: PLR0917 - one call shape for every exchange of a client
+    @classmethod
+    def of(
+        cls, settings: ClientSettings, owner: str, session: aiohttp.ClientSession | None
+    ) -> Transport:
+        """The transport of a client with ``settings``, on ``session`` or a session of its own."""
+        headers = CIMultiDict(
+            {
+                "Authorization": f"Bearer {settings.api_key}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "User-Agent": user_agent(),
+            }
+        )
+        headers.update(settings.headers)
+        return cls(
+            owner,
+            headers,
+            settings.ssl,
+            settings.max_response_bytes,
+            settings.max_connections,
+            settings.generations_url,
+            session=session,
+        )
+
+    @property
+    def pool_size(self) -> int | None:
+        """How many requests the pool sends to one host at once; None when it sets no limit.
+
+        A session made here: ``max_connections``. One passed in: its connector's limits.
+        """
+        if self.owns_session:
+            return self.max_connections
+        connector = None if self._session is None else self._session.connector
+        if connector is None:
+            return None
+        return min((n for n in (connector.limit, connector.limit_per_host) if n), default=None)
+
+    def open(self) -> aiohttp.ClientSession:
+        """The session for the running loop, made on first use.
+
+        Raises:
+            ClientClosedError: the transport, or the session passed in, is closed.
+            RuntimeError: the transport was first used in another event loop.
+        """
+        if self.state is State.CLOSED:
+            raise ClientClosedError(f"{self.owner} is closed; create a new client")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:
+                raise RuntimeError(
+                    f"{self.owner} is bound to the event loop it was first used in; an aiohttp "
+                    "session cannot move between loops. Create one client per loop (or use "
+                    "ImagesClient from synchronous code)."
+                )
+            self._loop = loop
+        session = self._session
+        if session is None:
+            session = self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0),
+                # Not trust_env=True: aiohttp would then read ~/.netrc and the proxy variables
+                # in a worker thread on every request, and a .netrc entry for the API host
+                # would clash with our Authorization header. The proxy variables are honoured
+                # all the same (environment_proxy).
+                trust_env=False,
+                # Tells `_send` whether a failed request had been sent (billing honesty).
+                trace_configs=[progress_trace()],
+            )
+        elif session.closed:
+            raise ClientClosedError("the aiohttp.ClientSession given to the client is closed")
+        self.state = State.OPENED
+        return session
+
+    async def aclose(self) -> None:
+        """Close a session made here (one passed in is left open). Safe to repeat."""
+        self.state = State.CLOSED
+        session, self._session = self._session, None
+        if session is not None and self.owns_session and not session.closed:
+            await session.close()
+
+    def warn_if_open(self) -> None:
+        """For a finaliser: warn (never close: that needs the loop, which may be gone)."""
+        session = self._session
+        if session is not None and self.owns_session and not session.closed:
+            warnings.warn(
+                f"unclosed {self.owner}: use 'async with' or 'await client.aclose()'",
+                ResourceWarning,
+                stacklevel=2,
+                source=self,
+            )
+
+    async def post(
         self,
-        session: aiohttp.ClientSession,
+        url: URL,
+        body: bytes,
+        timeout: aiohttp.ClientTimeout,
+        *,
+        max_bytes: int | None = None,
+        progress: RequestProgress | None = None,
+    ) -> Answer:
+        """POST ``body`` (JSON) to ``url`` with the API's headers; its answer or our error.
+
+        ``max_bytes`` replaces ``max_response_bytes`` as the cap of a success body;
+        ``progress`` records how far the request got (a paid one's, for its accounting).
+        """
+        return await self._send("POST", url, body, timeout, self.headers, max_bytes, progress)
+
+    async def get(
+        self,
+        url: URL,
+        timeout: aiohttp.ClientTimeout,
+        *,
+        headers: Mapping[str, str] | None = None,
+        max_bytes: int | None = None,
+    ) -> Answer:
+        """GET ``url``; its answer or our error. ``headers`` replace the API's own (a download
+        to another origin gets `anonymous_headers`; ``/health`` goes without the key)."""
+        headers = self.headers if headers is None else headers
+        return await self._send("GET", url, None, timeout, headers, max_bytes, None)
+
+    async def _send(  # noqa: PLR0917 - one request's parts, in order
+        self,
         method: str,
         url: URL,
         body: bytes | None,
         timeout: aiohttp.ClientTimeout,
-        max_bytes: int | None = None,
-        headers: Mapping[str, str] | None = None,
-        progress: RequestProgress | None = None,
+        headers: Mapping[str, str],
+        max_bytes: int | None,
+        progress: RequestProgress | None,
     ) -> Answer:
-        """`send` with this client's settings; ``headers`` replace its own (a download's);
-        ``progress`` records how far the request got (a paid one's, for its accounting)."""
+        """Send one request and read its answer; raise our error for anything else.
+
+        A success body larger than ``max_bytes`` is a `ResponseValidationError` (after reading
+        no more than that); an error body is cut at `MAX_ERROR_BODY`, since it is read only
+        for its message. On the client's own session `progress_trace` tells whether a failure
+        came before the request was sent; on a session passed in, any failure once begun is
+        taken to mean it may have been sent. ``progress``, when given, keeps that knowledge
+        for the caller, for an end that is no error of ours (a cancellation). Every form of
+        the key is taken out of the answer, and out of the error and its cause.
+        """
+        current = self._session
+        if self.state is State.CLOSED or (current is not None and current.closed):
+            # aiohttp's bare RuntimeError, before anything is sent
+            raise ClientClosedError(
+                f"the client (or the aiohttp session given it) was closed before this request "
+                f"to {url.host}:{url.port} was sent{_NOT_SENT}",
+                url=str(url),
+            )
+        session = self.open()
+        traced = self.owns_session
         proxy: Proxy | None = None
-        if self.own_session:
-            proxy = self.api_proxy if url is self.api_url else environment_proxy(url)
-        return await send(
-            session,
-            method,
-            url,
-            body=body,
-            headers=self.headers if headers is None else headers,
-            timeout=timeout,
-            ssl=self.ssl,
-            proxy=proxy,
-            max_bytes=self.max_bytes if max_bytes is None else max_bytes,
-            traced=self.own_session,
-            secrets=self.secrets,
-            progress=progress,
-        )
-
-
-async def send(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: URL,
-    *,
-    body: bytes | None,
-    headers: Mapping[str, str],
-    timeout: aiohttp.ClientTimeout,
-    ssl: ssl_module.SSLContext | bool,
-    proxy: Proxy | None,
-    max_bytes: int,
-    traced: bool,
-    secrets: Secrets,
-    progress: RequestProgress | None = None,
-) -> Answer:
-    """Send one request and read its answer; raise our error for anything else.
-
-    A success body larger than ``max_bytes`` is a `ResponseValidationError` (after reading no
-    more than that); an error body is cut at `MAX_ERROR_BODY`, since it is read only for
-    its message. ``traced``: the session carries `progress_trace`, so a failure is known to
-    have come before the request was sent; on any other session, an overall time limit
-    that runs out is taken to mean it may have been sent. ``progress``, when given, keeps
-    that knowledge for the caller, for an end that is no error of ours (a cancellation).
-    Every form of the key in ``secrets`` is taken out of the answer, and out of the error
-    and its cause.
-    """
-    if session.closed:  # aiohttp's bare RuntimeError, before anything is sent
-        raise ClientClosedError(
-            f"the client (or the aiohttp session given it) was closed before this request "
-            f"to {url.host}:{url.port} was sent{_NOT_SENT}",
-            url=str(url),
-        )
-    progress = RequestProgress() if progress is None else progress
-    progress.may_have_been_sent = not traced  # untraced: it may have been, once begun
-    if proxy is not None and proxy.headers and url.scheme == "http":
-        # aiohttp sends proxy_headers only with the CONNECT of an https request; a plain-HTTP
-        # request goes to the proxy as it is, so its credentials travel with it.
-        headers = {**headers, **proxy.headers}
-    try:
-        async with session.request(
-            method,
-            url,
-            data=body,
-            headers=headers,
-            timeout=timeout,
-            ssl=ssl,
-            proxy=None if proxy is None else proxy.url,
-            proxy_headers=None if proxy is None else proxy.headers,
-            allow_redirects=False,
-            # A session passed in may raise on error statuses; we read statuses ourselves.
-            raise_for_status=False,
-            trace_request_ctx=progress if traced else None,
-            **_WITHOUT_MIDDLEWARES,
-        ) as response:
-            status = response.status
-            limit = max_bytes if status < 300 else MAX_ERROR_BODY
-            answer_status.set(status)
-            body = await _read_body(response, limit, secrets)
-            answer = Answer(status, secrets.headers(response.headers), secrets.body(body, status))
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-        unsent = not progress.may_have_been_sent
-        error = _error_for(exc, method, url, unsent, secrets)
-        cause = _without_secrets(exc, secrets)
-    else:
-        if logger.isEnabledFor(logging.DEBUG):  # never the body, never the headers
-            logger.debug(
-                "atoma-images: %s %s -> %d (%d bytes, request id %s)",
+        if traced:  # a session passed in keeps its own proxy settings
+            proxy = self.api_proxy if url == self.api_url else environment_proxy(url)
+        progress = RequestProgress() if progress is None else progress
+        progress.may_have_been_sent = not traced  # untraced: it may have been, once begun
+        if proxy is not None and proxy.headers and url.scheme == "http":
+            # aiohttp sends proxy_headers only with the CONNECT of an https request; a
+            # plain-HTTP request goes to the proxy as it is, so its credentials travel with it.
+            headers = {**headers, **proxy.headers}
+        secrets = self.secrets
+        cap = self.max_bytes if max_bytes is None else max_bytes
+        try:
+            async with session.request(
                 method,
                 url,
-                status,
-                len(answer.body),
-                answer.headers.get("x-request-id"),
-            )
-        return answer
-    # Raised outside the handler, so that the original (which holds the key in its request
-    # headers) is not kept as __context__ either.
-    raise error from cause
+                data=body,
+                headers=headers,
+                timeout=timeout,
+                ssl=self.ssl,
+                proxy=None if proxy is None else proxy.url,
+                proxy_headers=None if proxy is None else proxy.headers,
+                allow_redirects=False,
+                # A session passed in may raise on error statuses; we read statuses ourselves.
+                raise_for_status=False,
+                trace_request_ctx=progress if traced else None,
+                # A session passed in may carry client middlewares, and one that retries, or
+                # answers a 401 by sending again, would send a paid request twice behind our
+                # back: none run for our requests.
+                middlewares=(),
+            ) as response:
+                status = response.status
+                limit = cap if status < 300 else MAX_ERROR_BODY
+                answer_status.set(status)
+                read = await _read_body(response, limit, secrets)
+                headers = secrets.headers(response.headers)
+                answer = Answer(status, headers, secrets.body(read, status))
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            unsent = not progress.may_have_been_sent
+            error = _error_for(exc, method, url, unsent, secrets)
+            cause = _without_secrets(exc, secrets)
+        else:
+            if logger.isEnabledFor(logging.DEBUG):  # never the body, never the headers
+                logger.debug(
+                    "atoma-images: %s %s -> %d (%d bytes, request id %s)",
+                    method,
+                    url,
+                    status,
+                    len(answer.body),
+                    answer.headers.get("x-request-id"),
+                )
+            return answer
+        # Raised outside the handler, so that the original (which holds the key in its request
+        # headers) is not kept as __context__ either.
+        raise error from cause
 
 
 async def _read_body(response: aiohttp.ClientResponse, limit: int, secrets: Secrets) -> bytes:

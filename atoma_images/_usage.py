@@ -95,7 +95,7 @@ class CallCost:
         return [cls(units, owners, [share]) for _ in range(requests)]
 
     def paid_request(self) -> RequestProgress:
-        """Where the attempt under way has `Sender.send` record how far its paid request got.
+        """Where the attempt under way has `Transport.post` record how far its paid request got.
 
         An attempt that ends with no error of ours (cancelled, or a bug) may have been billed
         only if that request may have been sent: on the client's own session, only once its

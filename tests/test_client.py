@@ -394,7 +394,7 @@ def test_client_is_bound_to_one_event_loop() -> None:
 async def test_unclosed_client_warns(server: FakeAtomaServer) -> None:
     images = AsyncImagesClient(API_KEY, base_url=server.base_url)
     await images.generate("fox", size="16x16")
-    session = images._sessions.get()
+    session = images._transport.open()
     assert session is not None
     with pytest.warns(ResourceWarning, match="unclosed <AsyncImagesClient"):  # noqa: PT031
         del images
@@ -406,10 +406,10 @@ def test_key_and_base_url_come_from_the_environment(monkeypatch: pytest.MonkeyPa
     with pytest.raises(InvalidRequestError, match=r"ATOMA_API_KEY.*ATOMASDK_BEARER_AUTH"):
         AsyncImagesClient()
     monkeypatch.setenv("ATOMASDK_BEARER_AUTH", "sdk-key")
-    assert AsyncImagesClient()._sender.headers["Authorization"] == "Bearer sdk-key"
+    assert AsyncImagesClient()._transport.headers["Authorization"] == "Bearer sdk-key"
     monkeypatch.setenv("ATOMA_API_KEY", "atoma-key")
     client = AsyncImagesClient()
-    assert client._sender.headers["Authorization"] == "Bearer atoma-key"
+    assert client._transport.headers["Authorization"] == "Bearer atoma-key"
     assert client.base_url == "https://api.atoma.network/v1"
     monkeypatch.setenv("ATOMA_BASE_URL", "http://localhost:8080/v1/")
     assert AsyncImagesClient().base_url == "http://localhost:8080/v1"
@@ -512,10 +512,6 @@ def test_a_proxy_variable_that_is_not_a_url_is_refused_at_construction(
         AsyncImagesClient(API_KEY, base_url="https://api.example/v1")
 
 
-@pytest.mark.skipif(
-    tuple(map(int, aiohttp.__version__.split(".")[:2])) < (3, 12),
-    reason="client middlewares exist from aiohttp 3.12 on",
-)
 async def test_a_sessions_middlewares_never_send_a_paid_request_again() -> None:
     # A generic retrying middleware (as aiohttp's docs show one) would re-send a POST that
     # the server processed and then dropped: two bills for one call.

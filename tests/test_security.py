@@ -287,7 +287,7 @@ async def test_a_proxy_password_is_in_no_exception_chain(
         retries=RetryPolicy(max_retries=0),
         session=session,
     ) as images:
-        texts = [repr(images._sender), repr(images._sender.api_proxy)]
+        texts = [repr(images._transport), repr(images._transport.api_proxy)]
         with pytest.raises(AtomaImagesError) as info:
             await asyncio.wait_for(images.generate("a fox", size="16x16"), 10)
     if session is not None:
