@@ -28,6 +28,7 @@ import asyncio
 import base64
 import contextvars
 import enum
+import html
 import json
 import logging
 import ssl as ssl_module
@@ -97,6 +98,8 @@ answer_status: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 REDACTED = "[redacted]"
 #: The shortest key looked for in image data; Atoma's keys are far longer.
 MIN_KEY_IN_DATA = 16
+# The shortest start of the key taken out of the end of a body cut at its size cap.
+_MIN_KEY_PART = 4
 
 
 @attrs.frozen
@@ -131,12 +134,33 @@ class Secrets:
         be a real one (under `MIN_KEY_IN_DATA` characters) would match it by chance and
         corrupt the image, so there it is not looked for.
         """
+        success = 200 <= status < 300
         for form in self.forms:
-            if 200 <= status < 300 and len(form) < MIN_KEY_IN_DATA:
+            if success and len(form) < MIN_KEY_IN_DATA:
                 continue
             if form.encode() in body:
                 body = body.replace(form.encode(), REDACTED.encode())
+            # A body cut at its size cap may end with the start of the key.
+            for length in range(min(len(form), len(body)) - 1, _MIN_KEY_PART - 1, -1):
+                if body.endswith(form[:length].encode()):
+                    body = body[:-length] + REDACTED.encode()
+                    break
+        if len(body) <= MAX_ERROR_BODY and (b"\\u" in body or b"&" in body):
+            body = self._unescaped(body)
         return body
+
+    def _unescaped(self, body: bytes) -> bytes:
+        """``body`` as reading it will spell it, when that spells the key: JSON's ``\\u``
+        escapes and HTML's character references are undone before a parser or an error's
+        message could undo them, and the key is then taken out. Small bodies only (an error
+        page, a models list); an answer of images is far larger, and its data is base64."""
+        text = body.decode("utf-8", "replace")
+        try:  # the same characters, spelled plainly (json.loads undoes every escape)
+            plain = json.dumps(json.loads(text), ensure_ascii=False)
+        except (ValueError, RecursionError):
+            plain = html.unescape(text)
+        redacted = self.text(plain)
+        return body if redacted == plain else redacted.encode()
 
     def headers(self, headers: Mapping[str, str]) -> Mapping[str, str]:
         """``headers`` (names and values) with every form of the key replaced by `REDACTED`."""

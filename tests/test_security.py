@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from atoma_images import (
     RetryPolicy,
     RetryScheduled,
 )
+from atoma_images._transport import MAX_ERROR_BODY
 from atoma_images.opentelemetry import OpenTelemetryHooks
 from atoma_images.testing import FakeAtomaServer, Reply, make_png
 
@@ -586,3 +588,56 @@ async def test_no_proxy_with_a_port_keeps_the_key_off_the_proxy(
     await proxy_server.wait_closed()
     assert len(received) == through_proxy
     assert len(server.posts) == (not through_proxy)
+
+
+@pytest.mark.parametrize(
+    "spelled",
+    [
+        lambda key: (
+            '{"error": {"code": "AUTH_ERROR", "message": "Invalid: '
+            + "".join(f"\\u{ord(c):04x}" for c in key)
+            + '"}}'
+        ),
+        lambda key: "<html><title>bad key " + "".join(f"&#{ord(c)};" for c in key) + "</title>",
+    ],
+    ids=["json-escapes", "html-references"],
+)
+async def test_a_key_spelled_with_escapes_is_taken_out_too(
+    spelled: Callable[[str], str],
+) -> None:
+    key = "sk-test-0123456789abcdefghijklmnopqrstuvwx"
+
+    async def echo(request: web.Request) -> web.Response:
+        await request.read()
+        body = spelled(key)
+        kind = "application/json" if body.startswith("{") else "text/html"
+        return web.Response(status=401, text=body, content_type=kind)
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", echo)
+    async with serving(app) as root, AsyncImagesClient(key, base_url=f"{root}/v1") as client:
+        with pytest.raises(AtomaImagesError) as caught:
+            await client.generate("fox", size="16x16")
+    error = caught.value
+    shown = f"{error} {error!r} {vars(error)!r}"
+    assert key not in shown
+    assert key not in html.unescape(shown)
+
+
+async def test_a_key_cut_in_two_by_the_error_bodys_cap_leaves_no_part_behind() -> None:
+    key = "sk-test-0123456789abcdefghijklmnopqrstuvwx"
+
+    async def echo(request: web.Request) -> web.Response:
+        await request.read()
+        body = b"x" * (MAX_ERROR_BODY - 20) + key.encode() + b"y" * 100
+        return web.Response(status=500, body=body, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", echo)
+    async with (
+        serving(app) as root,
+        AsyncImagesClient(key, base_url=f"{root}/v1", retries=RetryPolicy(max_retries=0)) as client,
+    ):
+        with pytest.raises(AtomaImagesError) as caught:
+            await client.generate("fox", size="16x16")
+    assert key[:20] not in f"{caught.value} {vars(caught.value)!r}"
