@@ -29,7 +29,7 @@ from ._errors import InvalidRequestError
 from ._hooks import Hooks
 from ._limits import BudgetLike, RateLimiter
 from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse, ResponseFormat
-from ._portal import LoopThread, PortalState, origin_of, refuse_to_block_a_local_server
+from ._portal import LoopThread, PortalState
 from ._retry import RetryPolicy
 from ._timeout import Timeout
 from ._usage import Usage
@@ -188,7 +188,6 @@ class ImagesClient:
         self._make_client = make_client
         self._client = self._make_client()
         self._portal = LoopThread("atoma-images")
-        self._origin = origin_of(self._client.base_url)
         _open_clients.add(self)
         _in_forked_child.add(weakref.WeakMethod(self._start_afresh, _in_forked_child.discard))
 
@@ -293,11 +292,6 @@ class ImagesClient:
         return self._run(self._client.save_all(response, directory, stem))
 
     def _run(self, call: Coroutine[Any, Any, T]) -> T:
-        try:
-            refuse_to_block_a_local_server(self._origin, self)
-        except RuntimeError:
-            call.close()  # never "was never awaited"
-            raise
         return self._portal.run(call)  # a RuntimeError once the client is closed
 
     def _start_afresh(self) -> None:
