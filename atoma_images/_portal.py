@@ -27,16 +27,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from yarl import URL
-
-__all__ = [
-    "CLOSED_MESSAGE",
-    "LoopThread",
-    "PortalState",
-    "origin_of",
-    "refuse_to_block_a_local_server",
-    "serving_locally",
-]
+__all__ = ["CLOSED_MESSAGE", "LoopThread", "PortalState"]
 
 T = TypeVar("T")
 
@@ -177,43 +168,3 @@ def _serve(loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
         loop.run_until_complete(loop.shutdown_asyncgens())
     finally:
         loop.close()
-
-
-# -- a blocking call must not freeze the loop of the server it calls -------------------------
-
-# The servers of this process (FakeAtomaServer) by origin, with the loop each runs on. A
-# registry of what runs, not a cache: an entry lives exactly as long as its server listens.
-_local_servers: dict[str, asyncio.AbstractEventLoop] = {}
-
-
-def origin_of(url: str) -> str:
-    """The key of the server at ``url`` in the registry: its ``scheme://host:port``."""
-    parsed = URL(url)
-    return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
-
-
-def serving_locally(origin: str, serving: bool) -> None:
-    """Say that the running loop serves ``origin`` (`origin_of`), or stopped to."""
-    if serving:
-        _local_servers[origin] = asyncio.get_running_loop()
-    else:
-        _local_servers.pop(origin, None)
-
-
-def refuse_to_block_a_local_server(origin: str, caller: object) -> None:
-    """Raise before a blocking call from a thread whose running loop serves ``origin``.
-
-    Such a call (a notebook that started a fake server with ``await server.start()``, then
-    calls the synchronous client) blocks the very loop that would answer it: it could only
-    end at its read timeout, as an error that says it may have been billed.
-    """
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return  # no loop runs in this thread: nothing to freeze
-    if _local_servers.get(origin) is loop:
-        raise RuntimeError(
-            f"{caller!r} would block this thread's event loop, which runs the server at {origin} "
-            "it calls, so the server could never answer. Run the server in a thread of its "
-            "own ('with FakeAtomaServer() as server:'), or await AsyncImagesClient here."
-        )

@@ -27,7 +27,7 @@ from ._errors import InvalidRequestError
 from ._hooks import Hooks
 from ._limits import BudgetLike, RateLimiter
 from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse, ResponseFormat
-from ._portal import LoopThread, PortalState, origin_of, refuse_to_block_a_local_server
+from ._portal import LoopThread, PortalState
 from ._retry import RetryPolicy
 from ._timeout import Timeout
 from ._usage import Usage
@@ -68,66 +68,6 @@ if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_start_afresh_in_child)
 
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-_CTRL_C = """\
-Blocks until the call is over. Ctrl-C while it waits cancels the call and raises
-KeyboardInterrupt: a request the client's loop had not started is never sent, one under way
-is cancelled and its connection released. The client stays usable."""
-
-
-def _section_of(doc: str, name: str | None) -> str:
-    """A Google-style section (``"Args:"``...) of a docstring as it stands; None: the text
-    before the first section."""
-    kept: list[str] = []
-    current = None
-    for paragraph in doc.rstrip().split("\n\n"):
-        heading = paragraph.strip().split("\n", 1)[0]
-        if heading in ("Args:", "Returns:", "Raises:"):
-            current = heading
-        if current == name:
-            kept.append(paragraph)
-    return "\n\n".join(kept)
-
-
-def _iterator_twin_of(async_method: Callable[..., Any]) -> Callable[[F], F]:
-    """Give a method that returns a blocking iterator its async twin's arguments and errors.
-
-    Its own docstring says what differs (the example, what it returns); ``Args:`` and
-    ``Raises:`` come from the twin, the one source.
-    """
-
-    def attach(method: F) -> F:
-        own, twin = method.__doc__ or "", async_method.__doc__ or ""
-        parts = (
-            _section_of(own, None),
-            _section_of(twin, "Args:"),
-            _section_of(own, "Returns:"),
-            _section_of(twin, "Raises:"),
-        )
-        method.__doc__ = "\n\n".join(part for part in parts if part)
-        return method
-
-    return attach
-
-
-def _blocking_twin_of(async_method: Callable[..., Any]) -> Callable[[F], F]:
-    """Give a blocking method its async twin's docstring, from that one source.
-
-    The twin's summary comes first, then what Ctrl-C does, then the twin's arguments, return
-    value and errors (help(), IPython's ``?`` and Jupyter show them all).
-    """
-
-    def attach(method: F) -> F:
-        summary, _, rest = (async_method.__doc__ or "").partition("\n\n")
-        indent = rest[: len(rest) - len(rest.lstrip(" "))]
-        ctrl_c = "\n".join(indent + line for line in _CTRL_C.splitlines())
-        method.__doc__ = "\n\n".join(part for part in (summary, ctrl_c, rest) if part)
-        return method
-
-    return attach
-
-
 class ImagesClient:
     """A synchronous client for scripts, threads and notebooks.
 
@@ -135,6 +75,12 @@ class ImagesClient:
     same errors. It works where an event loop is already running (Jupyter) and from many
     threads at once. Close it with ``with`` or `close`; one left open is closed at exit.
     Its ``hooks`` run on the client's own event loop thread.
+
+    Each method is the blocking twin of the `AsyncImagesClient` method of the same name,
+    whose docstring gives its arguments, what it returns and what it raises. A call blocks
+    until it is over. Ctrl-C while it waits cancels the call and raises KeyboardInterrupt: a
+    request the client's loop had not started is never sent, one under way is cancelled and
+    its connection released. The client stays usable.
     """
 
     def __init__(
@@ -186,7 +132,6 @@ class ImagesClient:
         self._make_client = make_client
         self._client = self._make_client()
         self._portal = LoopThread("atoma-images")
-        self._origin = origin_of(self._client.base_url)
         _open_clients.add(self)
         _in_forked_child.add(weakref.WeakMethod(self._start_afresh, _in_forked_child.discard))
 
@@ -195,33 +140,39 @@ class ImagesClient:
 
     @property
     def base_url(self) -> str:
+        """The API root the client sends to, ending in ``/v1``."""
         return self._client.base_url
 
     @property
     def model(self) -> str:
+        """The model used when a call names none."""
         return self._client.model
 
     @property
     def dialect(self) -> Dialect:
+        """How the server reads a request: ``"atoma"`` or ``"openai"``."""
         return self._client.dialect
 
     @property
     def timeout(self) -> Timeout:
+        """The time limits of each attempt, unless a call passes its own."""
         return self._client.timeout
 
     @property
     def retries(self) -> RetryPolicy:
+        """The retry policy of every call, unless a call passes its own."""
         return self._client.retries
 
     @property
     def budget(self) -> BudgetLike | None:
+        """The `Budget` that caps every call of this client, if it was given one."""
         return self._client.budget
 
     @property
     def rate_limit(self) -> RateLimiter | None:
+        """The `RateLimit` every request of this client takes a permit from, if given one."""
         return self._client.rate_limit
 
-    @_blocking_twin_of(AsyncImagesClient.generate)
     def generate(
         self,
         prompt: str,
@@ -239,8 +190,7 @@ class ImagesClient:
         confidential: bool = False,
         budget: BudgetLike | None = None,
     ) -> ImagesResponse:
-        # The docstring is AsyncImagesClient.generate's (_blocking_twin_of), for help() too.
-        """Generate ``n`` images for ``prompt``; see `AsyncImagesClient.generate`."""
+        """Generate ``n`` images for ``prompt``: the blocking `AsyncImagesClient.generate`."""
         return self._run(
             self._client.generate(
                 prompt,
@@ -259,7 +209,6 @@ class ImagesClient:
             )
         )
 
-    @_blocking_twin_of(AsyncImagesClient.download)
     def download(
         self,
         image: GeneratedImage | str,
@@ -267,35 +216,27 @@ class ImagesClient:
         max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
         timeout: Timeout | float | None = None,
     ) -> bytes:
-        """The bytes of an image; see `AsyncImagesClient.download`."""
+        """The bytes of an image: the blocking `AsyncImagesClient.download`."""
         return self._run(self._client.download(image, max_bytes=max_bytes, timeout=timeout))
 
-    @_blocking_twin_of(AsyncImagesClient.models)
     def models(self, *, timeout: Timeout | float | None = None) -> tuple[ModelInfo, ...]:
-        """The models the API serves; see `AsyncImagesClient.models`."""
+        """The models the API serves: the blocking `AsyncImagesClient.models`."""
         return self._run(self._client.models(timeout=timeout))
 
-    @_blocking_twin_of(AsyncImagesClient.health)
     def health(self, *, timeout: Timeout | float | None = None) -> Health:
-        """Whether the API is up; see `AsyncImagesClient.health`."""
+        """Whether the API is up: the blocking `AsyncImagesClient.health`."""
         return self._run(self._client.health(timeout=timeout))
 
-    @_blocking_twin_of(AsyncImagesClient.save_all)
     def save_all(
         self,
         response: ImagesResponse,
         directory: str | os.PathLike[str],
         stem: str = "image",
     ) -> list[Path]:
-        """Write every image to ``directory``; see `AsyncImagesClient.save_all`."""
+        """Write every image to ``directory``: the blocking `AsyncImagesClient.save_all`."""
         return self._run(self._client.save_all(response, directory, stem))
 
     def _run(self, call: Coroutine[Any, Any, T]) -> T:
-        try:
-            refuse_to_block_a_local_server(self._origin, self)
-        except RuntimeError:
-            call.close()  # never "was never awaited"
-            raise
         return self._portal.run(call)  # a RuntimeError once the client is closed
 
     def _start_afresh(self) -> None:
@@ -342,9 +283,9 @@ class ImagesClient:
 
     @property
     def usage(self) -> Usage:
+        """What this client's generation calls have cost so far (a snapshot)."""
         return self._client.usage
 
-    @_iterator_twin_of(AsyncImagesClient.generate_many)
     def generate_many(
         self,
         prompts: Iterable[Prompt] | AsyncIterable[Prompt],
@@ -366,7 +307,8 @@ class ImagesClient:
         A prompt that fails gives a `BatchResult` with its error; the batch goes on. When
         the server asks one call to wait (429 with Retry-After), the whole batch waits.
         Leaving the loop early (``break``, an exception, Ctrl-C) cancels the calls in flight
-        and waits for them; ``on_progress`` is called in the thread that iterates.
+        and waits for them; ``on_progress`` is called in the thread that iterates. The
+        arguments and errors are those of `AsyncImagesClient.generate_many`.
 
         Returns:
             A `SyncBatch`: an iterator of `BatchResult`, in completion order, and a context
@@ -376,18 +318,3 @@ class ImagesClient:
             prompts, concurrency=concurrency, on_progress=None, **generate_options
         )
         return SyncBatch(batch, self._run, on_progress)
-
-
-# The properties read the async client's, and say what they are in its words (one source).
-for _name in (
-    "base_url",
-    "model",
-    "dialect",
-    "timeout",
-    "retries",
-    "budget",
-    "rate_limit",
-    "usage",
-):
-    vars(ImagesClient)[_name].__doc__ = getattr(AsyncImagesClient, _name).__doc__
-del _name

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import html
 import json
-import re
 import time
 from email.utils import formatdate
 
@@ -285,7 +283,7 @@ def test_str_reads_like_the_issue_example() -> None:
             500,
             b"<html><body><script>x()</script><p>Internal &amp; broken</p></body></html>",
             InternalServerError,
-            "Internal & broken",
+            "<p>Internal &amp; broken</p>",
         ),
         (401, b'{"error": "invalid key"}', AuthenticationError, "invalid key"),
         (422, b'{"detail": "bad size"}', UnprocessableEntityError, "bad size"),
@@ -301,63 +299,39 @@ def test_non_json_error_bodies_give_the_same_classes_readably(
     assert isinstance(error, cls)
     assert error.code is None or isinstance(error.code, str)
     assert message in error.message
-    assert "<" not in str(error).split(":", 1)[1] or status == 500
+    assert error.message.isprintable()
     assert len(str(error)) < 400
 
 
 @pytest.mark.parametrize(
     ("page", "message"),
     [
-        ("<html><TITLE lang=en>Bad &amp; gone</Title><p>body</p>", "Bad & gone"),
-        ("<title>never closed<p>some text</p>", "never closed some text"),
-        ("<title <p>text", "text"),
-        ("<p>a</p><SCRIPT type=x>hidden()</script ><p>b</p>", "a b"),
-        ("<style>p {}</style\n>x<style>q</STYLE>y", "x y"),
-        ("<scripts>seen</scripts>", "seen"),
-        ("<p>a<script>never closed</p>", "a never closed"),
-        ("<p>x</p><script>", "x"),
-        ("<b>a < b</b> and c > d", "a and c > d"),
-        ("<p>\n\t spread   out \r\n</p>", "spread out"),
-        ("<html><body></body></html>", "(HTML page)"),
-        ("<p>&#" + "1" * 5000 + ";</p>", "&#" + "1" * 198),  # int() refuses: shown as is
-        ("<p>" + " " * 70_000 + "too far</p>", "(HTML page)"),  # only the first 64 KiB
+        (
+            "<html><title>502 Bad Gateway</title></html>",
+            "<html><title>502 Bad Gateway</title></html>",
+        ),
+        ("<p>\n\t spread   out \r\n</p>", "<p> spread out </p>"),
+        ("<p>" + " " * 70_000 + "far</p>", "<p> far</p>"),
+        ("<p>" + "x" * 1000, "<p>" + "x" * 197),
+        ("<p>&#" + "1" * 5000 + ";</p>", "<p>&#" + "1" * 195),
+        ("\x1b[31mred\x1b[0m\x00\u200b", "\ufffd[31mred\ufffd[0m\ufffd\ufffd"),
     ],
 )
-def test_html_error_pages_give_their_title_or_their_text(page: str, message: str) -> None:
+def test_an_error_page_is_a_short_printable_excerpt_of_its_text(page: str, message: str) -> None:
+    # Not parsed: a gateway's page is quoted as it is, whitespace folded, cut to 200
+    # characters, and what a terminal would not print (an escape sequence) made U+FFFD.
     error = error_from_response(502, NO_HEADERS, page.encode())
     assert isinstance(error, BadGatewayError)
     assert error.message == message
+    assert not error.envelope
 
 
-_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
-_TAG = re.compile(r"<[^>]*>")
-_SCRIPT = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
-
-
-def regex_summary(page: str) -> str:
-    """What the error message was when regexes read the page (quadratic: small pages only)."""
-    title = _TITLE.search(page)
-    shown = title.group(1) if title else _TAG.sub(" ", _SCRIPT.sub(" ", page))
-    return " ".join(html.unescape(shown).split())[:200] or "(HTML page)"
-
-
-HTML_PIECES = st.sampled_from([
-    "<", ">", "/", " ", "\n", "\t", "x", "-", "_", "1", "&amp;", "&", "<p>", "</p>",
-    "script", "SCRIPT", "style", "Style", "title", "TITLE", "<scripts>", "</ScRiPt\n>",
-    "<script>", "</script>", "</script >", "<style>", "</style>", "<title>", "</title>",
-])  # fmt: skip
-
-
-@settings(max_examples=500, deadline=None)
-@given(st.lists(HTML_PIECES, max_size=30).map("".join))
-def test_html_pages_are_summed_up_as_the_regexes_did(page: str) -> None:
-    # The linear scans find what the regexes found, on ASCII pages. (On others they may
-    # differ where the regexes used Unicode rules: \b after <scripté, \s for U+001C.)
-    stripped = page.strip()
-    if not stripped.startswith("<"):
-        return
-    error = error_from_response(502, NO_HEADERS, stripped.encode())
-    assert error.message == regex_summary(stripped)
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_any_text_error_body_gives_a_short_printable_message(text: str) -> None:
+    error = error_from_response(502, NO_HEADERS, ("<" + text).encode("utf-8", "replace"))
+    assert error.message.isprintable()
+    assert 0 < len(error.message) <= 200
 
 
 def test_huge_error_message_is_shortened_in_str_but_kept_in_body() -> None:

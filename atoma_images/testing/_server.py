@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import hashlib
@@ -17,7 +18,7 @@ from aiohttp import web
 from atoma_images import _confidential
 from atoma_images._dialect import Dialect, check_dialect
 from atoma_images._models import DEFAULT_MODEL
-from atoma_images._portal import LoopThread, origin_of, serving_locally
+from atoma_images._portal import LoopThread
 
 from ._checks import json_object, openai_refusal, parse_size, proxy_size, refusal
 from ._faults import Reply, send
@@ -99,7 +100,8 @@ class FakeAtomaServer:
     ``"openai"`` dialect answers 404), and, with ``confidential=True``, ``POST /v1/nodes/lock`` and
     ``POST /v1/confidential/images/generations``, whose node part a `FakeConfidentialNode`
     plays. Every request is recorded in `requests`; `enqueue` scripts the answers to the
-    next generation requests.
+    next generation requests. It answers from a loop in a thread of its own, however it is
+    started, so even a caller that blocks its own loop gets its answers.
 
     Attributes:
         api_key: the only key accepted; None accepts any non-empty Bearer token.
@@ -197,8 +199,43 @@ class FakeAtomaServer:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    # The server always answers from a loop in a thread of its own, however it is started,
+    # so a caller that blocks its own loop (a synchronous client called in a notebook or an
+    # async test) cannot keep it from answering. Its handlers run only on that thread: what
+    # they record is appended there, and the counters are written there alone.
+
+    def __enter__(self) -> FakeAtomaServer:
+        thread = LoopThread("atoma-images-fake-server")
+        try:
+            thread.run(self._listen())
+        except BaseException:
+            thread.stop()
+            raise
+        self._thread = thread
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.run(self._close())
+            thread.stop()
+
     async def start(self) -> None:
         """Listen on ``host``:``port`` (a free port if 0, then ``port`` says which)."""
+        await asyncio.to_thread(self.__enter__)
+
+    async def stop(self) -> None:
+        """Close the server and its connections. Safe to repeat."""
+        await asyncio.to_thread(self.__exit__)
+
+    async def __aenter__(self) -> FakeAtomaServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def _listen(self) -> None:
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_post(GENERATIONS_PATH, self._generations)
         app.router.add_get("/files/{name}", self._file)
@@ -214,34 +251,11 @@ class FakeAtomaServer:
         await site.start()
         self.port = runner.addresses[0][1]
         self._runner = runner
-        # So that a synchronous client called from this very loop refuses at once.
-        serving_locally(origin_of(self.base_url), serving=True)
 
-    async def stop(self) -> None:
-        """Close the server and its connections. Safe to repeat."""
-        runner = self._runner
+    async def _close(self) -> None:
+        runner, self._runner = self._runner, None
         if runner is not None:
-            serving_locally(origin_of(self.base_url), serving=False)
-            self._runner = None
             await runner.cleanup()
-
-    async def __aenter__(self) -> FakeAtomaServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    def __enter__(self) -> FakeAtomaServer:
-        self._thread = LoopThread("atoma-images-fake-server")
-        self._thread.run(self.start())
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.run(self.stop())
-            thread.stop()
 
     # -- handlers ------------------------------------------------------------------------
 
