@@ -55,6 +55,12 @@ from ._usage import (
 
 logger = logging.getLogger("atoma_images")
 
+#: The time limits of `AsyncImagesClient.models` and `health` when a call names none: an
+#: answer that takes a generation's minutes is no answer for a readiness probe.
+DISCOVERY_TIMEOUT = Timeout(connect=5.0, pool=5.0, read=10.0, total=15.0)
+#: Seconds for a whole models or health call, retries included.
+DISCOVERY_DEADLINE = 30.0
+
 __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_MAX_DOWNLOAD_BYTES",
@@ -446,6 +452,10 @@ class AsyncImagesClient:
     async def models(self, *, timeout: Timeout | float | None = None) -> tuple[ModelInfo, ...]:
         """The models the API serves (``GET /v1/models``, with the key).
 
+        ``timeout`` defaults to the client's, shortened to seconds, not a generation's
+        minutes (at most 5 s to connect, 10 s of silence, 15 s an attempt), and the whole
+        call, retries included, ends within 30 s: fit for a readiness probe.
+
         To check at start-up that the configured model exists, rather than learn it from a
         400 on the first paid call. Atoma's list does not say what a model does: image and
         chat models look alike (its proxy keeps only their names), so the list is not
@@ -461,13 +471,15 @@ class AsyncImagesClient:
         return await fetch_models(
             self._transport,
             self._settings.base_url,
-            limits=self._limits(timeout),
-            policy=self.retries,
+            limits=self._discovery_limits(timeout),
+            policy=self._discovery_policy(),
             hooks=self._settings.hooks,
         )
 
     async def health(self, *, timeout: Timeout | float | None = None) -> Health:
         """Whether the API is up: what ``GET /health`` answered (``message="ok"`` on Atoma).
+
+        Its time limits are those of `models`.
 
         ``/health`` sits at the API's root, beside ``/v1`` (``https://api.atoma.network/health``),
         and needs no key: none is sent. It does not check the key; `models` does. Retried as a
@@ -482,10 +494,25 @@ class AsyncImagesClient:
         return await fetch_health(
             self._transport,
             self._settings.base_url,
-            limits=self._limits(timeout),
-            policy=self.retries,
+            limits=self._discovery_limits(timeout),
+            policy=self._discovery_policy(),
             hooks=self._settings.hooks,
         )
+
+    def _discovery_limits(self, timeout: Timeout | float | None) -> Timeout:
+        # A call's own limits as given; else the client's, but never longer than seconds.
+        if timeout is not None:
+            return Timeout.of(timeout)
+        mine = attrs.asdict(self.timeout)
+        short = {
+            name: limit if mine[name] is None else min(limit, mine[name])
+            for name, limit in attrs.asdict(DISCOVERY_TIMEOUT).items()
+        }
+        return Timeout(**short)
+
+    def _discovery_policy(self) -> RetryPolicy:
+        # A question about the API, not a generation: the client's retries, within seconds.
+        return attrs.evolve(self.retries, deadline=min(self.retries.deadline, DISCOVERY_DEADLINE))
 
     async def save_all(
         self,

@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_MAX_DOWNLOAD_BYTES",
     "DEFAULT_MAX_RESPONSE_BYTES",
     "ClientSettings",
+    "from_environment",
 ]
 
 DEFAULT_BASE_URL = "https://api.atoma.network/v1"
@@ -138,6 +139,25 @@ def _check_rate_limit(value: object) -> None:
         )
 
 
+def from_environment(api_key: str | None, base_url: str | None) -> tuple[str, str]:
+    """The key and the API root of a client: as given, else from the environment (read when
+    a client is made, never at import), else the default root.
+
+    Raises:
+        InvalidRequestError: no key was given and none is set.
+    """
+    if api_key is None:
+        api_key = next(filter(None, map(os.environ.get, KEY_VARIABLES)), None)
+        if api_key is None:
+            raise InvalidRequestError(
+                "api_key",
+                None,
+                f"pass api_key=... or set {KEY_VARIABLES[0]} (or {KEY_VARIABLES[1]}, the "
+                "Atoma SDK's variable)",
+            )
+    return api_key, base_url or os.environ.get("ATOMA_BASE_URL") or DEFAULT_BASE_URL
+
+
 @attrs.frozen(kw_only=True)
 class ClientSettings:
     """Everything a client was configured with, checked. See `AsyncImagesClient` for each."""
@@ -167,16 +187,7 @@ class ClientSettings:
         cls, api_key: str | None, base_url: str | None, retries: RetryPolicy | None, **rest: Any
     ) -> ClientSettings:
         """The settings for a client's arguments, the environment filling in what is None."""
-        if api_key is None:
-            api_key = next(filter(None, map(os.environ.get, KEY_VARIABLES)), None)
-            if api_key is None:
-                raise InvalidRequestError(
-                    "api_key",
-                    None,
-                    f"pass api_key=... or set {KEY_VARIABLES[0]} (or {KEY_VARIABLES[1]}, the "
-                    "Atoma SDK's variable)",
-                )
-        base_url = base_url or os.environ.get("ATOMA_BASE_URL") or DEFAULT_BASE_URL
+        api_key, base_url = from_environment(api_key, base_url)
         return cls(
             api_key=api_key,
             base_url=base_url,

@@ -8,6 +8,7 @@ in the async client; this module only moves calls across threads.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import ssl as ssl_module
 import warnings
@@ -29,6 +30,7 @@ from ._limits import BudgetLike, RateLimiter
 from ._models import DEFAULT_MODEL, GeneratedImage, ImagesResponse, ResponseFormat
 from ._portal import LoopThread, PortalState
 from ._retry import RetryPolicy
+from ._settings import from_environment
 from ._timeout import Timeout
 from ._usage import Usage
 
@@ -38,6 +40,8 @@ T = TypeVar("T")
 
 # Clients still open at interpreter exit are closed then, so a script that never calls
 # close() still exits cleanly, without "Unclosed client session" on stderr.
+logger = logging.getLogger("atoma_images")
+
 _open_clients: weakref.WeakSet[ImagesClient] = weakref.WeakSet()
 
 
@@ -60,8 +64,12 @@ _inherited: list[object] = []
 def _start_afresh_in_child() -> None:
     for method in list(_in_forked_child):
         start_afresh = method()
-        if start_afresh is not None:
+        if start_afresh is None:
+            continue
+        try:
             start_afresh()
+        except Exception:  # that client cannot work here; the others still can
+            logger.exception("atoma-images: an ImagesClient could not start afresh in a child")
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
@@ -110,8 +118,11 @@ class ImagesClient:
                 "Pass a session to AsyncImagesClient instead",
             )
 
-        # Kept to make the client again in a forked child (_start_afresh). A closure, not a
-        # functools.partial: a partial's repr would show the key.
+        # Kept to make the client again in a forked child (_start_afresh), from the key and
+        # root resolved now: a parent may clear its environment before it forks. A closure,
+        # not a functools.partial: a partial's repr would show the key.
+        api_key, base_url = from_environment(api_key, base_url)
+
         def make_client() -> AsyncImagesClient:
             return AsyncImagesClient(
                 api_key,
@@ -248,7 +259,13 @@ class ImagesClient:
         if self._portal.state is PortalState.CLOSED:
             return
         _inherited.append((self._portal.forget_in_child(), self._client))
-        self._client = self._make_client()
+        try:
+            self._client = self._make_client()
+        except BaseException:
+            # Closed for good rather than left bound to the parent's loop, where a call
+            # would wait for ever: every call now says the client is closed, at once.
+            self._portal.stop()
+            raise
 
     def close(self) -> None:
         """Close the client for good: cancel calls still running, close the session, stop

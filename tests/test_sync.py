@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import multiprocessing
+import os
 import signal
 import subprocess
 import sys
@@ -514,3 +516,30 @@ def test_a_forked_child_that_exits_normally_leaves_the_parents_connections_alone
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["5"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_child_forked_after_the_key_left_the_environment_still_works(
+    threaded_server: FakeAtomaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hygiene: a parent may remove the key from its environment once its clients are made.
+    monkeypatch.setenv("ATOMA_API_KEY", API_KEY)
+    monkeypatch.setenv("ATOMA_BASE_URL", threaded_server.base_url)
+    with ImagesClient() as client:
+        client.generate("warm-up", size="16x16")
+        monkeypatch.delenv("ATOMA_API_KEY")
+        context = multiprocessing.get_context("fork")
+        results = context.Queue()
+
+        def child() -> None:
+            try:
+                client.generate("from the child", size="16x16")
+                results.put("ok")
+            except Exception as exc:
+                results.put(repr(exc))
+
+        process = context.Process(target=child)
+        process.start()
+        process.join(60)
+        assert process.exitcode == 0, "the child hung or died"
+        assert results.get(timeout=5) == "ok"
