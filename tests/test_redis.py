@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +31,8 @@ from atoma_images import (
     BadRequestError,
     BudgetExceededError,
     BudgetUnavailableError,
+    InvalidRequestError,
+    RateLimitUnavailableError,
     RetryPolicy,
 )
 from atoma_images.testing import FakeAtomaServer, Reply
@@ -118,18 +121,64 @@ async def test_a_redis_nobody_answers_refuses_the_call_before_sending(
         assert not refused.value.may_have_been_billed
         assert "RedisBudget(key='k'" in str(refused.value)
     async with AsyncImagesClient(API_KEY, base_url=server.base_url, rate_limit=limit) as client:
-        with pytest.raises(BudgetUnavailableError):
+        with pytest.raises(RateLimitUnavailableError, match="RedisRateLimit"):
             await client.generate("a fox", size="16x16")
     assert not server.posts
     await budget.aclose()
     await limit.aclose()
 
 
-def test_the_url_never_shows_in_a_repr_or_an_error() -> None:
+async def test_a_redis_client_passed_in_that_never_answers_refuses_the_call_in_its_timeout(
+    server: FakeAtomaServer,
+) -> None:
+    import redis.asyncio as aioredis
+
+    from atoma_images.redis import RedisBudget, RedisRateLimit
+
+    with socket.socket() as hole:  # accepts connections, never answers
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)
+        port = hole.getsockname()[1]
+        stores = [aioredis.Redis(host="127.0.0.1", port=port) for _ in range(2)]
+        budget = RedisBudget(stores[0], key="k", max_compute_units=10**6, timeout=0.5)
+        limit = RedisRateLimit(stores[1], key="k", requests=10, timeout=0.5)
+        async with AsyncImagesClient(API_KEY, base_url=server.base_url) as client:
+            with pytest.raises(BudgetUnavailableError) as refused:  # a guard, not a measure:
+                await asyncio.wait_for(client.generate("a fox", size="16x16", budget=budget), 30)
+            assert "RedisBudget" in str(refused.value)
+        async with AsyncImagesClient(API_KEY, base_url=server.base_url, rate_limit=limit) as client:
+            with pytest.raises(RateLimitUnavailableError):
+                await asyncio.wait_for(client.generate("a fox", size="16x16"), 30)
+        for store in stores:
+            await store.aclose()
+    assert not server.posts
+
+
+@pytest.mark.parametrize("timeout", [None, 0, -1, "5", float("nan"), float("inf"), True])
+def test_a_redis_store_takes_only_a_finite_positive_timeout(timeout: object) -> None:
+    from atoma_images.redis import RedisBudget, RedisRateLimit
+
+    url = "redis://127.0.0.1:1/0"
+    with pytest.raises(InvalidRequestError, match="timeout"):
+        RedisBudget(url, key="k", max_compute_units=1, timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="timeout"):
+        RedisRateLimit(url, key="k", requests=1, timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="clock"):
+        RedisBudget(url, key="k", max_compute_units=1, clock="now")  # type: ignore[arg-type]
+
+
+async def test_the_url_never_shows_in_a_repr_or_an_error() -> None:
     from atoma_images.redis import RedisBudget
 
-    budget = RedisBudget("redis://:hunter2@127.0.0.1:1/0", key="k", max_compute_units=1)
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"  # nothing listens there
+    budget = RedisBudget(url, key="k", max_compute_units=1, timeout=2)
     assert "hunter2" not in repr(budget)
+    with pytest.raises(BudgetUnavailableError) as refused:
+        await budget.reserve(1)
+    assert "hunter2" not in str(refused.value)
+    assert "hunter2" not in repr(refused.value)
+    assert "hunter2" not in str(refused.value.__cause__)
+    await budget.aclose()
 
 
 # -- against a real redis-server ------------------------------------------------------------
