@@ -77,7 +77,10 @@ class Budget:
 
     @property
     def remaining(self) -> int:
-        """Units still available to new calls (in the current window, until `resets_at`)."""
+        """Units still available to new calls (in the current window, until `resets_at`).
+
+        A property, read at once; `atoma_images.redis.RedisBudget.remaining` is a coroutine
+        (it asks Redis)."""
         return self.max_compute_units - self.used
 
     @property

@@ -22,7 +22,8 @@ given back only by the process that made it, when its request was not billed: on
 process that died (SIGKILL, out of memory) stays spent, because the server may still bill
 its request. A windowed budget's counts end with their window (the key expires). When Redis
 cannot be reached, calls are refused before anything is sent, with
-`BudgetUnavailableError`. The service guide is docs/guide-replicas.md.
+`BudgetUnavailableError` (`RateLimitUnavailableError` for the rate limit). The service guide
+is docs/guide-replicas.md.
 """
 
 from __future__ import annotations
@@ -233,7 +234,8 @@ class RedisBudget(_Store):
             UTC), or None: no window.
         clock: the time, in seconds since the epoch, that picks the window (tests pass
             their own).
-        timeout: seconds Redis may take to answer before a call is refused.
+        timeout: seconds Redis may take to answer before a call is refused (a finite
+            number > 0; it bounds every step, also with a client passed in).
     """
 
     def __init__(
@@ -292,7 +294,11 @@ class RedisBudget(_Store):
         await self._run(self._give_back(keys=[key], args=[unspent]))
 
     async def remaining(self) -> int:
-        """Units still available to new calls (in the current window)."""
+        """Units still available to new calls (in the current window).
+
+        A coroutine, unlike `Budget.remaining` (a property): it asks Redis
+        (``await budget.remaining()``), and raises `BudgetUnavailableError` when it cannot.
+        """
         key = self._window()[0]
         used = await self._run(self._redis.get(key))
         return self.max_compute_units - int(used or 0)
@@ -314,14 +320,15 @@ class RedisRateLimit(_Store):
 
     Pass it as a client's ``rate_limit=``. Permits are handed out by the Redis server's
     clock, in order; when the server answers one replica 429 with Retry-After, every
-    replica waits. Redis unreachable: the request is refused with `BudgetUnavailableError`.
+    replica waits. Redis unreachable: the request is refused with `RateLimitUnavailableError`.
 
     Args:
         url_or_client: a ``redis://`` URL, or a ``redis.asyncio.Redis``.
         key: the Redis key prefix of this limit (``{key}:log`` and ``{key}:cooldown``).
         requests: the most requests in any window of ``per``.
         per: ``"second"``, ``"minute"``, ``"hour"`` or ``"day"``.
-        timeout: seconds Redis may take to answer before a request is refused.
+        timeout: seconds Redis may take to answer before a request is refused (a finite
+            number > 0), or what is left of the request's deadline when that is sooner.
     """
 
     def __init__(
