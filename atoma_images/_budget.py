@@ -5,11 +5,13 @@ result to a store that failed (`settle_quietly`).
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import attrs
 
@@ -75,7 +77,10 @@ class Budget:
 
     @property
     def remaining(self) -> int:
-        """Units still available to new calls (in the current window, until `resets_at`)."""
+        """Units still available to new calls (in the current window, until `resets_at`).
+
+        A property, read at once; `atoma_images.redis.RedisBudget.remaining` is a coroutine
+        (it asks Redis)."""
         return self.max_compute_units - self.used
 
     @property
@@ -115,7 +120,7 @@ def check_budget(budget: object) -> BudgetLike | None:
     return budget
 
 
-async def _reserve(budget: BudgetLike, units: int) -> Reservation:
+async def _ask(budget: BudgetLike, units: int) -> Reservation:
     try:
         return await budget.reserve(units)
     except AtomaImagesError:
@@ -124,6 +129,31 @@ async def _reserve(budget: BudgetLike, units: int) -> Reservation:
         raise BudgetUnavailableError(
             f"the budget {budget!r} could not be checked: {type(error).__name__}"
         ) from error
+
+
+#: Give-backs of reservations whose caller was cancelled, kept until they end.
+_giving_back: set[asyncio.Task[None]] = set()
+
+
+async def _reserve(budget: BudgetLike, units: int) -> Reservation:
+    """`BudgetLike.reserve`, shielded: a caller cancelled while a store is asked (a
+    timeout) does not cancel the step half-way, where the store may set the units aside
+    with nobody left to give them back. The step ends, and what it set aside is given back
+    (nothing was sent)."""
+    asking = asyncio.ensure_future(_ask(budget, units))
+    try:
+        return await asyncio.shield(asking)
+    except asyncio.CancelledError:
+        asking.add_done_callback(partial(_give_back, budget))
+        raise
+
+
+def _give_back(budget: BudgetLike, asking: asyncio.Future[Reservation]) -> None:
+    if asking.cancelled() or asking.exception() is not None:
+        return  # nothing was set aside, or it cannot be known: it stays spent
+    task = asyncio.ensure_future(settle_quietly(budget, asking.result(), 0))
+    _giving_back.add(task)
+    task.add_done_callback(_giving_back.discard)
 
 
 async def reserve_all(

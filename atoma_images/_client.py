@@ -145,7 +145,8 @@ class AsyncImagesClient:
         self._transport = Transport.of(settings, repr(self), session)
         self._meter = UsageMeter()
         # Every request takes a permit here; without a rate limit, only the server's waits.
-        self._pacer: RateLimiter = settings.rate_limit or Cooldown()
+        # The client's own cooldown holds around any limiter: a user's own may keep none.
+        self._pacer: RateLimiter = Cooldown(settings.rate_limit)
 
     def __repr__(self) -> str:
         return f"<AsyncImagesClient base_url={self.base_url!r} model={self.model!r}>"

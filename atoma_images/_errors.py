@@ -6,6 +6,7 @@ AtomaImagesError                      base class; catch this to catch everything
 ├── ExtraNotInstalledError            a feature needs an optional extra (also an ImportError)
 ├── BudgetExceededError               a call would spend more than its Budget has left; nothing sent
 ├── BudgetUnavailableError            a budget or a rate limit could not be checked; nothing sent
+│   └── RateLimitUnavailableError     the rate limit could not be checked
 ├── APIConnectionError                no usable answer from the server
 │   ├── APITimeoutError               a time limit was reached
 │   │   └── AmbiguousTimeoutError     ...after the request was sent (also an AmbiguousOutcomeError)
@@ -77,6 +78,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RateLimitUnavailableError",
     "RequestTooLargeError",
     "ResponseIntegrityError",
     "ResponseValidationError",
@@ -201,6 +203,14 @@ class BudgetUnavailableError(AtomaImagesError):
     def __init__(self, message: str) -> None:
         self.message = message
         super().__init__(f"{message}; nothing was sent")
+
+
+class RateLimitUnavailableError(BudgetUnavailableError):
+    """A rate limit (`atoma_images.redis.RedisRateLimit`, or a `RateLimiter` of the user's
+    own) could not be asked for a permit, so the request was not sent.
+
+    A `BudgetUnavailableError`, so that one ``except`` catches either store being down.
+    """
 
 
 class APIConnectionError(AtomaImagesError):

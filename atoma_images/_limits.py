@@ -16,15 +16,21 @@ import calendar
 import collections
 import datetime
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import attrs
 
 from ._checks import check_whole_number
-from ._errors import APITimeoutError, AtomaImagesError, BudgetUnavailableError, InvalidRequestError
+from ._errors import (
+    APITimeoutError,
+    AtomaImagesError,
+    InvalidRequestError,
+    RateLimitUnavailableError,
+)
 from ._retry_after import parse_retry_after
 from ._testing_switch import waiting_with
 from ._timeout import MIN_ATTEMPT
@@ -150,21 +156,30 @@ class RateLimiter(Protocol):
     by every replica. Both also keep the cooldown the server asks for (429 with Retry-After).
     """
 
-    async def acquire(self, *, waited: bool = False) -> float:
+    async def acquire(self, *, waited: bool = False, within: float = math.inf) -> float:
         """Take a permit for one request: the seconds to wait before sending it (0: now).
 
         The permit is taken for the time returned, so the caller waits that long and then
-        sends; it does not ask again. ``waited`` is True for the retry of a request the
-        server told to wait: it has waited already, so the cooldown does not apply to it
-        (the rate does).
+        sends. A permit further than ``within`` seconds away is not taken: its seconds are
+        returned all the same, and the caller does not send (its deadline comes first), so a
+        refused request never pushes the next ones later. ``waited`` is True for the retry
+        of a request the server told to wait: it has waited already, so the cooldown does
+        not apply to it (the rate does).
 
         Raises:
-            BudgetUnavailableError: the store could not be asked; the request is not sent.
+            RateLimitUnavailableError: the store could not be asked; the request is not sent
+                (any other exception is reported to the caller as this one).
         """
         ...
 
     async def hold_off(self, seconds: float) -> None:
         """The server asked to wait ``seconds``: no permit is for sooner than that."""
+        ...
+
+    async def cooldown(self) -> float:
+        """The seconds left of the latest wait the server asked for (0: none). A request
+        that waited for its permit asks again before it is sent: a 429 may have come in
+        the meantime."""
         ...
 
 
@@ -204,7 +219,7 @@ class RateLimit:
     def __attrs_post_init__(self) -> None:
         self._sent = collections.deque(maxlen=self.requests)
 
-    async def acquire(self, *, waited: bool = False) -> float:
+    async def acquire(self, *, waited: bool = False, within: float = math.inf) -> float:
         """Take the earliest permit free: the seconds until its time (see `RateLimiter`)."""
         with self._lock:
             now = self.clock()
@@ -213,31 +228,57 @@ class RateLimit:
                 slot = max(slot, self._sent[-1])
             if len(self._sent) == self.requests:  # the window ending at slot must hold room
                 slot = max(slot, self._sent[0] + _SECONDS[self.per])
-            self._sent.append(slot)
+            if slot - now <= within:  # a permit the caller cannot wait for is not taken
+                self._sent.append(slot)
             return slot - now
 
     async def hold_off(self, seconds: float) -> None:
         with self._lock:
             self._not_before = max(self._not_before, self.clock() + seconds)
 
-
-@attrs.define(eq=False)
-class Cooldown:
-    """A client's shared wait without a rate limit: after the server asks one call to wait
-    (429 with Retry-After), no request of the client is sent before that time."""
-
-    clock: Callable[[], float] = attrs.field(default=time.monotonic, repr=False)
-    _not_before: float = attrs.field(init=False, default=float("-inf"))
-    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
-
-    async def acquire(self, *, waited: bool = False) -> float:
+    async def cooldown(self) -> float:
         with self._lock:
-            return 0.0 if waited else max(0.0, self._not_before - self.clock())
+            return max(0.0, self._not_before - self.clock())
+
+
+@attrs.define(eq=False, repr=False)
+class Cooldown:
+    """A client's own shared wait, around its rate limiter if it has one: after the server
+    asks one call to wait (429 with Retry-After), no request of the client is sent before
+    that time, whatever the limiter keeps (a user's own may keep no cooldown at all)."""
+
+    limiter: RateLimiter | None = None
+    clock: Callable[[], float] = attrs.field(default=time.monotonic)
+    _not_before: float = attrs.field(init=False, default=float("-inf"))
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+
+    def __repr__(self) -> str:
+        return "Cooldown()" if self.limiter is None else repr(self.limiter)
+
+    def _left(self) -> float:
+        with self._lock:
+            return max(0.0, self._not_before - self.clock())
+
+    async def acquire(self, *, waited: bool = False, within: float = math.inf) -> float:
+        left = 0.0 if waited else self._left()
+        if self.limiter is None or left > within:  # no permit is taken for a refused request
+            return left
+        return max(left, await self.limiter.acquire(waited=waited, within=within))
 
     async def hold_off(self, seconds: float) -> None:
         with self._lock:
             self._not_before = max(self._not_before, self.clock() + seconds)
+        if self.limiter is not None:
+            await self.limiter.hold_off(seconds)
 
+    async def cooldown(self) -> float:
+        left = self._left()
+        return left if self.limiter is None else max(left, await self.limiter.cooldown())
+
+
+#: How much later than a permit's time a cooldown must end to be a new one (the clocks of
+#: a store and of this process differ by a little).
+_SLACK = 0.05
 
 #: The statuses whose Retry-After asks every caller to wait (RFC 9110 and RFC 6585).
 _WAIT_STATUSES = frozenset({429, 503})
@@ -261,28 +302,44 @@ class Pacing:
     async def before_send(self, remaining: float) -> float:
         """Wait for a permit; what is then left of ``remaining`` seconds.
 
+        A permit past the deadline is not taken. When the server asked every request to
+        wait (429) while this one waited for its permit, that permit's time has passed: it
+        takes another one, after the cooldown, until neither applies.
+
         Raises:
             APITimeoutError: the permit comes later than the call's deadline; nothing was sent.
-            BudgetUnavailableError: the limiter could not be asked; nothing was sent.
+            RateLimitUnavailableError: the limiter could not be asked; nothing was sent.
         """
         waited, self._waited = self._waited, False
+        while True:
+            latest = remaining - MIN_ATTEMPT
+            asked = time.monotonic()
+            delay = await self._ask(self.limiter.acquire, waited=waited, within=latest)
+            if delay > latest:
+                raise APITimeoutError(
+                    f"the rate limit's next permit is {delay:.1f} s away, past the call's "
+                    "deadline; the request was not sent"
+                )
+            if delay <= 0:  # checked against the cooldown when it was handed out
+                return remaining
+            await waiting_with(self.policy.sleep)(delay)
+            remaining -= delay
+            if waited:
+                return remaining
+            # The permit's time, from now: about 0 after a real wait (more with a test's).
+            permit = max(0.0, delay - (time.monotonic() - asked))
+            if await self._ask(self.limiter.cooldown) <= permit + _SLACK:
+                return remaining  # no cooldown ends after the permit: it was counted
+
+    async def _ask(self, method: Callable[..., Awaitable[float]], **arguments: Any) -> float:
         try:
-            delay = await self.limiter.acquire(waited=waited)
+            return await method(**arguments)
         except AtomaImagesError:
             raise
         except Exception as error:  # a limiter of the user's own: refused as unavailable
-            raise BudgetUnavailableError(
+            raise RateLimitUnavailableError(
                 f"the rate limit {self.limiter!r} could not be checked: {type(error).__name__}"
             ) from error
-        if delay <= 0:
-            return remaining
-        if delay > remaining - MIN_ATTEMPT:
-            raise APITimeoutError(
-                f"the rate limit's next permit is {delay:.1f} s away, past the call's "
-                "deadline; the request was not sent"
-            )
-        await waiting_with(self.policy.sleep)(delay)
-        return remaining - delay
 
     async def after_answer(self, status: int, headers: Mapping[str, str]) -> None:
         """Hold off every request of the client if the server asked to wait."""

@@ -22,15 +22,18 @@ given back only by the process that made it, when its request was not billed: on
 process that died (SIGKILL, out of memory) stays spent, because the server may still bill
 its request. A windowed budget's counts end with their window (the key expires). When Redis
 cannot be reached, calls are refused before anything is sent, with
-`BudgetUnavailableError`. The service guide is docs/guide-replicas.md.
+`BudgetUnavailableError` (`RateLimitUnavailableError` for the rate limit). The service guide
+is docs/guide-replicas.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._checks import check_whole_number
@@ -39,6 +42,7 @@ from ._errors import (
     BudgetUnavailableError,
     ExtraNotInstalledError,
     InvalidRequestError,
+    RateLimitUnavailableError,
 )
 from ._limits import Per, Reservation, check_per, utc, window_of
 
@@ -85,8 +89,10 @@ return redis.call('DECRBY', KEYS[1], ARGV[1])
 
 # KEYS[1]: the permits' send times (a sorted set, in ms of the server's clock); KEYS[2]: the
 # cooldown's end. ARGV: requests, the window (ms), 1 if the caller waited already, a unique
-# member. Returns the ms to wait. Permits are handed out in order, each at the earliest time
-# when the window ending at it holds fewer than `requests` others: no burst at an edge.
+# member, the most ms the caller can wait (-1: any). Returns the ms to wait. Permits are
+# handed out in order, each at the earliest time when the window ending at it holds fewer
+# than `requests` others: no burst at an edge. A permit further away than the caller can
+# wait is not taken: the refused request does not push the next ones later.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -105,6 +111,9 @@ if redis.call('ZCARD', KEYS[1]) >= requests then
   local free = tonumber(nth[2]) + window
   if free > slot then slot = free end
 end
+if ARGV[5] ~= '-1' and slot - now > tonumber(ARGV[5]) then
+  return slot - now
+end
 redis.call('ZADD', KEYS[1], slot, ARGV[4])
 redis.call('PEXPIRE', KEYS[1], slot - now + window + 1000)
 return slot - now
@@ -119,6 +128,15 @@ if until_ > tonumber(redis.call('GET', KEYS[1]) or '0') then
   redis.call('SET', KEYS[1], until_, 'PX', tonumber(ARGV[1]) + 1000)
 end
 return until_
+"""
+
+# KEYS[1]: the cooldown's end (ms of the server's clock). Returns the ms left of it (0: none).
+_COOLDOWN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local left = tonumber(redis.call('GET', KEYS[1]) or '0') - now
+if left < 0 then return 0 end
+return left
 """
 
 _WINDOWS = ("minute", "hour", "day", "month")
@@ -143,6 +161,17 @@ def _connect(url_or_client: object, timeout: float) -> tuple[aioredis.Redis, boo
     )
 
 
+def _check_timeout(timeout: object) -> float:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise InvalidRequestError("timeout", timeout, "allowed: a finite number of seconds > 0")
+    return float(timeout)
+
+
 def _check_key(key: object) -> str:
     if not isinstance(key, str) or not key:
         raise InvalidRequestError("key", key, "allowed: a non-empty str")
@@ -152,17 +181,34 @@ def _check_key(key: object) -> str:
 class _Store:
     """What a budget and a rate limit share: the client, its scripts, refusing when down."""
 
-    def __init__(self, url_or_client: object, key: object, timeout: float) -> None:
+    _Unavailable: type[BudgetUnavailableError] = BudgetUnavailableError
+
+    def __init__(self, url_or_client: object, key: object, timeout: object) -> None:
         self._key = _check_key(key)
-        self._redis, self._owned = _connect(url_or_client, timeout)
+        self.timeout = _check_timeout(timeout)
+        self._redis, self._owned = _connect(url_or_client, self.timeout)
 
     def _script(self, source: str) -> Any:
         return self._redis.register_script(source)
 
+    async def _run(self, step: Awaitable[Any], within: float = math.inf) -> Any:
+        """Await ``step`` (one script, or one command) for at most `timeout` seconds, or
+        ``within`` when that is sooner and positive: a client passed in may have no timeout
+        of its own, and a server that accepts and never answers must not hang the call.
+
+        Raises:
+            BudgetUnavailableError: Redis failed, or did not answer in time (its answer is
+                lost: a step it took stays taken, which errs on the side of sending less).
+        """
+        seconds = min(self.timeout, within) if within > 0 else self.timeout
+        try:
+            return await asyncio.wait_for(step, seconds)
+        except (RedisError, OSError, asyncio.TimeoutError) as error:
+            raise self._unavailable(error) from error
+
     def _unavailable(self, error: BaseException) -> BudgetUnavailableError:
-        return BudgetUnavailableError(
-            f"{self!r} could not reach Redis: {type(error).__name__}: {str(error)[:200]}"
-        )
+        why = f"{type(error).__name__}: {str(error)[:200]}" if str(error) else "no answer"
+        return self._Unavailable(f"{self!r} could not reach Redis: {why}")
 
     async def aclose(self) -> None:
         """Close the connections of a client made from a URL (one passed in is left open)."""
@@ -188,7 +234,8 @@ class RedisBudget(_Store):
             UTC), or None: no window.
         clock: the time, in seconds since the epoch, that picks the window (tests pass
             their own).
-        timeout: seconds Redis may take to answer before a call is refused.
+        timeout: seconds Redis may take to answer before a call is refused (a finite
+            number > 0; it bounds every step, also with a client passed in).
     """
 
     def __init__(
@@ -203,6 +250,8 @@ class RedisBudget(_Store):
     ) -> None:
         check_whole_number("max_compute_units", max_compute_units, 0)
         check_per("per", per, allow_none=True, allowed=_WINDOWS)
+        if not callable(clock):
+            raise InvalidRequestError("clock", clock, "allowed: a function returning the time")
         super().__init__(url_or_client, key, timeout)
         self.max_compute_units = max_compute_units
         self.per = per
@@ -229,12 +278,9 @@ class RedisBudget(_Store):
         key, start, end, now = self._window()
         # Relative to this replica's own clock, so that the window is the one it reserved in.
         expires = 0 if end is None else max(1, end - int(now)) + _WINDOW_GRACE
-        try:
-            fits, left = await self._reserve(
-                keys=[key], args=[units, self.max_compute_units, expires]
-            )
-        except (RedisError, OSError) as error:  # its answer lost: it may be set aside, spent
-            raise self._unavailable(error) from error
+        # Its answer lost (an error, a timeout): it may be set aside, and stays spent.
+        step = self._reserve(keys=[key], args=[units, self.max_compute_units, expires])
+        fits, left = await self._run(step)
         if not fits:
             raise BudgetExceededError(asked=units, left=int(left), resets_at=utc(end))
         return Reservation(units, start, utc(end))
@@ -245,15 +291,16 @@ class RedisBudget(_Store):
         if unspent <= 0:
             return  # spent stays spent: nothing to tell Redis
         key = self._key if reservation.window is None else f"{self._key}:{reservation.window}"
-        await self._give_back(keys=[key], args=[unspent])
+        await self._run(self._give_back(keys=[key], args=[unspent]))
 
     async def remaining(self) -> int:
-        """Units still available to new calls (in the current window)."""
+        """Units still available to new calls (in the current window).
+
+        A coroutine, unlike `Budget.remaining` (a property): it asks Redis
+        (``await budget.remaining()``), and raises `BudgetUnavailableError` when it cannot.
+        """
         key = self._window()[0]
-        try:
-            used = await self._redis.get(key)
-        except (RedisError, OSError) as error:
-            raise self._unavailable(error) from error
+        used = await self._run(self._redis.get(key))
         return self.max_compute_units - int(used or 0)
 
     @property
@@ -273,14 +320,15 @@ class RedisRateLimit(_Store):
 
     Pass it as a client's ``rate_limit=``. Permits are handed out by the Redis server's
     clock, in order; when the server answers one replica 429 with Retry-After, every
-    replica waits. Redis unreachable: the request is refused with `BudgetUnavailableError`.
+    replica waits. Redis unreachable: the request is refused with `RateLimitUnavailableError`.
 
     Args:
         url_or_client: a ``redis://`` URL, or a ``redis.asyncio.Redis``.
         key: the Redis key prefix of this limit (``{key}:log`` and ``{key}:cooldown``).
         requests: the most requests in any window of ``per``.
         per: ``"second"``, ``"minute"``, ``"hour"`` or ``"day"``.
-        timeout: seconds Redis may take to answer before a request is refused.
+        timeout: seconds Redis may take to answer before a request is refused (a finite
+            number > 0), or what is left of the request's deadline when that is sooner.
     """
 
     def __init__(
@@ -300,19 +348,26 @@ class RedisRateLimit(_Store):
         self._log, self._cooldown = f"{{{self._key}}}:log", f"{{{self._key}}}:cooldown"
         self._acquire = self._script(_ACQUIRE)
         self._hold_off = self._script(_HOLD_OFF)
+        self._cooldown_left = self._script(_COOLDOWN)
+
+    _Unavailable = RateLimitUnavailableError
 
     def __repr__(self) -> str:
         return f"RedisRateLimit(key={self._key!r}, requests={self.requests}, per={self.per!r})"
 
-    async def acquire(self, *, waited: bool = False) -> float:
-        """Take the earliest permit free (see `RateLimiter.acquire`)."""
-        args = [self.requests, _RATE_WINDOWS[self.per], int(waited), uuid.uuid4().hex]
-        try:
-            millis = await self._acquire(keys=[self._log, self._cooldown], args=args)
-        except (RedisError, OSError) as error:
-            raise self._unavailable(error) from error
-        return int(millis) / 1000
+    async def acquire(self, *, waited: bool = False, within: float = math.inf) -> float:
+        """Take the earliest permit free, unless it is further than ``within`` seconds away
+        (see `RateLimiter.acquire`). Redis is given at most `timeout` seconds, or ``within``
+        when that is sooner."""
+        latest = -1 if math.isinf(within) else max(0, math.floor(within * 1000))
+        args = [self.requests, _RATE_WINDOWS[self.per], int(waited), uuid.uuid4().hex, latest]
+        keys = [self._log, self._cooldown]
+        return int(await self._run(self._acquire(keys=keys, args=args), within)) / 1000
 
     async def hold_off(self, seconds: float) -> None:
         """No permit of any replica is for sooner than ``seconds`` from now."""
-        await self._hold_off(keys=[self._cooldown], args=[max(1, round(seconds * 1000))])
+        await self._run(self._hold_off(keys=[self._cooldown], args=[max(1, round(seconds * 1000))]))
+
+    async def cooldown(self) -> float:
+        """The seconds left of the wait the server asked any replica for (0: none)."""
+        return int(await self._run(self._cooldown_left(keys=[self._cooldown]))) / 1000

@@ -13,6 +13,7 @@ import pytest
 
 from atoma_images import (
     AmbiguousOutcomeError,
+    APITimeoutError,
     AsyncImagesClient,
     BadRequestError,
     Budget,
@@ -23,6 +24,7 @@ from atoma_images import (
     InvalidRequestError,
     RateLimit,
     RateLimiter,
+    RateLimitUnavailableError,
     Reservation,
     RetryPolicy,
 )
@@ -340,3 +342,87 @@ def test_the_cli_caps_each_window_and_checks_its_options(
     assert done.returncode == EXIT_CODES["balance"], done.stderr
     assert "resets at" in done.stderr
     assert len(threaded_server.posts) == 1
+
+
+async def test_requests_refused_at_their_deadline_leave_the_rate_limits_permits_free(
+    server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    now = [0.0]
+    limit = RateLimit(requests=1, per="second", clock=lambda: now[0])
+    policy = RetryPolicy(deadline=3, max_retries=0, sleep=fake_sleep)
+    async with AsyncImagesClient(
+        API_KEY, base_url=server.base_url, retries=policy, rate_limit=limit
+    ) as client:
+        burst = [client.generate(f"fox {i}", size="16x16") for i in range(20)]
+        results = await asyncio.gather(*burst, return_exceptions=True)
+        refused = [r for r in results if isinstance(r, APITimeoutError)]
+        assert len(refused) + len(server.posts) == 20, results
+        assert len(server.posts) == 3  # the permits at 0, 1 and 2 s: within the deadline
+        now[0] = 10.0  # the client stays idle a while: its next permit is free at once
+        await client.generate("an owl", size="16x16")
+    assert len(server.posts) == 4
+
+
+async def test_a_429_while_requests_wait_for_their_permits_holds_them_too(
+    server: FakeAtomaServer,
+) -> None:
+    # Real time (a second's permits): the fox is told to wait 2 s after the owl has taken
+    # its permit, for 1 s later; the owl must wait for the end of the cooldown all the same.
+    limit = RateLimit(requests=1, per="second")
+    server.enqueue(Reply(status=429, headers={"Retry-After": "2"}))
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url, rate_limit=limit) as client:
+        await asyncio.gather(
+            client.generate("a fox", size="16x16"), client.generate("an owl", size="16x16")
+        )
+    told, *others = server.posts
+    owl = next(post for post in others if post.json()["prompt"] == "an owl")
+    assert owl.received - told.received > 1.5, [p.received - told.received for p in others]
+
+
+class CountingLimiter:
+    """A `RateLimiter` of the user's own that keeps no cooldown."""
+
+    def __init__(self) -> None:
+        self.permits = 0
+
+    async def acquire(self, *, waited: bool = False, within: float = float("inf")) -> float:
+        self.permits += 1
+        return 0.0
+
+    async def hold_off(self, seconds: float) -> None:
+        pass
+
+    async def cooldown(self) -> float:
+        return 0.0
+
+
+async def test_a_rate_limiter_of_the_users_own_keeps_the_clients_shared_cooldown(
+    server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    limiter = CountingLimiter()
+    policy = RetryPolicy(sleep=fake_sleep)
+    server.enqueue(Reply(status=429, headers={"Retry-After": "1"}))
+    async with AsyncImagesClient(
+        API_KEY, base_url=server.base_url, retries=policy, rate_limit=limiter
+    ) as client:
+        await client.generate("a fox", size="16x16")
+        await asyncio.gather(*(client.generate(f"owl {i}", size="16x16") for i in range(3)))
+    held = fake_sleep.waits[1:]
+    assert len(held) == 3, held  # every other call waits for the rest of that second
+    assert all(0.5 < wait <= 1 for wait in held), held
+    assert limiter.permits == 5
+
+
+async def test_a_rate_limiter_that_fails_refuses_with_its_own_error_before_sending(
+    server: FakeAtomaServer,
+) -> None:
+    class Broken(CountingLimiter):
+        async def acquire(self, *, waited: bool = False, within: float = float("inf")) -> float:
+            raise ConnectionRefusedError("the store is down")
+
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url, rate_limit=Broken()) as client:
+        with pytest.raises(RateLimitUnavailableError, match="rate limit") as refused:
+            await client.generate("a fox", size="16x16")
+    assert isinstance(refused.value, BudgetUnavailableError)
+    assert not refused.value.may_have_been_billed
+    assert not server.posts

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,10 +27,14 @@ import pytest
 from redis_server import RedisServer, free_port
 
 from atoma_images import (
+    APITimeoutError,
     AsyncImagesClient,
     BadRequestError,
     BudgetExceededError,
     BudgetUnavailableError,
+    InvalidRequestError,
+    RateLimitUnavailableError,
+    Reservation,
     RetryPolicy,
 )
 from atoma_images.testing import FakeAtomaServer, Reply
@@ -118,18 +123,64 @@ async def test_a_redis_nobody_answers_refuses_the_call_before_sending(
         assert not refused.value.may_have_been_billed
         assert "RedisBudget(key='k'" in str(refused.value)
     async with AsyncImagesClient(API_KEY, base_url=server.base_url, rate_limit=limit) as client:
-        with pytest.raises(BudgetUnavailableError):
+        with pytest.raises(RateLimitUnavailableError, match="RedisRateLimit"):
             await client.generate("a fox", size="16x16")
     assert not server.posts
     await budget.aclose()
     await limit.aclose()
 
 
-def test_the_url_never_shows_in_a_repr_or_an_error() -> None:
+async def test_a_redis_client_passed_in_that_never_answers_refuses_the_call_in_its_timeout(
+    server: FakeAtomaServer,
+) -> None:
+    import redis.asyncio as aioredis
+
+    from atoma_images.redis import RedisBudget, RedisRateLimit
+
+    with socket.socket() as hole:  # accepts connections, never answers
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)
+        port = hole.getsockname()[1]
+        stores = [aioredis.Redis(host="127.0.0.1", port=port) for _ in range(2)]
+        budget = RedisBudget(stores[0], key="k", max_compute_units=10**6, timeout=0.5)
+        limit = RedisRateLimit(stores[1], key="k", requests=10, timeout=0.5)
+        async with AsyncImagesClient(API_KEY, base_url=server.base_url) as client:
+            with pytest.raises(BudgetUnavailableError) as refused:  # a guard, not a measure:
+                await asyncio.wait_for(client.generate("a fox", size="16x16", budget=budget), 30)
+            assert "RedisBudget" in str(refused.value)
+        async with AsyncImagesClient(API_KEY, base_url=server.base_url, rate_limit=limit) as client:
+            with pytest.raises(RateLimitUnavailableError):
+                await asyncio.wait_for(client.generate("a fox", size="16x16"), 30)
+        for store in stores:
+            await store.aclose()
+    assert not server.posts
+
+
+@pytest.mark.parametrize("timeout", [None, 0, -1, "5", float("nan"), float("inf"), True])
+def test_a_redis_store_takes_only_a_finite_positive_timeout(timeout: object) -> None:
+    from atoma_images.redis import RedisBudget, RedisRateLimit
+
+    url = "redis://127.0.0.1:1/0"
+    with pytest.raises(InvalidRequestError, match="timeout"):
+        RedisBudget(url, key="k", max_compute_units=1, timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="timeout"):
+        RedisRateLimit(url, key="k", requests=1, timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="clock"):
+        RedisBudget(url, key="k", max_compute_units=1, clock="now")  # type: ignore[arg-type]
+
+
+async def test_the_url_never_shows_in_a_repr_or_an_error() -> None:
     from atoma_images.redis import RedisBudget
 
-    budget = RedisBudget("redis://:hunter2@127.0.0.1:1/0", key="k", max_compute_units=1)
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"  # nothing listens there
+    budget = RedisBudget(url, key="k", max_compute_units=1, timeout=2)
     assert "hunter2" not in repr(budget)
+    with pytest.raises(BudgetUnavailableError) as refused:
+        await budget.reserve(1)
+    assert "hunter2" not in str(refused.value)
+    assert "hunter2" not in repr(refused.value)
+    assert "hunter2" not in str(refused.value.__cause__)
+    await budget.aclose()
 
 
 # -- against a real redis-server ------------------------------------------------------------
@@ -331,3 +382,113 @@ def test_cli_runs_on_several_hosts_share_one_budget_through_the_environment(
     assert "budget exceeded" in runs[1].stderr
     assert "resets at" in runs[1].stderr
     assert len(threaded_server.posts) == 3  # the second host had room for one
+
+
+@pytest.mark.redis
+async def test_requests_refused_at_their_deadline_take_no_permit_from_redis(
+    redis_server: RedisServer, key: str, server: FakeAtomaServer, fake_sleep: FakeSleep
+) -> None:
+    from atoma_images.redis import RedisRateLimit
+
+    limit = RedisRateLimit(redis_server.url, key=key, requests=1)
+    policy = RetryPolicy(deadline=3, max_retries=0, sleep=fake_sleep)
+    async with AsyncImagesClient(
+        API_KEY, base_url=server.base_url, rate_limit=limit, retries=policy
+    ) as client:
+        burst = [client.generate(f"fox {i}", size="16x16") for i in range(10)]
+        results = await asyncio.gather(*burst, return_exceptions=True)
+    refused = [r for r in results if isinstance(r, APITimeoutError)]
+    assert len(server.posts) == 3, results  # the permits at 0, 1 and 2 s
+    assert len(refused) == 7, results
+    # The next permit is the one after those three, not after the seven refused.
+    assert await limit.acquire(within=0) <= 3
+    await limit.aclose()
+
+
+@pytest.mark.redis
+async def test_a_429_while_requests_wait_for_their_redis_permits_holds_them_too(
+    redis_server: RedisServer, key: str, server: FakeAtomaServer
+) -> None:
+    from atoma_images.redis import RedisRateLimit
+
+    # Real time (a second's permits): the fox is told to wait 2 s after the owl has taken
+    # its permit, for 1 s later; the owl must wait for the end of the cooldown all the same.
+    limit = RedisRateLimit(redis_server.url, key=key, requests=1)
+    server.enqueue(Reply(status=429, headers={"Retry-After": "2"}))
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url, rate_limit=limit) as client:
+        await asyncio.gather(
+            client.generate("a fox", size="16x16"), client.generate("an owl", size="16x16")
+        )
+    await limit.aclose()
+    told, *others = server.posts
+    owl = next(post for post in others if post.json()["prompt"] == "an owl")
+    assert owl.received - told.received > 1.5, [p.received - told.received for p in others]
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+    while data := await reader.read(65536):
+        await asyncio.sleep(delay)
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+@pytest.mark.redis
+async def test_a_call_cancelled_while_redis_reserves_gives_the_units_back(
+    redis_server: RedisServer, key: str, server: FakeAtomaServer
+) -> None:
+    from atoma_images.redis import RedisBudget
+
+    pipes: set[asyncio.Task[None]] = set()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def slow_replies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        to_reader, to_writer = await asyncio.open_connection("127.0.0.1", redis_server.port)
+        writers.extend((writer, to_writer))
+        for pipe in (_pipe(reader, to_writer, 0), _pipe(to_reader, writer, 0.5)):
+            pipes.add(asyncio.ensure_future(pipe))
+
+    proxy = await asyncio.start_server(slow_replies, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+
+    class Watched(RedisBudget):
+        """Counts its steps, so that the test knows when the late answers have come in."""
+
+        ended = reserved = settled = 0
+
+        async def reserve(self, units: int) -> Reservation:
+            try:
+                reservation = await super().reserve(units)
+            finally:
+                self.ended += 1
+            self.reserved += 1
+            return reservation
+
+        async def settle(self, reservation: Reservation, spent: int) -> None:
+            await super().settle(reservation, spent)
+            self.settled += 1
+
+    budget = Watched(f"redis://127.0.0.1:{port}/0", key=key, max_compute_units=10 * UNITS)
+    # A connection ready and the scripts loaded: a call's reserve is run at once.
+    await budget.settle(await budget.reserve(UNITS), 0)
+    budget.ended = budget.reserved = budget.settled = 0
+    async with AsyncImagesClient(API_KEY, base_url=server.base_url) as client:
+        for _ in range(3):
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.generate("a fox", size="16x16", budget=budget), 0.2)
+        wait_for_loop = asyncio.get_running_loop().time() + 30
+        while budget.ended < 3 or budget.settled < budget.reserved:  # the late answers
+            assert asyncio.get_running_loop().time() < wait_for_loop, "timed out"
+            await asyncio.sleep(0.05)
+        assert await budget.remaining() == 10 * UNITS
+        assert client.usage.calls == 0
+    assert not server.posts
+    await budget.aclose()
+    proxy.close()
+    for pipe in pipes:
+        pipe.cancel()
+    await asyncio.gather(*pipes, return_exceptions=True)
+    for writer in writers:
+        writer.close()
+    await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+    await proxy.wait_closed()
