@@ -196,8 +196,8 @@ def test_three_replicas_sharing_a_budget_of_40_images_send_exactly_40(
             for _ in range(3)
         ]
         results = [outcome(process) for process in replicas]
-        assert sum(r["images"] for r in results) == 40
-        assert sum(r["refused"] for r in results) == 50  # refused before sending
+        assert sum(r["images"] for r in results) == 40, results
+        assert sum(r["refused"] for r in results) == 50, results  # refused before sending
         assert len(server.posts) == 40
         assert server.billed_compute_units == 40 * UNITS
 
