@@ -73,6 +73,9 @@ class CallCost:
     maybe_billed_attempts: int = 0
     # How far the paid request of the attempt under way got (`paid_request`).
     _request: RequestProgress | None = attrs.field(default=None, init=False, repr=False)
+    # Whether any attempt began to send its paid request: one that never did was refused by
+    # the client itself (a rate limit out of reach, a budget's retry), and is not a call.
+    _began: bool = attrs.field(default=False, init=False, repr=False)
 
     @property
     def reservations(self) -> int:
@@ -103,6 +106,7 @@ class CallCost:
         began it (a confidential attempt cancelled while it locked a node) was not billed.
         """
         self._request = RequestProgress()
+        self._began = True
         return self._request
 
     def attempt_failed(self, error: BaseException) -> bool:
@@ -142,8 +146,9 @@ class CallCost:
         given back).
         """
         images = None if response is None else len(response.data)
-        for meter in meters:
-            meter.count(self, images)
+        if response is not None or self._began:  # never begun: refused before sending
+            for meter in meters:
+                meter.count(self, images)
         await self.release_unspent(succeeded=response is not None)
         return None if response is None else attrs.evolve(response, compute_units=self.units)
 

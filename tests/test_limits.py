@@ -27,6 +27,7 @@ from atoma_images import (
     RateLimitUnavailableError,
     Reservation,
     RetryPolicy,
+    Usage,
 )
 from atoma_images.testing import FakeAtomaServer, Reply
 
@@ -423,6 +424,8 @@ async def test_a_rate_limiter_that_fails_refuses_with_its_own_error_before_sendi
     async with AsyncImagesClient(API_KEY, base_url=server.base_url, rate_limit=Broken()) as client:
         with pytest.raises(RateLimitUnavailableError, match="rate limit") as refused:
             await client.generate("a fox", size="16x16")
+        # Refused by the client before sending, as a budget refuses: not a call.
+        assert client.usage == Usage()
     assert isinstance(refused.value, BudgetUnavailableError)
     assert not refused.value.may_have_been_billed
     assert not server.posts
