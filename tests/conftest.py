@@ -1,9 +1,6 @@
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -13,6 +10,8 @@ from aiohttp import web
 
 from atoma_images import AsyncImagesClient, RetryPolicy
 from atoma_images.testing import FakeAtomaServer
+
+from helpers import API_KEY, FakeSleep, serving
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,29 +26,11 @@ def pytest_configure(config: pytest.Config) -> None:
         config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
 
 
-API_KEY = "sk-test-5f2b9c1e7d"
-
-
 @pytest.fixture(autouse=True)
 def _no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests must not pick up a developer's real key or base URL.
     for name in ("ATOMA_API_KEY", "ATOMASDK_BEARER_AUTH", "ATOMA_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
-
-
-class FakeSleep:
-    """Stands in for asyncio.sleep in retry policies: records waits, never waits for real."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        await asyncio.sleep(0)
-
-    @property
-    def total(self) -> float:
-        return sum(self.waits)
 
 
 @pytest.fixture
@@ -93,18 +74,6 @@ def threaded_server() -> Iterator[FakeAtomaServer]:
         yield fake
 
 
-@contextlib.asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    """Run a small aiohttp.web app made in a test on 127.0.0.1; yields its root URL."""
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
-
-
 @pytest.fixture
 async def endless() -> AsyncIterator[str]:
     """A server answering any request with 200 and a 256 MiB body, until the client hangs up.
@@ -133,15 +102,3 @@ async def endless() -> AsyncIterator[str]:
     app.router.add_route("*", "/{path:.*}", answer)
     async with serving(app) as root:
         yield root
-
-
-# Dev mode (python -X dev) turns on asyncio's debug mode, which logs any step of the loop that
-# takes over 0.1 s: on a loaded machine that is the machine, not the code under test, so those
-# notes are dropped from what the tests compare; every other line of stderr is compared exactly.
-_SLOW_STEP = re.compile(r"Executing <.*> took \d+\.\d+ seconds")
-
-
-def without_slow_step_notes(stderr: str) -> str:
-    return "".join(
-        line for line in stderr.splitlines(keepends=True) if not _SLOW_STEP.fullmatch(line.strip())
-    )

@@ -1,5 +1,6 @@
-"""One replica of a service, for tests/test_redis.py: a process of its own that fires calls
-at a fake server through a budget or a rate limit kept in Redis, and prints what came of them.
+"""One replica of a service, for tests/integration/test_redis.py: a process of its own that
+fires calls at a fake server through a budget or a rate limit kept in Redis, and prints what
+came of them.
 
     python tests/redis_replica.py BASE_URL REDIS_URL KEY CALLS budget UNITS
     python tests/redis_replica.py BASE_URL REDIS_URL KEY CALLS rate REQUESTS_PER_SECOND

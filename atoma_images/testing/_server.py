@@ -256,6 +256,10 @@ class FakeAtomaServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+            # Closing a connection's transport closes its socket one loop step later: let
+            # those steps run before the thread's loop stops, or the sockets leak (and warn).
+            for _ in range(3):
+                await asyncio.sleep(0)
 
     # -- handlers ------------------------------------------------------------------------
 

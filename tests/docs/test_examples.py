@@ -21,10 +21,10 @@ import pytest
 from atoma_images import AsyncImagesClient
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY
+from helpers import API_KEY, ROOT
 from pngcheck import png_size
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = ROOT / "examples"
 
 
 def run_example(

@@ -25,7 +25,7 @@ from atoma_images._convert import parse_response
 from atoma_images._files import image_extension, write_new_images
 from atoma_images.testing import FakeAtomaServer, make_png
 
-from conftest import API_KEY, serving
+from helpers import API_KEY, serving
 from pngcheck import png_size
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 20

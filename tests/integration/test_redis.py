@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_server import RedisServer, free_port
 
 from atoma_images import (
     APITimeoutError,
@@ -39,11 +38,11 @@ from atoma_images import (
 )
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY, FakeSleep
+from helpers import API_KEY, ROOT, FakeSleep
+from redis_server import RedisServer, free_port
 
 UNITS = 16 * 16  # one 16x16 image
-REPLICA = Path(__file__).with_name("redis_replica.py")
-ROOT = Path(__file__).resolve().parent.parent
+REPLICA = ROOT / "tests" / "redis_replica.py"
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ from atoma_images import (
 )
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY, FakeSleep
+from helpers import API_KEY, FakeSleep
 
 NO_RETRIES = RetryPolicy(max_retries=0)
 UNITS = 16 * 16  # one 16x16 image

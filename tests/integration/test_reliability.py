@@ -1,6 +1,6 @@
 """Cancellation at any moment and sustained load leave nothing behind.
 
-    ATOMA_IMAGES_LOAD_CALLS=20000 pytest -m slow tests/test_reliability.py    # the full load count
+    ATOMA_IMAGES_LOAD_CALLS=20000 pytest -m slow tests/integration/test_reliability.py
 
 The load test runs 20,000 calls unless ATOMA_IMAGES_LOAD_CALLS says otherwise. Both tests are
 `slow`: deselected by default, run by CI.
@@ -22,7 +22,7 @@ from atoma_images import (
 )
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY
+from helpers import API_KEY
 
 pytestmark = pytest.mark.slow
 

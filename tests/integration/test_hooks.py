@@ -32,7 +32,7 @@ from atoma_images._hooks import (
 )
 from atoma_images.testing import FakeAtomaServer, Reply, set_testing
 
-from conftest import API_KEY, FakeSleep
+from helpers import API_KEY, FakeSleep
 
 
 class Recorder(Hooks):

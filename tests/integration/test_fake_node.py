@@ -19,7 +19,7 @@ from atoma_images import ImageRequest
 from atoma_images._dialect import encode
 from atoma_images.testing import FakeAtomaServer
 
-from conftest import API_KEY
+from helpers import API_KEY
 from pngcheck import png_size
 
 pytestmark = pytest.mark.skipif(

@@ -23,7 +23,7 @@ from atoma_images import (
 from atoma_images.opentelemetry import OpenTelemetryHooks
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY, FakeSleep
+from helpers import API_KEY, FakeSleep
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_cli import cli
 
+import atoma_images
 from atoma_images import (
     AmbiguousOutcomeError,
     APIConnectionError,
@@ -30,7 +30,7 @@ from atoma_images import (
 from atoma_images.cli import EXIT_CODES
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY, FakeSleep
+from helpers import API_KEY, FakeSleep, cli
 
 NO_RETRIES = RetryPolicy(max_retries=0)
 UNITS_16X16 = 256  # n x W x H of one 16x16 image
@@ -365,11 +365,12 @@ def agrees_with_the_bill(client: AsyncImagesClient, server: FakeAtomaServer) -> 
 
 def clients_tasks() -> list[asyncio.Task[object]]:
     """The running tasks of the client's code (the fake server's own tasks left out)."""
+    package = str(Path(atoma_images.__file__).parent)
     return [
         task
         for task in asyncio.all_tasks()
         if not task.done()
-        and "atoma_images" in task.get_coro().cr_code.co_filename  # type: ignore[union-attr]
+        and task.get_coro().cr_code.co_filename.startswith(package)  # type: ignore[union-attr]
         and "testing" not in task.get_coro().cr_code.co_filename  # type: ignore[union-attr]
     ]
 

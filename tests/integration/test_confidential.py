@@ -34,7 +34,7 @@ from atoma_images import (
 from atoma_images._dialect import encode
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY, FakeSleep, serving
+from helpers import API_KEY, ROOT, FakeSleep, serving
 from pngcheck import png_size
 
 needs_cryptography = pytest.mark.skipif(
@@ -44,7 +44,7 @@ needs_cryptography = pytest.mark.skipif(
 
 # Computed with an independent implementation (the Atoma Python SDK 0.1.3's own key
 # derivation and hashing).
-KAT = json.loads((Path(__file__).parent / "vectors" / "confidential-kat.json").read_text())
+KAT = json.loads((ROOT / "tests" / "vectors" / "confidential-kat.json").read_text())
 
 
 def b64(name: str) -> bytes:

@@ -37,7 +37,7 @@ from atoma_images import (
 )
 from atoma_images.testing import make_png
 
-from conftest import FakeSleep
+from helpers import FakeSleep
 
 ANSWER = json.dumps(
     {"created": 1, "data": [{"b64_json": base64.b64encode(make_png(8, 8)).decode()}]}

@@ -43,7 +43,7 @@ from atoma_images._transport import MAX_ERROR_BODY
 from atoma_images.opentelemetry import OpenTelemetryHooks
 from atoma_images.testing import FakeAtomaServer, Reply, make_png
 
-from conftest import serving
+from helpers import serving
 
 SECRET = "sk-live-7f3a9c2e5b1d4e8f"
 # The subprocess runs the copy of the package this test session imported.

@@ -28,7 +28,7 @@ from atoma_images import (
 )
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY, FakeSleep, serving
+from helpers import API_KEY, FakeSleep, serving
 
 UNITS_16X16 = 256
 

@@ -28,7 +28,7 @@ from atoma_images import (
 )
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY, without_slow_step_notes
+from helpers import API_KEY, without_slow_step_notes
 from pngcheck import png_size
 
 T = TypeVar("T")

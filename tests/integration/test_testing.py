@@ -12,7 +12,7 @@ import pytest
 from atoma_images import ImagesClient
 from atoma_images.testing import FakeAtomaServer, Reply, make_png
 
-from conftest import API_KEY
+from helpers import API_KEY
 from pngcheck import png_size
 
 

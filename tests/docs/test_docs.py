@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from test_readme import COMMANDS, missing_tests, section
-from test_readme import test_readme_python_blocks_run as run_python_block
 
 import _atoma_images_pytestplugin
 import atoma_images
@@ -33,7 +31,9 @@ import atoma_images.redis
 import atoma_images.testing
 from atoma_images.testing import FakeAtomaServer
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, missing_tests, run_python_block, section
+from test_readme import COMMANDS
+
 DOCS = ROOT / "docs"
 README = (ROOT / "README.md").read_text()
 PAGES = sorted(DOCS.glob("*.md"))
@@ -159,7 +159,7 @@ def _table(text: str, header: str) -> list[str]:
 
 
 # Tables whose home is a docs page. README.md links to that page; where it shows the table
-# too (the exit codes: tests/test_cli.py reads them there), the two must be the same.
+# too (the exit codes: tests/integration/test_cli.py reads them there), the two must be the same.
 TABLES = [
     ("errors.md", "| class | status | when | may have been billed |"),
     ("errors.md", "| outcome | default |"),

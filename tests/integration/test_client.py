@@ -35,9 +35,8 @@ from atoma_images import (
 )
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY
+from helpers import API_KEY, INVALID
 from pngcheck import png_size
-from test_models import INVALID
 
 NO_RETRIES = RetryPolicy(max_retries=0)
 

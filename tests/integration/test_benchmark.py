@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+from helpers import ROOT
+
+BENCH = ROOT / "benchmarks" / "bench.py"
 
 
 @pytest.mark.slow

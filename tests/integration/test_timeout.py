@@ -12,7 +12,7 @@ from atoma_images import (
 )
 from atoma_images.testing import FakeAtomaServer
 
-from conftest import API_KEY
+from helpers import API_KEY
 
 NO_RETRIES = RetryPolicy(max_retries=0)
 

@@ -38,7 +38,7 @@ from atoma_images._discovery import health_url, parse_health, parse_models
 from atoma_images._models import DEFAULT_MODEL
 from atoma_images.testing import FakeAtomaServer
 
-from conftest import API_KEY, FakeSleep, serving
+from helpers import API_KEY, FakeSleep, serving
 
 JSON = {"Content-Type": "application/json"}
 

@@ -31,7 +31,7 @@ from atoma_images import (
 )
 from atoma_images.testing import FakeAtomaServer, Reply
 
-from conftest import API_KEY, FakeSleep, serving
+from helpers import API_KEY, FakeSleep, serving
 
 
 def policy(fake_sleep: FakeSleep, **overrides: Any) -> RetryPolicy:

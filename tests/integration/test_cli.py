@@ -13,100 +13,23 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-import atoma_images
 from atoma_images._models import DEFAULT_MODEL
 from atoma_images.cli import EXIT_CODES, main
 from atoma_images.testing import FakeAtomaServer, Reply, make_png
 
-from conftest import API_KEY, serving, without_slow_step_notes
+from helpers import API_KEY, COMMAND, ROOT, acli, cli, environment, serving, without_slow_step_notes
 from pngcheck import png_size
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 GUIDE = (ROOT / "docs" / "guide-cli.md").read_text()
-# The subprocess must run the copy of the package this test session imported, not whichever
-# copy an editable install of another checkout puts on sys.path.
-PACKAGE_ROOT = str(Path(atoma_images.__file__).resolve().parent.parent)
-COMMAND = (sys.executable, "-X", "dev", "-m", "atoma_images")
-# aiohttp parses strictly in dev mode; a user's run parses leniently, and lets a control
-# character through in a header.
-USERS_COMMAND = (sys.executable, "-m", "atoma_images")
-
-
-def environment(
-    cwd: Path,
-    key: str | None,
-    sitecustomize: str | None = None,
-    extra: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """The subprocess's environment; ``sitecustomize`` is code it runs first (a fault)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATOMA", "ATOMASDK"))}
-    path = [PACKAGE_ROOT]
-    if sitecustomize is not None:
-        site = cwd / "site"
-        site.mkdir()
-        (site / "sitecustomize.py").write_text(sitecustomize)
-        path.insert(0, str(site))
-    env["PYTHONPATH"] = os.pathsep.join(path)
-    if key is not None:
-        env["ATOMA_API_KEY"] = key
-    env.update(extra or {})
-    return env
-
-
-def cli(
-    *arguments: str,
-    cwd: Path,
-    key: str | None = API_KEY,
-    stderr: int | None = None,
-    sitecustomize: str | None = None,
-) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [*COMMAND, *arguments],
-        cwd=cwd,
-        env=environment(cwd, key, sitecustomize),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE if stderr is None else stderr,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if done.stderr is not None:
-        done.stderr = without_slow_step_notes(done.stderr)
-    return done
-
-
-async def acli(
-    *arguments: str,
-    cwd: Path,
-    key: str | None = API_KEY,
-    sitecustomize: str | None = None,
-    extra: Mapping[str, str] | None = None,
-    dev_mode: bool = True,
-) -> subprocess.CompletedProcess[str]:
-    """`cli` for a test whose server runs on the test's own event loop."""
-    process = await asyncio.create_subprocess_exec(
-        *(COMMAND if dev_mode else USERS_COMMAND),
-        *arguments,
-        cwd=cwd,
-        env=environment(cwd, key, sitecustomize, extra),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=120)
-    assert process.returncode is not None
-    return subprocess.CompletedProcess(
-        arguments, process.returncode, out.decode(), without_slow_step_notes(err.decode())
-    )
 
 
 def error_lines(stderr: str) -> list[str]:

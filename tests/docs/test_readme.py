@@ -6,9 +6,6 @@ links lead somewhere.
 
 from __future__ import annotations
 
-import ast
-import functools
-import os
 import re
 import subprocess
 import sys
@@ -18,9 +15,8 @@ import pytest
 
 from atoma_images.testing import FakeAtomaServer
 
-from conftest import API_KEY, without_slow_step_notes
+from helpers import CITED_TEST, ROOT, missing_tests, run_python_block, section
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 CI = (ROOT / ".ci" / "run").read_text()
 COMMANDS = [line for line in README.splitlines() if line.startswith("python3 -m venv .venv")]
@@ -48,7 +44,7 @@ def test_ci_also_runs_the_slow_tests_the_default_run_leaves_out(
     assert ".venv/bin/python -m pytest -m redis" in CI.splitlines()
     assert "apt-get install -y redis-server" in CI  # the redis tests need it; they never skip
     collect_slow = ["--collect-only", "-q", "-p", "no:cacheprovider", "-m", "slow"]
-    files = ["tests/test_benchmark.py", "tests/test_reliability.py"]
+    files = ["tests/integration/test_benchmark.py", "tests/integration/test_reliability.py"]
     listed = subprocess.run(
         [sys.executable, "-m", "pytest", *collect_slow, *files],
         cwd=ROOT,
@@ -60,9 +56,9 @@ def test_ci_also_runs_the_slow_tests_the_default_run_leaves_out(
     assert listed.returncode == 0, listed.stdout + listed.stderr
     slow = {line for line in listed.stdout.splitlines() if "::" in line}
     assert slow >= {
-        "tests/test_benchmark.py::test_benchmark_smoke_run_prints_its_table",
-        "tests/test_reliability.py::test_a_thousand_calls_cancelled_at_random_moments",
-        "tests/test_reliability.py::test_sustained_load_without_errors_or_leaks",
+        "tests/integration/test_benchmark.py::test_benchmark_smoke_run_prints_its_table",
+        "tests/integration/test_reliability.py::test_a_thousand_calls_cancelled_at_random_moments",
+        "tests/integration/test_reliability.py::test_sustained_load_without_errors_or_leaks",
     }
 
 
@@ -72,24 +68,7 @@ def test_ci_also_runs_the_slow_tests_the_default_run_leaves_out(
 def test_readme_python_blocks_run(
     code: str, threaded_server: FakeAtomaServer, tmp_path: Path
 ) -> None:
-    env = {
-        **os.environ,
-        "ATOMA_API_KEY": API_KEY,
-        "ATOMA_BASE_URL": threaded_server.base_url,
-    }
-    done = subprocess.run(
-        [sys.executable, "-X", "dev", "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert without_slow_step_notes(done.stderr) == ""
-    for png in tmp_path.glob("*.png"):
-        assert png.read_bytes().startswith(b"\x89PNG")
+    run_python_block(code, threaded_server, tmp_path)
 
 
 # -- what the README promises, and where it sends readers -----------------------------------------
@@ -98,42 +77,13 @@ RULE = (
     "**an error with `may_have_been_billed == False` means the server never received that"
     " request.**"
 )
-# A test cited as `tests/test_x.py` or `tests/test_x.py::test_name` (in backticks).
-_CITED_TEST = re.compile(r"`(tests/[\w/]+\.py)(?:::(\w+))?`")
-
-
-def section(text: str, title: str) -> str:
-    """The body of the ``## title`` section of a Markdown text, up to the next ``## ``."""
-    lines = text.splitlines()
-    start = lines.index(f"## {title}") + 1
-    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
-    return "\n".join(lines[start:end])
-
-
-@functools.cache
-def _functions(path: Path) -> frozenset[str]:
-    tree = ast.parse(path.read_text())
-    kinds = (ast.FunctionDef, ast.AsyncFunctionDef)
-    return frozenset(node.name for node in ast.walk(tree) if isinstance(node, kinds))
-
-
-def missing_tests(text: str) -> list[str]:
-    """The tests ``text`` cites that do not exist: a file, or a test function in it."""
-    missing = []
-    for path, name in _CITED_TEST.findall(text):
-        file = ROOT / path
-        if not file.is_file():
-            missing.append(path)
-        elif name and not (name.startswith("test_") and name in _functions(file)):
-            missing.append(f"{path}::{name}")
-    return missing
 
 
 def test_readme_states_the_billing_rule_and_names_the_tests_that_hold_it() -> None:
     reliability = section(README, "Reliability")
     assert RULE in " ".join(reliability.split())  # the exact words, however the line wraps
-    named = [f"{path}::{name}" for path, name in _CITED_TEST.findall(reliability) if name]
-    assert any(test.startswith("tests/test_billing.py::") for test in named), named
+    named = [f"{path}::{name}" for path, name in CITED_TEST.findall(reliability) if name]
+    assert any(test.startswith("tests/integration/test_billing.py::") for test in named), named
     assert missing_tests(reliability) == []
     assert "](docs/reliability.md)" in reliability  # the rest of it has a page of its own
 
