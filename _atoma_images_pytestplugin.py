@@ -1,27 +1,11 @@
-"""pytest fixtures for testing code that uses atoma-images, offline and without a key.
-
-Installing the package registers this plugin (the ``pytest11`` entry point); its public
-home is `atoma_images.pytest_plugin`, which re-exports the fixtures:
-
-```python
-def test_my_thumbnailer(atoma_sync_client, atoma_server):
-    make_thumbnail(atoma_sync_client, "a red fox")
-    assert atoma_server.posts[0].json()["size"] == "256x256"
-```
-
-- ``atoma_server``: a running `FakeAtomaServer` (on its own thread), scriptable with
-  ``atoma_server.enqueue(Reply(...))``;
-- ``atoma_client``: an `AsyncImagesClient` bound to it, for async tests (pytest-asyncio,
-  anyio or any runner that runs the test in an asyncio loop);
-- ``atoma_sync_client``: an `ImagesClient` bound to it.
-
-While a fixture is in use, retries skip their waits (`atoma_images.testing.set_testing`),
-so code that meets a scripted 429 or 503 retries at once. Each fixture closes what it opened.
+"""The pytest plugin of atoma-images: the fixtures ``atoma_server``, ``atoma_client`` and
+``atoma_sync_client``, documented in their public home, `atoma_images.pytest_plugin`.
 
 pytest imports this module in every run of every project that has the package installed, so
 it is a small top-level module (as Hypothesis ships ``_hypothesis_pytestplugin``): loading it
 imports only pytest and the standard library, never ``atoma_images`` nor aiohttp. The fixtures
-import the rest when a test uses them.
+import the rest when a test uses them; while one is in use, retries skip their waits, and each
+closes what it opened.
 """
 
 from __future__ import annotations
