@@ -156,6 +156,10 @@ async def fault_server(fake: FaultServer) -> AsyncIterator[tuple[FaultServer, st
             handler.cancel()
         await asyncio.gather(*fake.handlers, return_exceptions=True)
         await server.wait_closed()
+        # A closed transport closes its socket one loop step later: let those steps run
+        # before the test's loop ends, or the sockets are left to the garbage collector.
+        for _ in range(3):
+            await asyncio.sleep(0)
 
 
 @contextlib.contextmanager

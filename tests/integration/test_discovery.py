@@ -292,10 +292,22 @@ async def test_hooks_see_a_call_that_bills_nothing_even_when_its_answer_is_lost(
 @pytest.mark.slow
 async def test_a_server_that_never_answers_fails_a_check_within_seconds() -> None:
     # A readiness probe cannot wait a generation's five minutes of silence.
-    listener = await asyncio.start_server(lambda r, w: asyncio.sleep(3600), "127.0.0.1", 0)
+    done = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await done.wait()  # reads nothing, answers nothing, until the test is over
+        writer.close()
+        await writer.wait_closed()
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
-    async with listener, AsyncImagesClient("k", base_url=f"http://127.0.0.1:{port}/v1") as client:
-        with pytest.raises(APITimeoutError) as caught:
-            # A guard against a hang, not a measure: the client's own limits end it first.
-            await asyncio.wait_for(client.health(), 60)
+    try:
+        async with AsyncImagesClient("k", base_url=f"http://127.0.0.1:{port}/v1") as client:
+            with pytest.raises(APITimeoutError) as caught:
+                # A guard against a hang, not a measure: the client's own limits end it first.
+                await asyncio.wait_for(client.health(), 60)
+    finally:
+        done.set()
+        listener.close()
+        await listener.wait_closed()
     assert not caught.value.may_have_been_billed
