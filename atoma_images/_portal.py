@@ -158,6 +158,10 @@ async def _cancel_all_then(last: Coroutine[Any, Any, object] | None) -> None:
     if last is not None:
         with contextlib.suppress(Exception):  # closing is best effort; the loop ends anyway
             await last
+    # A transport closed by what was cancelled closes its socket a loop step or two later:
+    # let those steps run before the loop stops, so that no socket outlives it.
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
 def _serve(loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:

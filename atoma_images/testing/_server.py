@@ -258,8 +258,7 @@ class FakeAtomaServer:
             await runner.cleanup()
             # Closing a connection's transport closes its socket one loop step later: let
             # those steps run before the thread's loop stops, or the sockets leak (and warn).
-            for _ in range(3):
-                await asyncio.sleep(0)
+            await asyncio.sleep(0.01)
 
     # -- handlers ------------------------------------------------------------------------
 
