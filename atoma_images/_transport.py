@@ -349,6 +349,9 @@ class Transport:
         session, self._session = self._session, None
         if session is not None and self.owns_session and not session.closed:
             await session.close()
+            # Its connections' sockets close a loop step later: let that step run, so that a
+            # loop ended right after (asyncio.run, a test's loop) leaves no socket open.
+            await asyncio.sleep(0)
 
     def warn_if_open(self) -> None:
         """For a finaliser: warn (never close: that needs the loop, which may be gone)."""
@@ -457,6 +460,7 @@ class Transport:
                 headers = secrets.headers(response.headers)
                 answer = Answer(status, headers, secrets.body(read, status))
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            _redact_chain(exc, secrets)
             unsent = not progress.may_have_been_sent
             error = _error_for(exc, method, url, unsent, secrets)
             cause = _without_secrets(exc, secrets)
@@ -561,6 +565,29 @@ def _error_for(
         f"the connection to {url.host} failed after the request was sent ({said}){consequence}",
         url=str(url),
     )
+
+
+def _redact_chain(exc: BaseException, secrets: Secrets) -> None:
+    """Take the key out of the texts of ``exc`` and of every error chained to it, in place.
+
+    aiohttp's parser errors quote the bytes they could not read, and Python 3.10 can chain
+    such an error to ours as ``__context__`` wherever ours is raised again (its coroutines
+    keep the exception being handled): so the originals themselves must not hold the key.
+    """
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.args = tuple(
+            secrets.text(arg) if isinstance(arg, str) else arg for arg in current.args
+        )
+        for name, value in list(getattr(current, "__dict__", {}).items()):
+            if isinstance(value, str) and secrets.text(value) != value:
+                setattr(current, name, secrets.text(value))
+        todo += [current.__cause__, current.__context__]
 
 
 def _without_secrets(exc: BaseException, secrets: Secrets) -> BaseException:
