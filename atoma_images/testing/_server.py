@@ -255,10 +255,17 @@ class FakeAtomaServer:
     async def _close(self) -> None:
         runner, self._runner = self._runner, None
         if runner is not None:
+            server = runner.server
+            open_now = [] if server is None else [h.transport for h in server.connections]
             await runner.cleanup()
-            # Closing a connection's transport closes its socket one loop step later: let
-            # those steps run before the thread's loop stops, or the sockets leak (and warn).
-            await asyncio.sleep(0.01)
+            # A connection closed with an answer still unsent (its client gone) would wait
+            # for ever to send it: abort it. Its socket then closes a loop step later: let
+            # those steps run before the thread's loop stops, or the socket leaks (and warns).
+            for transport in open_now:
+                if transport is not None:
+                    transport.abort()
+            for _ in range(3):
+                await asyncio.sleep(0)
 
     # -- handlers ------------------------------------------------------------------------
 
