@@ -261,6 +261,8 @@ class FakeAtomaServer:
             # A connection closed with an answer still unsent (its client gone) would wait
             # for ever to send it: abort it. Its socket then closes a loop step later: let
             # those steps run before the thread's loop stops, or the socket leaks (and warns).
+            # (and one accepted while it closed, from a client that gave up connecting)
+            open_now += [] if server is None else [h.transport for h in server.connections]
             for transport in open_now:
                 if transport is not None:
                     transport.abort()
